@@ -2,7 +2,7 @@
 
 Profiles (select with the ``HYPOTHESIS_PROFILE`` environment variable):
 ``dev`` (default, small and fast), ``ci`` (derandomised, used by ``.ci/run``),
-``nightly`` (many examples, for on-demand deep runs).
+``nightly`` (many examples, for on-demand deep runs). Under ``CI=true`` the default is ``ci``.
 """
 
 import os
@@ -23,4 +23,4 @@ settings.register_profile(
 settings.register_profile(
     "nightly", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))

@@ -1,0 +1,26 @@
+"""Small cancellation-free building blocks shared by the adaptive linearizations."""
+
+from __future__ import annotations
+
+import torch
+
+
+def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` where ``den > 0``, else 0 (the 0/0 limits documented by each optimizer)."""
+    pos = den > 0
+    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def root_product_gap(w: torch.Tensor, kappa: float, ya: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """√(w + κ ya²) · √(w + κ yb²) − κ ya yb, without subtracting nearly equal numbers.
+
+    Where ya·yb > 0 the two terms nearly cancel when w is small; there the identity
+    (√A√B − c)(√A√B + c) = AB − c² = w (w + κ ya² + κ yb²) gives the difference directly.
+    Every chord (secant) of an update u(x) = x/(√(w + κ x²) + ε) reduces to this quantity.
+    """
+    ra = torch.sqrt(w + kappa * ya * ya)
+    rb = torch.sqrt(w + kappa * yb * yb)
+    cross = kappa * ya * yb
+    same_sign = cross > 0
+    stable = safe_div(w * (w + kappa * (ya * ya + yb * yb)), ra * rb + cross)
+    return torch.where(same_sign, stable, ra * rb - cross)

@@ -1,0 +1,305 @@
+"""The optimizer extension point: :class:`OptimizerLinearization`, its registry and ``linearize``.
+
+A linearization freezes an optimizer's state s_{t-1} and hyper-parameters h as they are just
+before ``optimizer.step()`` and exposes, per parameter, the update rule under that fixed state
+
+    Δ(g) = the change ``step()`` would make to θ_t if ``param.grad`` were g,
+
+and two elementwise slopes of it: the tangent J = ∂Δ/∂g and the secant (Δ(g) − Δ(0)) ⊘ g.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import sympy
+import torch
+
+_REGISTRY: dict[type[torch.optim.Optimizer], type[OptimizerLinearization]] = {}
+
+
+class UnsupportedOptimizerError(TypeError):
+    """The optimizer class, or one of its settings, is not modelled by any registered linearization."""
+
+
+class StaleStateError(RuntimeError):
+    """The optimizer state changed after ``linearize`` read it (for example ``step()`` ran)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamState:
+    """Frozen per-parameter optimizer state and hyper-parameters; subclasses add their fields.
+
+    Tensor fields hold references to the optimizer's own state tensors (or clones when
+    ``linearize(..., copy_state=True)``); ``None`` means the state does not exist yet (the
+    optimizer has not stepped this parameter), which torch treats as zeros or as "first step".
+    """
+
+    lr: float
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor-valued fields, by name."""
+        return {f.name: v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+
+    def coordinate(self, index: int) -> ParamState:
+        """This state with every tensor field replaced by its value at flat ``index`` (a float)."""
+        return dataclasses.replace(self, **{k: float(v.reshape(-1)[index]) for k, v in self.tensors().items()})
+
+
+class OptimizerLinearization(abc.ABC):
+    """The linearization of one optimizer's update under its current, fixed state.
+
+    Subclass it once per ``torch.optim`` class; the class keyword ``optimizer=`` registers the
+    subclass so that :func:`linearize` finds it::
+
+        class MyAdamLinearization(OptimizerLinearization, optimizer=MyAdam):
+            ...
+
+    A subclass provides (all elementwise, all pure functions of their arguments):
+
+    * :meth:`read_state` -- the frozen :class:`ParamState` of one parameter;
+    * :meth:`update_rule` -- Δ(g) under that state (decoupled decay included);
+    * :meth:`tangent_rule` -- ∂Δ/∂g, finite everywhere (limits written out where the
+      formula is 0/0);
+    * :meth:`symbolic_update` -- the same rule per coordinate as a sympy expression, written
+      as a direct transcription of the torch algorithm, so the conformance check can
+      differentiate it independently;
+    * optionally :meth:`secant_rule` (the default is the chord with the tangent at g = 0) and
+      :meth:`sample_hyperparameters` for the conformance check.
+
+    Settings a subclass does not model are listed in ``refused_flags`` (refused when truthy).
+    """
+
+    optimizer_class: ClassVar[type[torch.optim.Optimizer]]
+    #: Param-group keys that change the maths in ways the subclass does not model.
+    refused_flags: ClassVar[tuple[str, ...]] = ("capturable", "differentiable")
+
+    def __init_subclass__(cls, optimizer: type[torch.optim.Optimizer] | None = None, replace: bool = False, **kw):
+        super().__init_subclass__(**kw)
+        if optimizer is None:
+            return  # an intermediate abstract class: nothing to register
+        if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+            raise TypeError(
+                f"{cls.__name__}: the class keyword optimizer= must be a torch.optim.Optimizer subclass, "
+                f"got {optimizer!r}"
+            )
+        if optimizer in _REGISTRY and not replace:
+            raise ValueError(
+                f"{optimizer.__module__}.{optimizer.__name__} is already linearized by "
+                f"{_REGISTRY[optimizer].__qualname__}; pass `replace=True` in the class statement "
+                f"(class {cls.__name__}(OptimizerLinearization, optimizer=..., replace=True)) to override it"
+            )
+        cls.optimizer_class = optimizer
+        _REGISTRY[optimizer] = cls
+
+    def __init__(self, states: Mapping[torch.Tensor, ParamState], versions: Mapping[torch.Tensor, dict[str, int]]):
+        self._states = dict(states)
+        self._versions = dict(versions)
+
+    # ------------------------------------------------------------------ reading state
+    @classmethod
+    @abc.abstractmethod
+    def read_state(cls, param: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> ParamState:
+        """Freeze the state of ``param`` (``optimizer.state[param]``) and its group's hyper-parameters."""
+
+    @classmethod
+    def check_group(cls, group: Mapping[str, Any], index: int) -> None:
+        """Refuse param-group settings this linearization does not model, naming the flag."""
+        for flag in cls.refused_flags:
+            if group.get(flag):
+                raise UnsupportedOptimizerError(
+                    f"{cls.optimizer_class.__name__} param group {index} has {flag}={group[flag]!r}, which "
+                    f"{cls.__name__} does not model (refused settings: {', '.join(cls.refused_flags)}). "
+                    f"Create the optimizer with {flag}=False, or register a subclass that models it "
+                    f"(class X(OptimizerLinearization, optimizer={cls.optimizer_class.__name__}, replace=True))."
+                )
+
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer, *, copy_state: bool = False) -> OptimizerLinearization:
+        """Read every parameter that has a gradient; see :func:`linearize`."""
+        states: dict[torch.Tensor, ParamState] = {}
+        versions: dict[torch.Tensor, dict[str, int]] = {}
+        for i, group in enumerate(optimizer.param_groups):
+            cls.check_group(group, i)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise UnsupportedOptimizerError(
+                        f"parameter of shape {tuple(p.shape)} in group {i} has a sparse gradient; "
+                        "linearizations model dense gradients only (use nn.Embedding(sparse=False))"
+                    )
+                st = cls.read_state(p, optimizer.state.get(p, {}), group)
+                if copy_state:
+                    st = dataclasses.replace(st, **{k: v.detach().clone() for k, v in st.tensors().items()})
+                states[p] = st
+                versions[p] = {k: v._version for k, v in st.tensors().items()}
+        return cls(states, versions)
+
+    # ------------------------------------------------------------------ the maths
+    @classmethod
+    @abc.abstractmethod
+    def update_rule(cls, theta: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
+        """Δ(g) under ``state``; ``theta`` is θ_t (needed for weight decay). Same shape as ``theta``."""
+
+    @classmethod
+    @abc.abstractmethod
+    def tangent_rule(cls, theta: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
+        """∂Δ/∂g elementwise at ``grad``; finite for finite input."""
+
+    @classmethod
+    def secant_rule(cls, theta: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
+        """(Δ(g) − Δ(0)) ⊘ g elementwise, the tangent where g = 0.
+
+        This default is the plain chord; its float rounding error is about
+        eps·|Δ(0)|/|g|, so subclasses with momentum override it with a cancellation-free form.
+        """
+        chord = (cls.update_rule(theta, grad, state) - cls.update_rule(theta, torch.zeros_like(grad), state))
+        zero = grad == 0
+        safe = torch.where(zero, torch.ones_like(grad), grad)
+        return torch.where(zero, cls.tangent_rule(theta, grad, state), chord / safe)
+
+    @classmethod
+    @abc.abstractmethod
+    def symbolic_update(cls, g: sympy.Symbol, theta: sympy.Symbol, state: ParamState) -> sympy.Expr:
+        """Δ for one coordinate as a sympy expression in ``g`` and ``theta``.
+
+        ``state`` is a :class:`ParamState` whose tensor fields were replaced by sympy symbols
+        (or ``None`` where the state does not exist yet). Write it as a literal transcription
+        of the torch algorithm; the conformance check differentiates it.
+        """
+
+    @classmethod
+    def sample_hyperparameters(cls, rng) -> dict[str, Any]:
+        """Constructor keyword arguments for ``optimizer_class`` drawn from ``rng`` (a ``random.Random``).
+
+        Used by the conformance check; override to cover every flag the subclass models.
+        """
+        return {"lr": rng.choice([1e-3, 0.05, 0.3])}
+
+    # ------------------------------------------------------------------ public per-parameter API
+    def _state_of(self, param: torch.Tensor) -> ParamState:
+        try:
+            state = self._states[param]
+        except KeyError:
+            raise KeyError(
+                f"parameter of shape {tuple(param.shape)} is not covered by this {type(self).__name__}: "
+                "linearize() reads only the optimizer's parameters that have a .grad; run backward() "
+                "before linearize(), and pass the optimizer's own parameter tensors"
+            ) from None
+        for name, tensor in state.tensors().items():
+            if tensor._version != self._versions[param][name]:
+                raise StaleStateError(
+                    f"optimizer state {name!r} of a parameter of shape {tuple(param.shape)} changed after "
+                    "linearize() read it (did optimizer.step() run?). Call optimizers.linearize(optimizer) "
+                    "again before the next step, or pass copy_state=True to keep a frozen copy."
+                )
+        return state
+
+    @staticmethod
+    def _check_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+        if grad.shape != param.shape:
+            raise ValueError(
+                f"grad has shape {tuple(grad.shape)} but the parameter has shape {tuple(param.shape)}; "
+                "pass a gradient of the parameter's own shape"
+            )
+
+    def update(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Δ(grad): the change ``step()`` would make to ``param`` if its gradient were ``grad``.
+
+        The optimizer state is the one read by :func:`linearize`; θ_t is ``param``'s current value.
+
+        Args:
+            param: a parameter of the optimizer, shape ``S``.
+            grad: a gradient, shape ``S``.
+        Returns:
+            Tensor of shape ``S`` (decoupled weight decay included).
+        """
+        self._check_grad(param, grad)
+        return self.update_rule(param.detach(), grad.detach(), self._state_of(param))
+
+    def tangent(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """J = ∂Δ/∂g at ``grad``, elementwise (shape of ``param``); finite for finite input."""
+        self._check_grad(param, grad)
+        return self.tangent_rule(param.detach(), grad.detach(), self._state_of(param))
+
+    def secant(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """(Δ(grad) − Δ(0)) ⊘ grad elementwise (shape of ``param``), the tangent where grad is 0."""
+        self._check_grad(param, grad)
+        return self.secant_rule(param.detach(), grad.detach(), self._state_of(param))
+
+    def learning_rate(self, param: torch.Tensor) -> float:
+        """The learning rate of ``param``'s group at linearization time (the SGD proxy is J = −lr)."""
+        return self._state_of(param).lr
+
+    def state(self, param: torch.Tensor) -> ParamState:
+        """The frozen :class:`ParamState` of ``param``."""
+        return self._state_of(param)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The parameters this linearization covers (those that had a gradient)."""
+        return list(self._states)
+
+    def __contains__(self, param: object) -> bool:
+        return isinstance(param, torch.Tensor) and param in self._states
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self._states)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} parameters)"
+
+
+def registered() -> dict[type[torch.optim.Optimizer], type[OptimizerLinearization]]:
+    """A copy of the registry: torch optimizer class -> linearization class."""
+    return dict(_REGISTRY)
+
+
+def linearization_class(optimizer_class: type[torch.optim.Optimizer]) -> type[OptimizerLinearization]:
+    """The registered linearization class for ``optimizer_class`` (exact type match)."""
+    try:
+        return _REGISTRY[optimizer_class]
+    except KeyError:
+        names = ", ".join(sorted(c.__name__ for c in _REGISTRY))
+        raise UnsupportedOptimizerError(
+            f"no linearization is registered for {optimizer_class.__module__}.{optimizer_class.__name__} "
+            f"(supported: {names}). Register one by subclassing: "
+            f"`class MyLinearization(optimizers.OptimizerLinearization, optimizer={optimizer_class.__name__}): ...` "
+            "(see docs/extending.md)."
+        ) from None
+
+
+def linearize(optimizer: torch.optim.Optimizer, *, copy_state: bool = False) -> OptimizerLinearization:
+    """The linearization of ``optimizer``'s CURRENT state, for every parameter that has a gradient.
+
+    Call it after ``backward()`` and before ``optimizer.step()``. By default it keeps
+    references to the optimizer's state tensors (no memory cost) and raises
+    :class:`StaleStateError` if they change before use; ``copy_state=True`` keeps a copy.
+
+    Raises:
+        UnsupportedOptimizerError: the optimizer class is not registered, or a param group
+            uses a setting the linearization does not model (e.g. ``capturable=True``).
+
+    Example:
+        >>> import torch, optimizers
+        >>> w = torch.nn.Parameter(torch.ones(3)); opt = torch.optim.Adam([w], lr=0.1)
+        >>> w.grad = torch.tensor([1.0, -2.0, 0.0])
+        >>> lin = optimizers.linearize(opt)
+        >>> lin.update(w, w.grad)  # Adam's first step is about -lr * sign(g)
+        tensor([-0.1000,  0.1000, -0.0000])
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"linearize() expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return linearization_class(type(optimizer)).from_optimizer(optimizer, copy_state=copy_state)
+
+
+def as_float(x: Any) -> float:
+    """A hyper-parameter (float or 0-d tensor, as torch allows for lr and betas) as a Python float."""
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)

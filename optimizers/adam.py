@@ -1,0 +1,224 @@
+"""Adam and AdamW (``torch.optim.Adam``, ``torch.optim.AdamW``).
+
+Per coordinate, with s = −1 under ``maximize`` (else 1), g̃ = s·g (+ λθ for L2 decay),
+t = step + 1, b1 = 1 − β1^t, b2 = 1 − β2^t:
+
+    m' = β1 m + (1 − β1) g̃          v' = β2 v + (1 − β2) g̃²        (AMSGrad: v' ← max(v_max, v'))
+    D  = √(v'/b2)                    Δ  = −(η/b1) · m' / (D + ε)  [ − ηλθ for decoupled decay ]
+
+Tangent. Differentiating and cancelling the g̃² terms exactly (they cancel in closed form, so
+the result keeps full precision even at step 1 where the two textbook terms nearly cancel):
+
+    ∂Δ/∂g̃ = −(η/b1) · [ (1 − β1) ε + ((1 − β1) β2 v − (1 − β2) β1 m g̃) / (b2 D) ] / (D + ε)²
+
+Where D = 0 (v = 0 and g̃ = 0: a coordinate whose gradient has always been 0) the fraction is
+0/0; its limit along g̃ → 0 with v = m = 0 is 0, so the tangent is −η(1 − β1)/(b1 ε): finite.
+Under AMSGrad with v_max > v', D does not depend on g and ∂Δ/∂g̃ = −(η/b1)(1 − β1)/(D + ε).
+
+Secant. Write a = g̃ at g = 0 (λθ under L2 decay, else 0), b = g̃, D0 = D(a), Dg = D(b). Then
+
+    (Δ(b) − Δ(a))/(b − a) = −(η/b1) · [ (1 − β1) ε + N / (b2 (D0 + Dg)) ] / ((D0 + ε)(Dg + ε))
+    N = (1 − β1) β2 v − (1 − β2) β1 m (a + b) + (1 − β1) (√(v'(a) v'(b)) − (1 − β2) a b)
+
+and the last bracket is formed without cancellation (``root_product_gap``). At a = b it is the
+tangent. Under AMSGrad, where v_max exceeds both second moments the denominator is constant
+and the chord is −(η/b1)(1 − β1)/(D + ε); where v_max lies between them the change of
+max(v_max, v') is formed directly. The secant in g is s times the chord in g̃.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import sympy
+import torch
+
+from ._algebra import root_product_gap, safe_div
+from ._base import OptimizerLinearization, ParamState, UnsupportedOptimizerError, as_float
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamState(ParamState):
+    """Frozen state of one parameter under Adam/AdamW; ``step`` counts steps already taken."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled_weight_decay: bool = False
+    amsgrad: bool = False
+    maximize: bool = False
+    step: int = 0
+    exp_avg: torch.Tensor | None = None
+    exp_avg_sq: torch.Tensor | None = None
+    max_exp_avg_sq: torch.Tensor | None = None
+
+
+def _zeros_or(x, like):
+    return torch.zeros_like(like) if x is None else x
+
+
+class _AdamFamily(OptimizerLinearization):
+    """Shared maths of Adam and AdamW; the two registered classes differ only in ``read_state``."""
+
+    @classmethod
+    def read_state(cls, param, state, group) -> AdamState:
+        if any(isinstance(b, torch.Tensor) and b.requires_grad for b in group["betas"]):
+            raise UnsupportedOptimizerError("betas that require grad (differentiable=True) are not modelled")
+        step = state.get("step", 0)
+
+        def t(name):
+            x = state.get(name)
+            return None if x is None else x.detach()
+
+        return AdamState(
+            lr=as_float(group["lr"]),
+            beta1=as_float(group["betas"][0]),
+            beta2=as_float(group["betas"][1]),
+            eps=float(group["eps"]),
+            weight_decay=as_float(group["weight_decay"]),
+            decoupled_weight_decay=cls._decoupled(group),
+            amsgrad=bool(group["amsgrad"]),
+            maximize=bool(group["maximize"]),
+            step=int(step.item() if isinstance(step, torch.Tensor) else step),
+            exp_avg=t("exp_avg"),
+            exp_avg_sq=t("exp_avg_sq"),
+            max_exp_avg_sq=t("max_exp_avg_sq") if group["amsgrad"] else None,
+        )
+
+    @classmethod
+    def _decoupled(cls, group) -> bool:
+        return bool(group.get("decoupled_weight_decay", False))
+
+    # -- pieces shared by update, tangent and secant -------------------------------------
+    @staticmethod
+    def _effective_grad(theta, grad, st: AdamState):
+        g = -grad if st.maximize else grad
+        if st.weight_decay != 0 and not st.decoupled_weight_decay:
+            g = g + st.weight_decay * theta
+        return g
+
+    @staticmethod
+    def _moments(g, st: AdamState):
+        """m', v' (before AMSGrad's max) and the bias corrections b1, b2."""
+        t = st.step + 1
+        m = _zeros_or(st.exp_avg, g)
+        v = _zeros_or(st.exp_avg_sq, g)
+        m_new = st.beta1 * m + (1 - st.beta1) * g
+        v_new = st.beta2 * v + (1 - st.beta2) * g * g
+        return m, v, m_new, v_new, 1 - st.beta1**t, 1 - st.beta2**t
+
+    @classmethod
+    def _second_moment(cls, v_new, st: AdamState):
+        if st.amsgrad:
+            return torch.maximum(_zeros_or(st.max_exp_avg_sq, v_new), v_new)
+        return v_new
+
+    @classmethod
+    def update_rule(cls, theta, grad, st: AdamState):
+        g = cls._effective_grad(theta, grad, st)
+        _, _, m_new, v_new, b1, b2 = cls._moments(g, st)
+        denom = torch.sqrt(cls._second_moment(v_new, st) / b2) + st.eps
+        delta = -(st.lr / b1) * m_new / denom
+        if st.weight_decay != 0 and st.decoupled_weight_decay:
+            delta = delta - st.lr * st.weight_decay * theta
+        return delta
+
+    @classmethod
+    def tangent_rule(cls, theta, grad, st: AdamState):
+        sign = -1.0 if st.maximize else 1.0
+        g = cls._effective_grad(theta, grad, st)
+        m, v, m_new, v_new, b1, b2 = cls._moments(g, st)
+        d = torch.sqrt(cls._second_moment(v_new, st) / b2)
+        numer = (1 - st.beta1) * st.beta2 * v - (1 - st.beta2) * st.beta1 * m * g
+        # D = 0 only where v = 0 and g = 0: the fraction's limit there is 0 (see module doc).
+        frac = safe_div(numer, b2 * d)
+        through_v = ((1 - st.beta1) * st.eps + frac) / (d + st.eps) ** 2
+        if st.amsgrad:
+            # Where the stored max wins, the denominator does not depend on g.
+            vmax = _zeros_or(st.max_exp_avg_sq, v_new)
+            through_v = torch.where(vmax > v_new, (1 - st.beta1) / (d + st.eps), through_v)
+        return -(st.lr / b1) * sign * through_v
+
+    @classmethod
+    def secant_rule(cls, theta, grad, st: AdamState):
+        sign = -1.0 if st.maximize else 1.0
+        a = cls._effective_grad(theta, torch.zeros_like(grad), st)  # g̃ at g = 0
+        b = cls._effective_grad(theta, grad, st)
+        m, v, ma_new, va_new, b1, b2 = cls._moments(a, st)
+        _, _, _, vb_new, _, _ = cls._moments(b, st)
+        da = torch.sqrt(cls._second_moment(va_new, st) / b2)
+        db = torch.sqrt(cls._second_moment(vb_new, st) / b2)
+        # Plain Adam: the chord's numerator N over b2 (D0 + Dg), cancellation-free (module doc).
+        n = (
+            (1 - st.beta1) * st.beta2 * v
+            - (1 - st.beta2) * st.beta1 * m * (a + b)
+            + (1 - st.beta1) * root_product_gap(st.beta2 * v, 1 - st.beta2, a, b)
+        )
+        bracket = (1 - st.beta1) * st.eps + safe_div(n, b2 * (da + db))
+        if st.amsgrad:
+            vmax = _zeros_or(st.max_exp_avg_sq, va_new)
+            # Stored max above both second moments: the denominator is constant.
+            frozen = (1 - st.beta1) * (da + st.eps)
+            # Stored max in between: form the change of max(v_max, v') directly (rare).
+            dg = b - a
+            safe_dg = torch.where(dg != 0, dg, torch.ones_like(dg))
+            change = torch.maximum(vmax, vb_new) - torch.maximum(vmax, va_new)
+            mixed = (1 - st.beta1) * (da + st.eps) - ma_new * safe_div(change / (b2 * safe_dg), da + db)
+            bracket = torch.where(
+                vmax <= torch.minimum(va_new, vb_new),
+                bracket,
+                torch.where(vmax >= torch.maximum(va_new, vb_new), frozen, mixed),
+            )
+        chord = -(st.lr / b1) * sign * bracket / ((db + st.eps) * (da + st.eps))
+        return torch.where(grad != 0, chord, cls.tangent_rule(theta, grad, st))
+
+    @classmethod
+    def symbolic_update(cls, g, theta, st: AdamState) -> sympy.Expr:
+        # Literal transcription of torch.optim.adam._single_tensor_adam.
+        grad = -g if st.maximize else g
+        decay = 0
+        if st.weight_decay != 0:
+            if st.decoupled_weight_decay:
+                decay = -st.lr * st.weight_decay * theta
+            else:
+                grad = grad + st.weight_decay * theta
+        t = st.step + 1
+        m = 0 if st.exp_avg is None else st.exp_avg
+        v = 0 if st.exp_avg_sq is None else st.exp_avg_sq
+        m = st.beta1 * m + (1 - st.beta1) * grad
+        v = st.beta2 * v + (1 - st.beta2) * grad**2
+        if st.amsgrad:
+            vmax = 0 if st.max_exp_avg_sq is None else st.max_exp_avg_sq
+            v = sympy.Piecewise((v, v >= vmax), (vmax, True))
+        step_size = st.lr / (1 - st.beta1**t)
+        denom = sympy.sqrt(v) / sympy.sqrt(1 - st.beta2**t) + st.eps
+        return decay - step_size * m / denom
+
+    @classmethod
+    def sample_hyperparameters(cls, rng) -> dict[str, Any]:
+        return {
+            "lr": rng.choice([1e-3, 0.01, 0.1]),
+            "betas": (rng.choice([0.0, 0.5, 0.9]), rng.choice([0.9, 0.999])),
+            "eps": rng.choice([1e-8, 1e-3]),
+            "weight_decay": rng.choice([0.0, 0.1]),
+            "amsgrad": rng.random() < 0.4,
+            "maximize": rng.random() < 0.3,
+        }
+
+
+class AdamLinearization(_AdamFamily, optimizer=torch.optim.Adam):
+    """Linearization of ``torch.optim.Adam`` (L2 weight decay, or decoupled with ``decoupled_weight_decay=True``)."""
+
+    @classmethod
+    def sample_hyperparameters(cls, rng) -> dict[str, Any]:
+        return {**super().sample_hyperparameters(rng), "decoupled_weight_decay": rng.random() < 0.25}
+
+
+class AdamWLinearization(_AdamFamily, optimizer=torch.optim.AdamW):
+    """Linearization of ``torch.optim.AdamW``: Adam plus the decoupled decay −ηλθ (independent of g)."""
+
+    @classmethod
+    def _decoupled(cls, group) -> bool:
+        return True

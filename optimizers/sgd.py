@@ -1,0 +1,113 @@
+"""SGD with momentum, dampening, Nesterov, L2 weight decay and ``maximize`` (``torch.optim.SGD``).
+
+With s = −1 under ``maximize`` (else 1) and g̃ = s·g + λθ:
+
+* momentum μ = 0:            Δ = −η g̃
+* first step (no buffer):     buf' = g̃                      (torch clones, no dampening)
+* later steps:                buf' = μ·buf + (1 − d)·g̃
+* plain momentum:             Δ = −η buf'
+* Nesterov:                   Δ = −η (g̃ + μ·buf')
+
+Δ is affine in g, so tangent = secant = −η·s·k with k = ∂(direction)/∂g̃ in {1, 1+μ, 1−d,
+1+μ(1−d)}; with μ = 0 this is the familiar −η.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import sympy
+import torch
+
+from ._base import OptimizerLinearization, ParamState, as_float
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDState(ParamState):
+    """Frozen state of one parameter under ``torch.optim.SGD``."""
+
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+    momentum_buffer: torch.Tensor | None = None
+
+
+class SGDLinearization(OptimizerLinearization, optimizer=torch.optim.SGD):
+    """Linearization of ``torch.optim.SGD`` (affine in g: tangent and secant coincide)."""
+
+    @classmethod
+    def read_state(cls, param, state, group) -> SGDState:
+        buf = state.get("momentum_buffer")
+        return SGDState(
+            lr=as_float(group["lr"]),
+            momentum=float(group["momentum"]),
+            dampening=float(group["dampening"]),
+            weight_decay=as_float(group["weight_decay"]),
+            nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]),
+            momentum_buffer=None if buf is None else buf.detach(),
+        )
+
+    @staticmethod
+    def _slope(state: SGDState) -> float:
+        """∂Δ/∂g, a scalar."""
+        sign = -1.0 if state.maximize else 1.0
+        mu = state.momentum
+        if mu == 0:
+            k = 1.0
+        else:
+            k_buf = 1.0 if state.momentum_buffer is None else 1.0 - state.dampening
+            k = 1.0 + mu * k_buf if state.nesterov else k_buf
+        return -state.lr * sign * k
+
+    @classmethod
+    def update_rule(cls, theta, grad, state: SGDState):
+        g = -grad if state.maximize else grad
+        if state.weight_decay != 0:
+            g = g + state.weight_decay * theta
+        if state.momentum == 0:
+            direction = g
+        else:
+            if state.momentum_buffer is None:
+                buf = g
+            else:
+                buf = state.momentum * state.momentum_buffer + (1 - state.dampening) * g
+            direction = g + state.momentum * buf if state.nesterov else buf
+        return -state.lr * direction
+
+    @classmethod
+    def tangent_rule(cls, theta, grad, state: SGDState):
+        return torch.full_like(grad, cls._slope(state))
+
+    @classmethod
+    def secant_rule(cls, theta, grad, state: SGDState):
+        return cls.tangent_rule(theta, grad, state)
+
+    @classmethod
+    def symbolic_update(cls, g, theta, state: SGDState) -> sympy.Expr:
+        g = -g if state.maximize else g
+        if state.weight_decay != 0:
+            g = g + state.weight_decay * theta
+        if state.momentum != 0:
+            if state.momentum_buffer is None:
+                buf = g
+            else:
+                buf = state.momentum * state.momentum_buffer + (1 - state.dampening) * g
+            g = g + state.momentum * buf if state.nesterov else buf
+        return -state.lr * g
+
+    @classmethod
+    def sample_hyperparameters(cls, rng) -> dict[str, Any]:
+        momentum = rng.choice([0.0, 0.5, 0.9])
+        nesterov = momentum > 0 and rng.random() < 0.5
+        return {
+            "lr": rng.choice([1e-3, 0.05, 0.5]),
+            "momentum": momentum,
+            "dampening": 0.0 if nesterov else rng.choice([0.0, 0.3]),
+            "weight_decay": rng.choice([0.0, 1e-2]),
+            "nesterov": nesterov,
+            "maximize": rng.random() < 0.3,
+        }

@@ -1,0 +1,236 @@
+"""linearize() on real models: every parameter, groups, schedulers, reductions and errors."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import optimizers
+from optimizers import StaleStateError, UnsupportedOptimizerError, linearize
+from tests._helpers import assert_close
+
+torch.set_default_dtype(torch.float64)
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "nesterov": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.01),
+    "adam-amsgrad": lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5, centered=True),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-1, lr_decay=0.01),
+}
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def _backward(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def _torch_deltas(model, opt):
+    twin_model, twin_opt = copy.deepcopy((model, opt))  # one memo: the twin optimizer holds the twin params
+    for twin, p in zip(twin_model.parameters(), model.parameters()):
+        twin.grad = None if p.grad is None else p.grad.clone()  # deepcopy does not copy .grad
+    before = [p.detach().clone() for p in twin_model.parameters()]
+    twin_opt.step()
+    return [p.detach() - b for p, b in zip(twin_model.parameters(), before)]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("steps", [0, 3])
+def test_update_matches_torch_step_for_every_parameter(name, steps):
+    model = _model()
+    opt = OPTIMIZERS[name](model.parameters())
+    for k in range(steps):
+        _backward(model, k)
+        opt.step()
+    _backward(model, 99)
+    lin = linearize(opt)
+    assert len(lin) == len(list(model.parameters()))
+    for p, expected in zip(model.parameters(), _torch_deltas(model, opt)):
+        assert_close(lin.update(p, p.grad), expected, rtol=1e-9, atol=1e-15, name=name)
+
+
+def test_param_groups_and_scheduler_learning_rates():
+    model = _model()
+    opt = torch.optim.Adam(
+        [{"params": model[0].parameters(), "lr": 1e-2}, {"params": model[2].parameters(), "lr": 3e-3, "betas": (0.5, 0.9)}]
+    )
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for k in range(3):
+        _backward(model, k)
+        opt.step()
+        sched.step()
+    _backward(model, 7)
+    lin = linearize(opt)
+    assert lin.learning_rate(model[0].weight) == pytest.approx(1e-2 * 0.5**3)
+    assert lin.learning_rate(model[2].weight) == pytest.approx(3e-3 * 0.5**3)
+    for p, expected in zip(model.parameters(), _torch_deltas(model, opt)):
+        assert_close(lin.update(p, p.grad), expected, rtol=1e-9, atol=1e-15)
+
+
+def test_frozen_parameters_are_not_covered():
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters())
+    _backward(model, 0)
+    lin = linearize(opt)
+    assert model[0].weight not in lin and model[2].weight in lin
+    with pytest.raises(KeyError, match="not covered"):
+        lin.tangent(model[0].weight, torch.zeros_like(model[0].weight))
+
+
+def test_reduction_momentum_zero_is_plain_sgd():
+    model = _model()
+    a = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.0, dampening=0.5)
+    _backward(model, 0)
+    lin = linearize(a)
+    for p in model.parameters():
+        assert_close(lin.update(p, p.grad), -0.3 * p.grad)
+        assert_close(lin.tangent(p, p.grad), torch.full_like(p, -0.3))
+        assert_close(lin.secant(p, p.grad), torch.full_like(p, -0.3))
+
+
+@given(lr=st.floats(1e-6, 10.0), steps=st.integers(0, 3))
+def test_reduction_tangent_of_sgd_is_minus_lr(lr, steps):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for k in range(steps):
+        _backward(model, k)
+        opt.step()
+    _backward(model, 5)
+    lin = linearize(opt)
+    for p in model.parameters():
+        assert torch.all(lin.tangent(p, p.grad) == -lr)
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_reduction_adamw_without_decay_is_adam(steps):
+    m1, m2 = _model(), _model()
+    o1 = torch.optim.Adam(m1.parameters(), lr=1e-2, amsgrad=True)
+    o2 = torch.optim.AdamW(m2.parameters(), lr=1e-2, amsgrad=True, weight_decay=0.0)
+    for k in range(steps):
+        for m, o in ((m1, o1), (m2, o2)):
+            _backward(m, k)
+            o.step()
+    _backward(m1, 9)
+    _backward(m2, 9)
+    l1, l2 = linearize(o1), linearize(o2)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        for method in ("update", "tangent", "secant"):
+            assert_close(getattr(l2, method)(p2, p2.grad), getattr(l1, method)(p1, p1.grad), rtol=0, name=method)
+
+
+@given(
+    exponent=st.integers(-300, 150),
+    steps=st.integers(0, 2),
+    name=st.sampled_from(sorted(OPTIMIZERS)),
+)
+def test_finite_input_gives_finite_output(exponent, steps, name):
+    model = _model()
+    opt = OPTIMIZERS[name](model.parameters())
+    for k in range(steps):
+        _backward(model, k)
+        opt.step()
+    _backward(model, 1)
+    lin = linearize(opt)
+    for p in model.parameters():
+        g = p.grad * 10.0**exponent
+        g.view(-1)[0] = 0.0  # a zero coordinate too
+        for method in ("update", "tangent", "secant"):
+            out = getattr(lin, method)(p, g)
+            assert torch.isfinite(out).all(), (name, method, exponent)
+
+
+# ---------------------------------------------------------------------- errors
+def test_unregistered_optimizer_is_refused_with_the_supported_list():
+    p = nn.Parameter(torch.ones(2))
+    opt = torch.optim.Adamax([p])
+    p.grad = torch.ones(2)
+    with pytest.raises(UnsupportedOptimizerError, match=r"no linearization is registered for torch\.optim\.adamax\.Adamax.*supported: Adagrad, Adam, AdamW, RMSprop, SGD.*subclassing"):
+        linearize(opt)
+
+
+def test_subclass_of_a_registered_optimizer_is_refused():
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    p = nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    with pytest.raises(UnsupportedOptimizerError, match="MyAdam"):
+        linearize(MyAdam([p]))
+
+
+@pytest.mark.parametrize("flag", ["capturable", "differentiable"])
+def test_unmodelled_flags_are_refused_by_name(flag):
+    p = nn.Parameter(torch.ones(2))
+    opt = torch.optim.Adam([p], **{flag: True})
+    p.grad = torch.ones(2)
+    with pytest.raises(UnsupportedOptimizerError, match=f"param group 0 has {flag}=True"):
+        linearize(opt)
+
+
+def test_not_an_optimizer():
+    with pytest.raises(TypeError, match="expects a torch.optim.Optimizer, got list"):
+        linearize([])
+
+
+def test_stale_state_is_detected_and_copy_state_avoids_it():
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    for k in range(2):
+        _backward(model, k)
+        opt.step()
+    _backward(model, 3)
+    lin, frozen = linearize(opt), linearize(opt, copy_state=True)
+    p = model[0].weight
+    before = frozen.update(p, p.grad)
+    opt.step()
+    with pytest.raises(StaleStateError, match="changed after linearize"):
+        lin.update(p, p.grad)
+    # the frozen copy still describes the step that was taken (θ moved, so compare the state part)
+    assert frozen.state(p).step == 2
+    assert before.shape == p.shape
+
+
+def test_grad_shape_mismatch():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _backward(model, 0)
+    with pytest.raises(ValueError, match=r"grad has shape \(3,\) but the parameter has shape \(5, 4\)"):
+        linearize(opt).update(model[0].weight, torch.zeros(3))
+
+
+def test_sparse_gradients_are_refused():
+    emb = nn.Embedding(5, 2, sparse=True)
+    opt = torch.optim.Adagrad(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(UnsupportedOptimizerError, match="sparse gradient"):
+        linearize(opt)
+
+
+def test_double_registration_is_an_error_unless_replace():
+    with pytest.raises(ValueError, match=r"already linearized by AdamLinearization.*replace=True"):
+
+        class Again(optimizers.AdamLinearization, optimizer=torch.optim.Adam):
+            pass
+
+    assert optimizers.linearization_class(torch.optim.Adam) is optimizers.AdamLinearization
+
+
+def test_registering_a_non_optimizer_is_an_error():
+    with pytest.raises(TypeError, match="optimizer= must be a torch.optim.Optimizer subclass"):
+
+        class Bad(optimizers.SGDLinearization, optimizer=int):
+            pass
