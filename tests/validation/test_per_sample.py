@@ -1,0 +1,82 @@
+"""per_sample_grads: each sample's share of the batch gradient."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from tests._helpers import assert_close
+from tests.validation._models import MODEL_KINDS, loss_for, make_batch, make_model, seeds
+from validation import per_sample_grads
+
+
+def batch_grad(model, loss_fn, batch):
+    """The gradient an ordinary training step stores in ``param.grad``."""
+    model = copy.deepcopy(model)
+    model.zero_grad()
+    loss_fn(model(batch[0]), batch[1]).backward()
+    return {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+
+
+@example(kind="seq", reduction="mean", n=1, seed=0)  # batch of one, sequence axis
+@example(kind="seq", reduction="sum", n=3, seed=1)
+@given(kind=st.sampled_from(MODEL_KINDS), reduction=st.sampled_from(["mean", "sum"]), n=st.integers(1, 6), seed=seeds())
+def test_contributions_sum_to_batch_gradient(kind, reduction, n, seed):
+    model = make_model(kind, seed)
+    loss_fn = loss_for(kind, reduction)
+    batch = make_batch(kind, n, seed + 1)
+    c = per_sample_grads(model, loss_fn, batch)
+    assert_close({k: v.sum(0) for k, v in c.items()}, batch_grad(model, loss_fn, batch), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_each_contribution_is_the_samples_own_gradient_share(reduction):
+    # Reference: autograd on the batch of one, scaled by 1/n for a mean (the sample's share).
+    n = 4
+    model = make_model("mlp", 0)
+    loss_fn = loss_for("mlp", reduction)
+    x, y = make_batch("mlp", n, 1)
+    c = per_sample_grads(model, loss_fn, (x, y))
+    factor = 1.0 / n if reduction == "mean" else 1.0
+    for z in range(n):
+        g = batch_grad(model, loss_fn, (x[z : z + 1], y[z : z + 1]))
+        assert_close({k: v[z] for k, v in c.items()}, {k: factor * v for k, v in g.items()}, atol=1e-15)
+
+
+def test_keys_shapes_dtype_and_frozen_params_skipped():
+    model = make_model("buffers", 0)
+    c = per_sample_grads(model, loss_for("buffers"), make_batch("buffers", 3, 0))
+    expected = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert list(c) == expected and "scale" not in c
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            assert c[k].shape == (3, *p.shape) and c[k].dtype == torch.float64
+
+
+def test_chunk_size_gives_the_same_result():
+    model = make_model("cnn", 3)
+    batch = make_batch("cnn", 5, 3)
+    chunked = per_sample_grads(model, loss_for("cnn"), batch, chunk_size=2)
+    assert_close(chunked, per_sample_grads(model, loss_for("cnn"), batch))
+
+
+def test_nested_inputs():
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(2, 3)
+            self.b = torch.nn.Linear(3, 3)
+
+        def forward(self, inputs):
+            return self.a(inputs["left"]) + self.b(inputs["right"])
+
+    model = TwoInputs().double()
+    x = {"left": torch.randn(4, 2, dtype=torch.float64), "right": torch.randn(4, 3, dtype=torch.float64)}
+    y = torch.randint(0, 3, (4,))
+    loss_fn = loss_for("mlp")
+    c = per_sample_grads(model, loss_fn, (x, y))
+    assert_close({k: v.sum(0) for k, v in c.items()}, batch_grad(model, loss_fn, (x, y)), atol=1e-15)

@@ -1,0 +1,31 @@
+"""Ground truth for per-step data values, independent of the library's closed forms.
+
+Everything here runs the REAL torch optimizer (a copy of it and of its state) on real
+per-sample gradients from ``torch.func``; nothing uses the linearizations in ``optimizers``.
+The library never imports this package; tests and experiments use it to certify estimators.
+
+* :func:`per_sample_grads` — each sample's share ``c_z`` of the batch gradient.
+* :func:`utility` — the per-step game ``U(S) = L_val(θ_t) − L_val(θ_t + Δ(g_S))``.
+* :func:`leave_one_out` — ``U(B) − U(B∖z)``.
+* :func:`shapley_values` — exact (n ≤ 16) or permutation-sampled Shapley values of ``U``.
+* :func:`fidelity` — correlations, top-k, sign agreement and efficiency gap of an estimate.
+
+See ``docs/validation.md``.
+"""
+
+from ._fidelity import fidelity
+from ._game import STACKABLE_OPTIMIZERS, StepPath, leave_one_out, utility
+from ._per_sample import per_sample_grads
+from ._shapley import MAX_EXACT_PLAYERS, ShapleyEstimate, shapley_values
+
+__all__ = [
+    "MAX_EXACT_PLAYERS",
+    "STACKABLE_OPTIMIZERS",
+    "ShapleyEstimate",
+    "StepPath",
+    "fidelity",
+    "leave_one_out",
+    "per_sample_grads",
+    "shapley_values",
+    "utility",
+]

@@ -1,0 +1,390 @@
+"""The per-step game U(S), evaluated with the real torch optimizer.
+
+``U(S) = L_val(θ_t) − L_val(θ_t + Δ(g_S))`` with ``g_S = Σ_{z∈S} c_z`` and ``Δ(g)`` the change
+the caller's optimizer (a copy of it and of its state) makes when ``param.grad = g``.
+
+Two ways to take the step, which must agree:
+
+* ``loop``: deep-copy the model and the optimizer for each coalition, set ``.grad``, call
+  ``step()``. Obviously correct, works for every optimizer, slow.
+* ``stacked``: optimizers whose ``step()`` is elementwise (allow-list below) are rebuilt over
+  parameters stacked to ``[m, *shape]``, with the state expanded the same way and the
+  coalition gradients as ``.grad``: one real ``step()`` moves all ``m`` coalitions at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from ._per_sample import LossFn, _batch_size, _contributions, _frozen_tensors, _scalar_loss, _unpack_batch, _vmap_error
+
+
+class StepPath(str, enum.Enum):
+    """How the real optimizer step is taken for many coalitions.
+
+    ``AUTO``: ``STACKED`` for optimizers in :data:`STACKABLE_OPTIMIZERS` (and whose state has
+    the expected layout), ``LOOP`` otherwise. ``STACKED``: always stacked, error if not
+    possible. ``LOOP``: deep copy and step per coalition (the reference path).
+    """
+
+    AUTO = "auto"
+    STACKED = "stacked"
+    LOOP = "loop"
+
+
+# Optimizer classes whose single-tensor step (foreach=False, fused off) is purely elementwise
+# in (param, grad, state), so stacking coalitions along a new leading dimension is exact. Each
+# entry lists the state keys: shared scalars (step counters and scalar schedules, identical for
+# every coalition, kept scalar because torch reads them with ``.item()``) and elementwise
+# tensors of the parameter's shape. Matched by exact type: a subclass may override step().
+_STACKABLE: dict[type[torch.optim.Optimizer], tuple[frozenset[str], frozenset[str]]] = {
+    torch.optim.SGD: (frozenset(), frozenset({"momentum_buffer"})),
+    torch.optim.Adam: (frozenset({"step"}), frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq"})),
+    torch.optim.AdamW: (frozenset({"step"}), frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq"})),
+    torch.optim.RMSprop: (frozenset({"step"}), frozenset({"square_avg", "momentum_buffer", "grad_avg"})),
+    torch.optim.Adagrad: (frozenset({"step"}), frozenset({"sum"})),
+    torch.optim.Adamax: (frozenset({"step"}), frozenset({"exp_avg", "exp_inf"})),
+    torch.optim.NAdam: (frozenset({"step", "mu_product"}), frozenset({"exp_avg", "exp_avg_sq"})),
+    torch.optim.RAdam: (frozenset({"step"}), frozenset({"exp_avg", "exp_avg_sq"})),
+    torch.optim.Adadelta: (frozenset({"step"}), frozenset({"square_avg", "acc_delta"})),
+    torch.optim.ASGD: (frozenset({"step", "eta", "mu"}), frozenset({"ax"})),
+    torch.optim.Rprop: (frozenset({"step"}), frozenset({"prev", "step_size"})),
+}
+
+#: Optimizer classes the stacked real-optimizer path accepts (exact types).
+STACKABLE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = tuple(_STACKABLE)
+
+# Above this many coalitions an automatic progress bar is shown.
+_PROGRESS_THRESHOLD = 1000
+# Default memory budget per chunk of coalitions, in tensor elements (about 256 MiB in float64
+# for each stacked tensor: parameters, gradients, each state entry).
+_CHUNK_ELEMENTS = 2**25
+
+
+class _NotStackable(Exception):
+    """Internal: the stacked path cannot represent this optimizer or state."""
+
+
+def _as_path(path: StepPath | str) -> StepPath:
+    try:
+        return StepPath(path)
+    except ValueError:
+        raise ValueError(
+            f"path must be one of {[p.value for p in StepPath]}, got {path!r}."
+        ) from None
+
+
+def _val_batches(val_batch: Any) -> tuple[list[tuple[Any, Any]], bool]:
+    """A tuple is one validation batch; a list holds K of them. Returns (batches, single)."""
+    if isinstance(val_batch, tuple):
+        return [_unpack_batch(val_batch, "val_batch")], True
+    if isinstance(val_batch, list):
+        if not val_batch:
+            raise ValueError("val_batch is an empty list; pass one (inputs, targets) tuple or a non-empty list of them.")
+        if all(isinstance(b, Tensor) for b in val_batch):
+            raise TypeError(
+                f"val_batch is a list of {len(val_batch)} tensors; a list means K validation batches. "
+                "Fix: pass one batch as a tuple `(inputs, targets)`, or several as `[(x1, y1), (x2, y2)]`."
+            )
+        return [_unpack_batch(b, f"val_batch[{k}]") for k, b in enumerate(val_batch)], False
+    raise TypeError(
+        f"val_batch must be a tuple (inputs, targets) or a list of such tuples, got {type(val_batch).__name__}."
+    )
+
+
+def _optimizer_param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def _expand_state(key: str, value: Any, param: Tensor, m: int, spec: tuple[frozenset[str], frozenset[str]]) -> Any:
+    shared, elementwise = spec
+    if key in shared:
+        if isinstance(value, Tensor):
+            if value.dim() != 0:
+                raise _NotStackable(f"state {key!r} has shape {tuple(value.shape)}, expected a scalar")
+            return value.clone()  # torch increments it in place
+        return copy.deepcopy(value)
+    if key in elementwise:
+        if value is None:
+            return None
+        if not isinstance(value, Tensor) or value.shape != param.shape:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise _NotStackable(f"state {key!r} is {shape}, expected a tensor of shape {tuple(param.shape)}")
+        return value.detach().unsqueeze(0).expand(m, *value.shape).clone()
+    raise _NotStackable(f"unknown state entry {key!r}")
+
+
+def _stacked_step(
+    model_params: Mapping[str, Tensor], live_params: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer, grads: Mapping[str, Tensor], m: int,
+) -> dict[str, Tensor]:
+    """New parameters ``[m, *shape]`` after one real step of a rebuilt, stacked optimizer."""
+    spec = _STACKABLE.get(type(optimizer))
+    if spec is None:
+        raise _NotStackable(f"{type(optimizer).__name__} is not in the allow-list")
+    name_of = {id(p): name for name, p in live_params.items()}
+    stacked: dict[str, Tensor] = {}
+    groups: list[dict[str, Any]] = []
+    states: list[tuple[Tensor, dict[str, Any]]] = []
+    for group in optimizer.param_groups:
+        new_params = []
+        for p in group["params"]:
+            name = name_of.get(id(p))
+            if name is None:  # optimised but not part of the model: cannot affect L_val
+                continue
+            s = model_params[name].unsqueeze(0).expand(m, *p.shape).clone()
+            s.grad = grads[name]
+            stacked[name] = s
+            new_params.append(s)
+            # .get, not [...]: optimizer.state is a defaultdict and indexing would insert.
+            old = optimizer.state.get(p)
+            if old:
+                states.append((s, {k: _expand_state(k, v, p, m, spec) for k, v in old.items()}))
+        if not new_params:
+            continue
+        hyper = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+        # The single-tensor loop is the elementwise code path the allow-list was checked for.
+        if "foreach" in hyper:
+            hyper["foreach"] = False
+        if "fused" in hyper:
+            hyper["fused"] = None
+        groups.append({"params": new_params, **hyper})
+    if groups:
+        opt = type(optimizer)(groups)
+        for s, state in states:
+            opt.state[s] = state
+        opt.step()
+    out = {}
+    for name, p in model_params.items():
+        out[name] = stacked[name].detach() if name in stacked else p.unsqueeze(0).expand(m, *p.shape)
+    return out
+
+
+def _functional_val_losses(
+    model: nn.Module, loss_fn: LossFn, frozen: Mapping[str, Tensor], params: Mapping[str, Tensor],
+    val_batches: Sequence[tuple[Any, Any]],
+) -> Tensor:
+    """``L_val`` for ``m`` stacked parameter sets: ``[m, K]``."""
+
+    def val_loss(p: dict[str, Tensor], x: Any, y: Any) -> Tensor:
+        return _scalar_loss(loss_fn(functional_call(model, (p, dict(frozen)), (x,)), y), "validation")
+
+    batched = vmap(val_loss, in_dims=(0, None, None))
+    cols = []
+    try:
+        for x, y in val_batches:
+            cols.append(batched(dict(params), x, y))
+    except RuntimeError as err:
+        raise _vmap_error(err) from err
+    return torch.stack(cols, dim=-1)
+
+
+def _loop_utilities(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, grads: Mapping[str, Tensor],
+    m: int, val_batches: Sequence[tuple[Any, Any]], base: Tensor, bar: Any,
+) -> Tensor:
+    """Reference path: a fresh deep copy of (model, optimizer) per coalition, one real step."""
+    rows = []
+    for i in range(m):
+        # One deepcopy of the pair shares the memo, so the copied optimizer steps the copied model.
+        model2, opt2 = copy.deepcopy((model, optimizer))
+        for group in opt2.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        named = dict(model2.named_parameters())
+        for name, g in grads.items():
+            named[name].grad = g[i].clone()
+        opt2.step()
+        with torch.no_grad():
+            losses = torch.stack([_scalar_loss(loss_fn(model2(x), y), "validation") for x, y in val_batches])
+        rows.append(base - losses.double())
+        if bar is not None:
+            bar.update(1)
+    return torch.stack(rows) if rows else base.new_zeros(0, len(val_batches))
+
+
+def _subset_grads(contribs: Mapping[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
+    """``g_S = mask @ c`` per parameter: ``[m, *shape]`` (one matmul per parameter)."""
+    out = {}
+    for name, c in contribs.items():
+        w = mask.to(c.dtype)
+        out[name] = (w @ c.reshape(c.shape[0], -1)).reshape(mask.shape[0], *c.shape[1:])
+    return out
+
+
+def _chunks(m: int, size: int) -> Iterator[slice]:
+    for start in range(0, m, size):
+        yield slice(start, min(start + size, m))
+
+
+def _evaluate(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: Any, val_batch: Any,
+    subsets: Tensor, *, path: StepPath | str, chunk_size: int | None, progress: bool | None,
+) -> tuple[Tensor, bool]:
+    """``U(S)`` for each row of ``subsets``: ``[m, K]`` float64, and whether val_batch was single."""
+    path = _as_path(path)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+    val_batches, single = _val_batches(val_batch)
+    for k, (x, y) in enumerate(val_batches):
+        _batch_size(x, y, "val_batch" if single else f"val_batch[{k}]")
+    contribs, _ = _contributions(model, loss_fn, batch)
+    n = next(iter(contribs.values())).shape[0]
+    if not isinstance(subsets, Tensor) or subsets.dtype != torch.bool or subsets.dim() != 2 or subsets.shape[1] != n:
+        shape = (tuple(subsets.shape), subsets.dtype) if isinstance(subsets, Tensor) else type(subsets).__name__
+        raise ValueError(
+            f"subsets must be a bool tensor [m, n] with n = {n} (the batch size), one row per coalition; "
+            f"got {shape}. Fix: e.g. `torch.ones(1, {n}, dtype=torch.bool)` for the full batch."
+        )
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+
+    live = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = {name: p.detach() for name, p in live.items()}
+    frozen = _frozen_tensors(model)
+    m = subsets.shape[0]
+
+    stackable = type(optimizer) in _STACKABLE
+    if path is StepPath.STACKED and not stackable:
+        raise ValueError(
+            f"path='stacked' needs an optimizer whose step is elementwise; {type(optimizer).__name__} is not "
+            f"in the allow-list {[c.__name__ for c in STACKABLE_OPTIMIZERS]} (exact types). "
+            "Fix: use path='auto' or 'loop' (deep copy per coalition, slower)."
+        )
+    use_stacked = path is StepPath.STACKED or (path is StepPath.AUTO and stackable)
+    if use_stacked:
+        # Validate the state layout once, up front, so 'auto' can fall back before doing work.
+        try:
+            _stacked_step(params, live, optimizer, _subset_grads(contribs, subsets[:0]), 0)
+        except Exception as err:  # any failure to rebuild the optimizer: the loop path is always valid
+            if path is StepPath.STACKED:
+                raise ValueError(
+                    f"path='stacked' cannot represent this {type(optimizer).__name__}: {err}. "
+                    "Fix: use path='auto' or 'loop'."
+                ) from None
+            use_stacked = False
+
+    if chunk_size is None:
+        numel = sum(p.numel() for p in params.values())
+        chunk_size = max(1, _CHUNK_ELEMENTS // max(numel, 1))
+    show = m > _PROGRESS_THRESHOLD if progress is None else bool(progress)
+    bar = tqdm(total=m, desc="coalitions", unit="coal", disable=not show, leave=False) if m else None
+
+    out = []
+    try:
+        if use_stacked:
+            with torch.no_grad():
+                base = _functional_val_losses(
+                    model, loss_fn, frozen, {k: v.unsqueeze(0) for k, v in params.items()}, val_batches
+                )[0].double()
+            for sl in _chunks(m, max(chunk_size, 1)):
+                size = sl.stop - sl.start
+                new = _stacked_step(params, live, optimizer, _subset_grads(contribs, subsets[sl]), size)
+                with torch.no_grad():
+                    losses = _functional_val_losses(model, loss_fn, frozen, new, val_batches)
+                out.append(base - losses.double())
+                if bar is not None:
+                    bar.update(size)
+        else:
+            model0 = copy.deepcopy(model)
+            with torch.no_grad():
+                base = torch.stack(
+                    [_scalar_loss(loss_fn(model0(x), y), "validation") for x, y in val_batches]
+                ).double()
+            for sl in _chunks(m, max(chunk_size, 1)):
+                grads = _subset_grads(contribs, subsets[sl])
+                out.append(_loop_utilities(model, optimizer, loss_fn, grads, sl.stop - sl.start, val_batches, base, bar))
+    finally:
+        if bar is not None:
+            bar.close()
+    values = torch.cat(out) if out else torch.zeros(0, len(val_batches), dtype=torch.float64)
+    return values, single
+
+
+def utility(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: Any, val_batch: Any,
+    subsets: Tensor, *, path: StepPath | str = StepPath.AUTO, chunk_size: int | None = None,
+    progress: bool | None = None,
+) -> Tensor:
+    """Per-step utility ``U(S)`` of many coalitions, with the real optimizer.
+
+    ``U(S) = L_val(θ_t) − L_val(θ_t + Δ(g_S))``, ``g_S = Σ_{z∈S} c_z`` (normalisation fixed to the
+    full batch, ``c_z`` from :func:`per_sample_grads`), ``Δ(g)`` = what a copy of ``optimizer``,
+    with a copy of its state and hyper-parameters, does to the parameters when ``param.grad = g``.
+    Positive = the coalition's step lowers the validation loss. ``U(∅)`` is generally not 0
+    (momentum, weight decay keep moving).
+
+    Args:
+        model, optimizer: as in training, just before ``optimizer.step()``; never modified.
+        loss_fn: ``loss_fn(model(inputs), targets)`` -> scalar mean or sum (training and validation).
+        batch: the training batch ``(inputs, targets)`` with ``n`` samples.
+        val_batch: ``(inputs, targets)``, or a list of K such batches (one column each).
+        subsets: bool ``[m, n]``, row ``i`` = coalition ``S_i``.
+        path: ``"auto"`` | ``"stacked"`` | ``"loop"`` (see :class:`StepPath`).
+        chunk_size: coalitions per stacked step (bounds memory); default from a ~2^25-element budget.
+        progress: tqdm bar; ``None`` shows it above 1000 coalitions.
+
+    Returns:
+        float64 ``[m]`` for a single validation batch, ``[m, K]`` for a list.
+
+    Raises:
+        ValueError/TypeError: bad ``subsets``, ``path``, ``chunk_size``, batch or loss (see
+        :func:`per_sample_grads`), or ``path="stacked"`` with an optimizer outside
+        :data:`STACKABLE_OPTIMIZERS`.
+
+    Example:
+        >>> full = torch.ones(1, n, dtype=torch.bool)
+        >>> utility(model, opt, loss_fn, (x, y), (xv, yv), full)  # U(B), shape [1]
+    """
+    values, single = _evaluate(
+        model, optimizer, loss_fn, batch, val_batch, subsets, path=path, chunk_size=chunk_size, progress=progress
+    )
+    return values[:, 0] if single else values
+
+
+def leave_one_out(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: Any, val_batch: Any, *,
+    path: StepPath | str = StepPath.AUTO, chunk_size: int | None = None, progress: bool | None = None,
+) -> Tensor:
+    """Leave-one-out value of each sample in the per-step game, with the real optimizer.
+
+    ``LOO_z = U(B) − U(B∖z) = L_val(θ_t + Δ(g_B − c_z)) − L_val(θ_t + Δ(g_B))``: how much worse
+    the validation loss is after the step without ``z``. State and hyper-parameters are held at
+    their current values (copied); the caller's model, gradients and optimizer are untouched.
+
+    Args:
+        model, optimizer: as in training, just before ``optimizer.step()``; never modified.
+        loss_fn: ``loss_fn(model(inputs), targets)`` -> scalar mean or sum over samples.
+        batch: the training batch ``(inputs, targets)`` with ``n`` samples.
+        val_batch: ``(inputs, targets)``, or a list of K such batches.
+        path, chunk_size, progress: as in :func:`utility` (``n + 1`` coalitions are evaluated).
+
+    Returns:
+        float64 ``[n]`` for a single validation batch, ``[n, K]`` for a list of K.
+
+    Raises:
+        As :func:`utility`.
+
+    Example:
+        >>> loo = leave_one_out(model, opt, nn.functional.cross_entropy, (x, y), (xv, yv))
+        >>> loo.shape
+        torch.Size([8])
+    """
+    inputs, targets = _unpack_batch(batch, "batch")
+    n = _batch_size(inputs, targets, "batch")
+    masks = torch.ones(n + 1, n, dtype=torch.bool)
+    masks[1:].fill_diagonal_(False)
+    values, single = _evaluate(
+        model, optimizer, loss_fn, batch, val_batch, masks, path=path, chunk_size=chunk_size, progress=progress
+    )
+    loo = values[:1] - values[1:]
+    return loo[:, 0] if single else loo
+
