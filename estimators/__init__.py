@@ -1,0 +1,61 @@
+"""First-order in-run Shapley estimators and the ghost engine.
+
+φ_z = −⟨J ⊙ ∇L_val, c_z⟩ = −⟨P, c_z⟩ for every sample z of a training step, where J is the
+optimizer's preconditioning map (tangent, secant or the SGD proxy −η), ∇L_val the validation
+gradient (at the current, lookahead or midpoint parameters) and c_z the sample's contribution to
+the batch gradient. Two sources of c_z:
+
+* materialized: :func:`per_sample_grads` + :func:`first_order_values` (the reference path);
+* ghost: :class:`GhostEngine`, from the activations and output gradients of the ordinary
+  backward pass, per layer by a registered :class:`LayerRule`.
+"""
+
+from ._checks import SampleInteractionError, check_samples_independent
+from ._config import Factorization, GhostPath, LinearizationKind, Reduction, ValPoint
+from ._engine import GhostEngine, GhostEngineError, ParameterUseError, UncoveredParameterError
+from ._factorize import factored_error, rank_one
+from ._factors import Bilinear, DenseFactor, Factor, OneHotFactor, PerSample, Term
+from ._first_order import (
+    first_order_values,
+    per_sample_grads,
+    preconditioned_val_grad,
+    preconditioning,
+    shifted_parameters,
+    val_point_shift,
+    validation_gradients,
+)
+from ._ghost import ghost_values
+from ._rules import LayerRule, registered_rules, rule_for
+
+__all__ = [
+    "Bilinear",
+    "DenseFactor",
+    "Factor",
+    "Factorization",
+    "GhostEngine",
+    "GhostEngineError",
+    "GhostPath",
+    "LayerRule",
+    "LinearizationKind",
+    "OneHotFactor",
+    "ParameterUseError",
+    "PerSample",
+    "Reduction",
+    "SampleInteractionError",
+    "Term",
+    "UncoveredParameterError",
+    "ValPoint",
+    "check_samples_independent",
+    "factored_error",
+    "first_order_values",
+    "ghost_values",
+    "per_sample_grads",
+    "preconditioned_val_grad",
+    "preconditioning",
+    "rank_one",
+    "registered_rules",
+    "rule_for",
+    "shifted_parameters",
+    "val_point_shift",
+    "validation_gradients",
+]

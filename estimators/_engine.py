@@ -1,0 +1,653 @@
+"""The ghost engine: per-sample values from the activations and output gradients of one backward.
+
+Workflow (the caller owns the forward/backward passes; the engine only listens)::
+
+    engine = GhostEngine(model)
+    with engine.capture_train():            # one or more micro-batches, one model call each
+        loss_fn(model, batch).backward()
+    # later, e.g. in an optimizer step pre-hook, with param.grad = g_B available:
+    J = {p: preconditioning(lin, p, p.grad, "tangent") for p in lin.params}
+    val_grads = validation_gradients(model, val_loss_fn, val_batches, engine=engine)  # K targets
+    phi = engine.values(J, val_grads)       # [n, K]
+    engine.paths_taken                      # {"fc.weight": "dense", ...}
+    engine.clear()
+
+``validation_gradients(..., engine=engine)`` runs each target inside ``engine.capture_val()``,
+which the ``pairwise`` and ``factored`` paths need (each captured model call = one target).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ._checks import check_samples_independent
+from ._config import Factorization, GhostPath, parse_enum
+from ._factorize import factored_error, rank_one
+from ._factors import Bilinear, PerSample, Term
+from ._rules import LayerRule, registered_rules, rule_for
+
+
+class UncoveredParameterError(ValueError):
+    """A trainable parameter belongs to a layer no rule covers, and the fallback is not allowed."""
+
+
+class ParameterUseError(RuntimeError):
+    """A parameter was used in the forward outside the module(s) that own it, so hooks miss that use."""
+
+
+class GhostEngineError(RuntimeError):
+    """The captured passes cannot produce values (nothing captured, inconsistent batch sizes, ...)."""
+
+
+@dataclasses.dataclass
+class _Call:
+    """One forward call of a tracked module and the gradient its output received."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    grad: torch.Tensor | None = None
+
+    def add_grad(self, g: torch.Tensor) -> None:
+        # A graph backpropagated twice (retain_graph) adds up in param.grad; do the same.
+        self.grad = g.detach() if self.grad is None else self.grad + g.detach()
+
+
+@dataclasses.dataclass
+class _Pass:
+    """The calls recorded during one call of the root model (one micro-batch, or one target)."""
+
+    calls: list[_Call] = dataclasses.field(default_factory=list)
+
+    @property
+    def has_grad(self) -> bool:
+        return any(c.grad is not None for c in self.calls)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tracked:
+    """A module with trainable parameters of its own: the rule's share and the fallback's share."""
+
+    name: str
+    rule: type[LayerRule] | None
+    covered: dict[str, nn.Parameter]
+    uncovered: dict[str, nn.Parameter]
+
+
+class _ParamUseMode(TorchFunctionMode):
+    """Raise when a tracked parameter enters a differentiable op outside the modules that own it."""
+
+    def __init__(self, engine: GhostEngine):
+        super().__init__()
+        self.engine = engine
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if torch.is_grad_enabled():
+            used = [a for a in _flat(args, kwargs) if isinstance(a, torch.Tensor) and a in self.engine._owners]
+            # Only differentiable uses matter: shape reads, detach() and autograd.grad itself do not
+            # add to the parameter's gradient.
+            if used and any(isinstance(o, torch.Tensor) and o.requires_grad for o in _flat((out,) if not isinstance(out, (list, tuple)) else out, {})):
+                for a in used:
+                    self.engine._check_use(a)
+        return out
+
+
+def _flat(args, kwargs) -> Iterator[Any]:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
+
+
+class _Capture:
+    """Context manager returned by :meth:`GhostEngine.capture_train` / :meth:`GhostEngine.capture_val`."""
+
+    def __init__(self, engine: GhostEngine, kind: str):
+        self._engine, self._kind = engine, kind
+
+    def __enter__(self) -> GhostEngine:
+        self._engine._start(self._kind)
+        return self._engine
+
+    def __exit__(self, *exc) -> None:
+        self._engine._stop()
+
+
+JLike = float | Mapping[torch.Tensor, "torch.Tensor | float"]
+
+
+class GhostEngine:
+    """Per-sample first-order values φ[z, k] = −⟨J ⊙ ∇L_val^k, c_z⟩ without per-sample gradients.
+
+    Hooks, installed only inside :meth:`capture_train` / :meth:`capture_val`, record each tracked
+    layer's input and output gradient; a :class:`LayerRule` turns them into factored per-sample
+    contributions (see ``docs/estimators.md``), and :meth:`values` contracts them:
+
+    * ``dense``    ⟨P, c_z(W)⟩ = sum((A_z Pᵀ) ∘ B_z), P = J ⊙ ∇L_val: exact for any diagonal J;
+    * ``pairwise`` J Σ_v sum((A_z A_vᵀ) ∘ (B_z B_vᵀ)) over the captured validation samples:
+      exact for a scalar J;
+    * ``factored`` σ Σ_v sum(((A_z⊙s) A_vᵀ) ∘ ((B_z⊙r) B_vᵀ)) with |J| ≈ r sᵀ: approximate;
+    * ``materialized`` c_z built explicitly from the captured factors ([n, *param.shape] per
+      parameter), then −⟨P, c_z⟩: the reference path, memory n × #params.
+
+    Biases, norm weights and fallback parameters are materialized per sample (cheap) and always
+    use the exact J. Parameters of layers no rule covers use a ``torch.func`` per-sample fallback
+    on the module that owns them, unless ``strict=True``.
+
+    Args:
+        model: the model; samples must not interact (no BatchNorm in train mode).
+        path: ``"auto"``, ``"dense"``, ``"pairwise"``, ``"factored"`` or ``"materialized"`` for
+            every weight matrix.
+        strict: refuse parameters no rule covers instead of using the fallback.
+        dtype: computation dtype; default the parameters' own dtype (which must then agree).
+        layer_paths: per-module or per-parameter override of ``path``, by qualified name.
+        factorization: rank-one method of the factored path (see :class:`Factorization`).
+    Raises:
+        SampleInteractionError: BatchNorm in train mode, or a layer that mixes samples.
+        UncoveredParameterError: ``strict=True`` and a parameter has no rule.
+        ValueError: an unknown path, factorization, dtype, or a ``layer_paths`` key that names
+            no module or parameter.
+    Example:
+        >>> model = nn.Linear(3, 2)
+        >>> engine = GhostEngine(model)
+        >>> with engine.capture_train():
+        ...     nn.functional.mse_loss(model(torch.ones(4, 3)), torch.zeros(4, 2)).backward()
+        >>> val_grad = {p: torch.ones_like(p) for p in model.parameters()}
+        >>> engine.values(-0.1, [val_grad]).shape   # SGD proxy J = −lr, one target
+        torch.Size([4, 1])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        path: GhostPath | str = "auto",
+        strict: bool = False,
+        dtype: torch.dtype | None = None,
+        layer_paths: Mapping[str, GhostPath | str] | None = None,
+        factorization: Factorization | str = "geometric",
+    ):
+        check_samples_independent(model)
+        self.model = model
+        self.path = parse_enum(GhostPath, path, "path")
+        self.strict = bool(strict)
+        self.factorization = parse_enum(Factorization, factorization, "factorization")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype={dtype!r} is not a floating torch.dtype; pass e.g. torch.float64, or None for the parameters' dtype")
+        self.dtype = dtype
+        self._names: dict[torch.Tensor, str] = {p: n for n, p in model.named_parameters() if p.requires_grad}
+        self._module_names = {m: n for n, m in model.named_modules()}
+        self._tracked: dict[nn.Module, _Tracked] = {}
+        self._owners: dict[torch.Tensor, set[nn.Module]] = {}
+        for mname, module in model.named_modules():
+            own = {a: p for a, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not own:
+                continue
+            rule = rule_for(type(module))
+            reason = None if rule is None else rule.unsupported(module)
+            covered = {} if rule is None or reason else {a: p for a, p in own.items() if a in rule.params(module)}
+            uncovered = {a: p for a, p in own.items() if a not in covered}
+            if uncovered and self.strict:
+                raise UncoveredParameterError(self._uncovered_message(mname, module, next(iter(uncovered)), reason))
+            self._tracked[module] = _Tracked(mname or type(module).__name__, None if reason else rule, covered, uncovered)
+            for p in own.values():
+                self._owners.setdefault(p, set()).add(module)
+        self.layer_paths: dict[str, GhostPath] = {}
+        for key, value in (layer_paths or {}).items():
+            if key not in self._module_names.values() and key not in self._names.values():
+                raise ValueError(
+                    f"layer_paths key {key!r} names no module or trainable parameter of the model; use a name "
+                    "from model.named_modules() or model.named_parameters()"
+                )
+            self.layer_paths[key] = parse_enum(GhostPath, value, f"layer_paths[{key!r}]")
+        self._train: list[_Pass] = []
+        self._val: list[_Pass] = []
+        self._active: str | None = None
+        self._handles: list[Any] = []
+        self._stack: list[nn.Module] = []
+        self._mode: _ParamUseMode | None = None
+        #: parameter name -> path ("dense", "pairwise", "factored", "materialized", "fallback"),
+        #: set by values().
+        self.paths_taken: dict[str, str] = {}
+        #: parameter name -> factored_error(...) report, for parameters that took the factored path.
+        self.factored_errors: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def fallback_modules(self) -> list[str]:
+        """Names of the modules whose parameters (some or all) use the torch.func fallback."""
+        return [t.name for t in self._tracked.values() if t.uncovered]
+
+    @property
+    def needs_val_capture(self) -> bool:
+        """Whether :meth:`values` can use a captured validation pass (``capture_val``).
+
+        True when some weight may take the pairwise or factored path (``auto`` picks pairwise
+        for a scalar J when it is cheaper); the dense and materialized paths need only
+        ``val_grads``.
+        """
+        chosen = {self.path, *self.layer_paths.values()}
+        return bool(chosen & {GhostPath.AUTO, GhostPath.PAIRWISE, GhostPath.FACTORED})
+
+    @property
+    def n_samples(self) -> int:
+        """Training samples captured so far (rows of :meth:`values`)."""
+        return sum(self._pass_n(p) for p in self._train if p.has_grad)
+
+    def _uncovered_message(self, mname: str, module: nn.Module, attr: str, reason: str | None) -> str:
+        types = ", ".join(sorted(t.__name__ for t in registered_rules()))
+        tname = type(module).__name__
+        why = f"its rule refuses this instance: {reason}" if reason else f"no rule is registered for {tname}"
+        full = f"{mname}.{attr}" if mname else attr
+        return (
+            f"parameter {full!r} of module {mname or '<root>'!r} ({tname}) is not covered by a layer rule ({why}; "
+            f"registered layer types: {types}). Fix: register a rule for {tname} "
+            f"(class {tname}Rule(estimators.LayerRule, layer={tname}): ...), or allow the per-parameter "
+            "torch.func fallback with strict=False."
+        )
+
+    # ------------------------------------------------------------------ capture
+    def capture_train(self) -> _Capture:
+        """Context manager recording training passes; each model call inside is one micro-batch.
+
+        Enter it around the forward and backward of the training batch (or of each micro-batch
+        of a gradient-accumulation step); the recorded passes add up until :meth:`clear`.
+
+        Raises:
+            GhostEngineError: another capture of this engine is active.
+        """
+        return _Capture(self, "train")
+
+    def capture_val(self) -> _Capture:
+        """Context manager recording validation passes; each model call inside is one target k."""
+        return _Capture(self, "val")
+
+    def clear(self) -> None:
+        """Forget every captured pass (call it after each optimizer step)."""
+        self._train.clear()
+        self._val.clear()
+
+    def _start(self, kind: str) -> None:
+        if self._active is not None:
+            raise GhostEngineError(f"a {self._active} capture of this engine is already active; exit it before starting a {kind} capture")
+        self._active = kind
+        self._stack.clear()
+        try:
+            for module in self._module_names:
+                self._handles.append(module.register_forward_pre_hook(self._push))
+                self._handles.append(module.register_forward_hook(self._pop, always_call=True))
+                if module in self._tracked:
+                    self._handles.append(module.register_forward_hook(self._record, with_kwargs=True))
+            self._mode = _ParamUseMode(self)
+            self._mode.__enter__()
+        except BaseException:
+            self._stop()
+            raise
+
+    def _stop(self) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stack.clear()
+        self._active = None
+
+    def _passes(self) -> list[_Pass]:
+        return self._train if self._active == "train" else self._val
+
+    def _push(self, module, args):
+        if module is self.model and not self._stack:
+            passes = self._passes()
+            if not passes or passes[-1].calls:
+                passes.append(_Pass())
+        self._stack.append(module)
+
+    def _pop(self, module, args, output):
+        if self._stack and self._stack[-1] is module:
+            self._stack.pop()
+
+    def _record(self, module, args, kwargs, output):
+        if not torch.is_grad_enabled():
+            return
+        if _in_backward():
+            raise GhostEngineError(
+                f"module {self._tracked[module].name!r} ran forward during a backward pass (activation "
+                "checkpointing recomputes layers); the ghost engine needs each layer to run once per pass, "
+                "disable checkpointing inside the capture"
+            )
+        if not isinstance(output, torch.Tensor):
+            raise GhostEngineError(
+                f"module {self._tracked[module].name!r} ({type(module).__name__}) returned "
+                f"{type(output).__name__}, but the ghost engine needs a single tensor output to read its "
+                "output gradient; wrap the parameters in a module returning one tensor"
+            )
+        if not output.requires_grad:
+            return
+        call = _Call(module, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs))
+        passes = self._passes()
+        if not passes:
+            passes.append(_Pass())
+        passes[-1].calls.append(call)
+        output.register_hook(call.add_grad)
+
+    def _check_use(self, param: torch.Tensor) -> None:
+        current = self._stack[-1] if self._stack else None
+        if current is not None and current in self._owners[param]:
+            return
+        where = "outside any module of the model" if current is None else f"inside module {self._module_names.get(current) or '<root>'!r} ({type(current).__name__})"
+        owners = ", ".join(repr(self._tracked[m].name) for m in self._owners[param])
+        raise ParameterUseError(
+            f"parameter {self._names.get(param, '?')!r} (owned by module {owners}) was used {where}; hooks on "
+            "its owner do not see this use, so its per-sample contribution would be wrong. Fix: call a module "
+            "that owns the parameter instead (for tied weights share the Parameter between two modules, e.g. "
+            "`head.weight = embedding.weight` with an nn.Linear head), and put weight penalties in the "
+            "optimizer's weight_decay rather than in the loss."
+        )
+
+    # ------------------------------------------------------------------ per-pass terms
+    def _pass_n(self, pas: _Pass) -> int:
+        ns = {int(c.grad.shape[0]) for c in pas.calls if c.grad is not None and c.grad.dim() > 0}
+        if len(ns) != 1:
+            detail = ", ".join(f"{self._tracked[c.module].name}: {tuple(c.grad.shape)}" for c in pas.calls if c.grad is not None)
+            raise GhostEngineError(
+                f"the layers of one pass disagree on the batch size (output gradient shapes {detail}); every "
+                "tracked layer must see batch-first inputs of the same batch, one model call per micro-batch"
+            )
+        return ns.pop()
+
+    def _pass_terms(self, pas: _Pass) -> tuple[int, dict[torch.Tensor, list[Term]], set[torch.Tensor]]:
+        n = self._pass_n(pas)
+        terms: dict[torch.Tensor, list[Term]] = {}
+        fallback: set[torch.Tensor] = set()
+        for call in pas.calls:
+            if call.grad is None:
+                continue  # this call's output did not reach the loss: zero contribution
+            tracked = self._tracked[call.module]
+            if tracked.covered:
+                for attr, term in tracked.rule.terms(call.module, call.args[0], call.grad).items():
+                    if attr in tracked.covered:
+                        terms.setdefault(tracked.covered[attr], []).append(term)
+            if tracked.uncovered:
+                for attr, c in _fallback_grads(call, tracked, n).items():
+                    p = tracked.uncovered[attr]
+                    terms.setdefault(p, []).append(PerSample(c))
+                    fallback.add(p)
+        for p, ts in terms.items():
+            bad = [t.n for t in ts if t.n != n]
+            if bad:
+                raise GhostEngineError(f"parameter {self._names[p]!r}: a term covers {bad[0]} samples in a pass of {n}")
+        return n, terms, fallback
+
+    # ------------------------------------------------------------------ values
+    def captured_grads(self, which: str = "train") -> list[dict[torch.Tensor, torch.Tensor]]:
+        """Σ_z c_z per parameter rebuilt from the captured passes (a check against ``param.grad``).
+
+        Args:
+            which: ``"train"`` (one dict, summed over micro-batches) or ``"val"`` (one per target).
+        Returns:
+            A list of dicts parameter -> gradient, in the parameters' dtype.
+        Raises:
+            ValueError: ``which`` is neither ``"train"`` nor ``"val"``.
+        """
+        if which not in ("train", "val"):
+            raise ValueError(f"which={which!r} is not accepted; use 'train' or 'val'")
+        passes = [p for p in (self._train if which == "train" else self._val) if p.has_grad]
+        out = []
+        for pas in passes:
+            _, terms, _ = self._pass_terms(pas)
+            out.append({p: sum(t.total(p.shape) for t in ts) for p, ts in terms.items()})
+        if which == "train":
+            total: dict[torch.Tensor, torch.Tensor] = {}
+            for d in out:
+                for p, g in d.items():
+                    total[p] = total[p] + g if p in total else g
+            return [total]
+        return out
+
+    def values(self, J: JLike, val_grads: Sequence[Mapping[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """φ[z, k] = −⟨J ⊙ ∇L_val^k, c_z⟩ for every captured training sample z and target k.
+
+        Args:
+            J: the preconditioning map: a float for every parameter (the SGD proxy −lr), or a
+                mapping parameter -> tensor broadcastable to the parameter, or float.
+            val_grads: K dicts parameter -> ∇L_val^k (from :func:`validation_gradients`). May be
+                omitted when the K targets were captured with :meth:`capture_val`; the dense path
+                then rebuilds ∇L_val from the captured pass.
+        Returns:
+            Tensor ``[n_total, K]``: micro-batches in capture order, samples in batch order.
+        Raises:
+            GhostEngineError: called during a capture; no training backward captured; neither
+                ``val_grads`` nor a validation capture; K mismatch.
+            ValueError: J misses a parameter, does not broadcast, is not a scalar on a forced
+                ``pairwise`` path; ``val_grads`` misses a parameter; mixed parameter dtypes.
+        """
+        if self._active is not None:
+            raise GhostEngineError(f"values() was called inside a {self._active} capture; exit the capture first")
+        train = [p for p in self._train if p.has_grad]
+        if not train:
+            raise GhostEngineError(
+                "no training backward pass was captured; run the model's forward and backward inside "
+                "`with engine.capture_train():` before values()"
+            )
+        val_passes = [p for p in self._val if p.has_grad]
+        if val_grads is not None:
+            if not isinstance(val_grads, (list, tuple)):
+                raise ValueError(f"val_grads must be a list of K dicts (one per validation target), got {type(val_grads).__name__}")
+            K = len(val_grads)
+            if val_passes and len(val_passes) != K:
+                raise GhostEngineError(f"val_grads has {K} targets but {len(val_passes)} validation passes were captured; they must agree")
+        elif val_passes:
+            K = len(val_passes)
+        else:
+            raise GhostEngineError(
+                "no validation gradient: pass val_grads=[...] (K dicts from validation_gradients) or capture "
+                "the K validation passes with `with engine.capture_val():`"
+            )
+        if K == 0:
+            raise ValueError("val_grads is empty; pass at least one validation target")
+
+        train_terms = [self._pass_terms(p) for p in train]
+        # Dense-only engines given val_grads never read the validation factors (and so never run
+        # the fallback on them).
+        use_val = val_grads is None or self.needs_val_capture
+        val_terms = [self._pass_terms(p)[1] if use_val else {} for p in val_passes]
+        params = [p for p in self._names if any(p in t for _, t, _ in train_terms)]
+        fallback = set().union(*(f for _, _, f in train_terms))
+        dtype = self._compute_dtype(params)
+        Js = {p: self._J_of(J, p, dtype) for p in params}
+
+        paths: dict[torch.Tensor, GhostPath | str] = {}
+        for p in params:
+            all_terms = [t for _, ts, _ in train_terms for t in ts.get(p, [])]
+            paths[p] = self._choose_path(p, Js[p], all_terms, val_terms, bool(val_passes))
+        self.paths_taken = {self._names[p]: ("fallback" if p in fallback else str(paths[p].value)) for p in params}
+        self.factored_errors = {}
+
+        # Exact paths need P = J ⊙ ∇L_val; rebuild ∇L_val from the capture when not given.
+        dense_params = [p for p in params if paths[p] in (GhostPath.DENSE, GhostPath.MATERIALIZED)]
+        P: list[dict[torch.Tensor, torch.Tensor]] = [{} for _ in range(K)]
+        for k in range(K):
+            for p in dense_params:
+                if val_grads is not None:
+                    if p not in val_grads[k]:
+                        raise ValueError(
+                            f"val_grads[{k}] has no gradient for parameter {self._names[p]!r}; give every trained "
+                            "parameter a validation gradient (zeros if the validation loss does not use it)"
+                        )
+                    g = val_grads[k][p]
+                else:
+                    g = sum((t.total(p.shape) for t in val_terms[k].get(p, [])), torch.zeros_like(p))
+                P[k][p] = _precondition(Js[p], g.to(dtype), p.shape)
+
+        factors: dict[tuple[torch.Tensor, int, int], tuple[float, torch.Tensor, torch.Tensor]] = {}
+        blocks = []
+        for n, terms, _ in train_terms:
+            materialized: dict[torch.Tensor, torch.Tensor] = {}
+            out = torch.zeros(n, K, dtype=dtype, device=params[0].device)
+            for p, ts in terms.items():
+                ts = [t.to(dtype) for t in ts]
+                path = paths[p]
+                for k in range(K):
+                    if path is GhostPath.DENSE:
+                        out[:, k] -= sum(t.dense_values(P[k][p]) for t in ts)
+                        continue
+                    if path is GhostPath.MATERIALIZED:
+                        c = materialized.get(p)
+                        if c is None:
+                            c = materialized[p] = sum(t.materialize(p.shape) for t in ts)
+                        out[:, k] -= c.reshape(n, -1) @ P[k][p].reshape(-1)
+                        continue
+                    vs = [v.to(dtype) for v in val_terms[k].get(p, [])]
+                    if not vs:
+                        continue  # the validation loss does not reach this layer: ∇L_val = 0
+                    if path is GhostPath.PAIRWISE:
+                        out[:, k] -= _scalar(Js[p]) * sum(t.pairwise_values(v) for t in ts for v in vs)
+                        continue
+                    for t in ts:  # FACTORED
+                        key = (p, t.rows.size, t.cols.size)
+                        if key not in factors:
+                            Jm = _as_tensor(Js[p], p, dtype).reshape(t.rows.size, t.cols.size)
+                            factors[key] = rank_one(Jm, self.factorization)
+                            self.factored_errors[self._names[p]] = factored_error(Jm, self.factorization)
+                        sigma, r, s = factors[key]
+                        scaled = Bilinear(t.rows.scaled(r), t.cols.scaled(s))
+                        out[:, k] -= sigma * sum(scaled.pairwise_values(v) for v in vs)
+            blocks.append(out)
+        return torch.cat(blocks, dim=0)
+
+    def _compute_dtype(self, params: list[torch.Tensor]) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1:
+            raise ValueError(
+                f"the trained parameters have several dtypes {sorted(str(d) for d in dtypes)}; pass "
+                "GhostEngine(..., dtype=...) to choose the computation dtype explicitly"
+            )
+        return dtypes.pop()
+
+    def _J_of(self, J: JLike, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
+        if isinstance(J, (int, float)) and not isinstance(J, bool):
+            return float(J)
+        if isinstance(J, Mapping):
+            if p not in J:
+                raise ValueError(
+                    f"J has no entry for parameter {self._names[p]!r}; give J for every parameter that received "
+                    "a gradient (e.g. {p: preconditioning(lin, p, p.grad, kind) for p in lin.params}), or a float"
+                )
+            value = J[p]
+            if isinstance(value, torch.Tensor):
+                try:
+                    ok = torch.broadcast_shapes(value.shape, p.shape) == p.shape
+                except RuntimeError:
+                    ok = False
+                if not ok:
+                    raise ValueError(
+                        f"J for parameter {self._names[p]!r} has shape {tuple(value.shape)}, which does not broadcast "
+                        f"to the parameter's shape {tuple(p.shape)}"
+                    )
+                return value.detach().to(dtype)
+            return float(value)
+        raise TypeError(f"J must be a float or a mapping parameter -> tensor/float, got {type(J).__name__}")
+
+    def _choose_path(self, p, Jp, terms: list[Term], val_terms, have_val: bool) -> GhostPath:
+        name = self._names[p]
+        forced = self.layer_paths.get(name, self.layer_paths.get(name.rpartition(".")[0], self.path))
+        if forced is GhostPath.MATERIALIZED:
+            return forced
+        if not terms or not all(isinstance(t, Bilinear) for t in terms) or any(
+            not isinstance(v, Bilinear) for vt in val_terms for v in vt.get(p, [])
+        ):
+            return GhostPath.DENSE  # materialized parameters (bias, norms, fallback): J exactly
+        scalar = _scalar(Jp) is not None
+        if forced in (GhostPath.PAIRWISE, GhostPath.FACTORED) and not have_val:
+            raise GhostEngineError(
+                f"path {forced.value!r} for parameter {name!r} needs the validation pass captured: run the K "
+                "validation forward/backward passes inside `with engine.capture_val():` (validation_gradients("
+                "..., engine=engine) does this), or use path='dense'"
+            )
+        if forced is GhostPath.PAIRWISE and not scalar:
+            raise ValueError(
+                f"path 'pairwise' is exact only for a scalar J, but J of parameter {name!r} varies across entries; "
+                "use path='dense' (exact for any diagonal J) or path='factored' (rank-one approximation)"
+            )
+        if forced is not GhostPath.AUTO:
+            return forced
+        if not (scalar and have_val):
+            return GhostPath.DENSE
+        K = max(1, len(val_terms))
+        dense = sum(t.dense_cost() for t in terms) * K + p.numel() * K
+        pairwise = sum(t.pairwise_cost(v) for t in terms for vt in val_terms for v in vt.get(p, []))
+        return GhostPath.PAIRWISE if pairwise < dense else GhostPath.DENSE
+
+
+def _in_backward() -> bool:
+    """Whether the autograd engine is running (a forward now is a checkpoint recomputation)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+def _scalar(J: torch.Tensor | float) -> float | None:
+    """J as a float if it is one value everywhere, else None."""
+    if not isinstance(J, torch.Tensor):
+        return float(J)
+    flat = J.reshape(-1)
+    if flat.numel() and bool((flat == flat[0]).all()):
+        return float(flat[0])
+    return None
+
+
+def _as_tensor(J: torch.Tensor | float, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(J, torch.Tensor):
+        return J.to(dtype).expand(p.shape)
+    return torch.full(p.shape, J, dtype=dtype, device=p.device)
+
+
+def _precondition(J: torch.Tensor | float, g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if g.shape != shape:
+        raise ValueError(f"a validation gradient has shape {tuple(g.shape)} but its parameter has shape {tuple(shape)}")
+    return J * g
+
+
+def _fallback_grads(call: _Call, tracked: _Tracked, n: int) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of the module's uncovered parameters by torch.func (vmap of grad).
+
+    For sample z: c_z(p) = ∂/∂p ⟨module(x_z), ∂L/∂y_z⟩, the vector-Jacobian product of the
+    module's own forward with the captured output gradient, evaluated at the captured input.
+    """
+    module = call.module
+    fixed = {k: v.detach() for k, v in module.named_parameters()}
+    fixed.update(dict(module.named_buffers()))
+    train = {a: p.detach() for a, p in tracked.uncovered.items()}
+    batched = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n for a in call.args]
+
+    def contribution(train_params, go, *bargs):
+        it = iter(bargs)
+        args = tuple(next(it).unsqueeze(0) if b else a for a, b in zip(call.args, batched))
+        out = torch.func.functional_call(module, {**fixed, **train_params}, args, call.kwargs)
+        return (out * go.unsqueeze(0)).sum()
+
+    in_dims = (None, 0, *([0] * sum(batched)))
+    try:
+        return torch.func.vmap(torch.func.grad(contribution), in_dims=in_dims, randomness="error")(
+            train, call.grad, *[a for a, b in zip(call.args, batched) if b]
+        )
+    except RuntimeError as err:
+        if "randomness" in str(err):
+            raise GhostEngineError(
+                f"the fallback for module {tracked.name!r} recomputes its forward, which uses random operations "
+                "(e.g. dropout in train mode) and cannot be reproduced per sample; register a rule for "
+                f"{type(module).__name__} or put its random layers in eval mode"
+            ) from err
+        raise

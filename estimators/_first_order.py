@@ -1,0 +1,345 @@
+"""The generic first-order estimator: φ_z = −⟨J ⊙ ∇L_val, c_z⟩ from any per-sample source.
+
+Everything here is optimizer-agnostic: J comes from a linearization (anything with the
+``tangent``/``secant``/``update``/``learning_rate`` methods of ``optimizers.linearize``), and
+the per-sample contributions c_z come either from :func:`per_sample_grads` (materialized, the
+reference path) or from the ghost engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ._checks import check_samples_independent
+from ._config import LinearizationKind, Reduction, ValPoint, parse_enum
+
+# The project's loss convention (as in a training loop): loss_fn(model(inputs), targets) -> scalar,
+# with batches given as (inputs, targets); inputs may be any pytree the model accepts.
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+def batch_loss(model: nn.Module, loss_fn: LossFn, batch: Any) -> torch.Tensor:
+    """``loss_fn(model(inputs), targets)`` for ``batch = (inputs, targets)``.
+
+    Raises:
+        ValueError: ``batch`` is not an ``(inputs, targets)`` pair.
+    """
+    _check_pair(batch)
+    inputs, targets = batch
+    return loss_fn(model(inputs), targets)
+
+
+def _check_pair(batch: Any) -> None:
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError(
+            f"a batch must be an (inputs, targets) pair, got {type(batch).__name__}"
+            f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}; the loss is "
+            "loss_fn(model(inputs), targets)"
+        )
+
+
+def preconditioning(lin: Any, param: torch.Tensor, batch_grad: torch.Tensor, kind: LinearizationKind | str) -> torch.Tensor | float:
+    """The preconditioning map J of ``param`` for one step, elementwise.
+
+    * tangent: J = ∂Δ/∂g at g_B;  * secant: J = (Δ(g_B) − Δ(0)) ⊘ g_B;  * sgd: J = −η.
+
+    Args:
+        lin: a linearization (``optimizers.linearize(optimizer)``) read before ``step()``.
+        param: a parameter covered by ``lin``, shape ``S``.
+        batch_grad: the batch gradient g_B of ``param`` (what ``param.grad`` holds), shape ``S``.
+        kind: a :class:`LinearizationKind` or its string value.
+    Returns:
+        A tensor of shape ``S`` (tangent, secant) or a Python float (sgd).
+    Raises:
+        ValueError: ``kind`` is not one of the accepted values.
+    Example:
+        >>> J = preconditioning(lin, w, w.grad, "secant")  # doctest: +SKIP
+    """
+    kind = parse_enum(LinearizationKind, kind, "kind")
+    if kind is LinearizationKind.TANGENT:
+        return lin.tangent(param, batch_grad)
+    if kind is LinearizationKind.SECANT:
+        return lin.secant(param, batch_grad)
+    return -float(lin.learning_rate(param))
+
+
+def val_point_shift(
+    lin: Any,
+    params: Iterable[torch.Tensor],
+    batch_grads: Mapping[torch.Tensor, torch.Tensor] | None,
+    val_point: ValPoint | str,
+) -> dict[torch.Tensor, torch.Tensor] | None:
+    """The parameter shift at which the validation gradient is taken (DESIGN section 2).
+
+    * current: no shift (``None``);  * lookahead: Δ(g_B);  * midpoint: ½(Δ(g_B) + Δ(0)).
+
+    Args:
+        lin: a linearization read before ``step()``.
+        params: the parameters to shift (those covered by ``lin``; others do not move in a step).
+        batch_grads: g_B per parameter; ``None`` reads ``param.grad``.
+        val_point: a :class:`ValPoint` or its string value.
+    Returns:
+        ``None`` for ``current``, else a dict parameter -> shift (shape of the parameter).
+    Raises:
+        ValueError: ``val_point`` is not accepted, or a parameter has no gradient.
+    Example:
+        >>> shift = val_point_shift(lin, lin.params, None, "lookahead")  # doctest: +SKIP
+    """
+    val_point = parse_enum(ValPoint, val_point, "val_point")
+    if val_point is ValPoint.CURRENT:
+        return None
+    shift: dict[torch.Tensor, torch.Tensor] = {}
+    for p in params:
+        g = p.grad if batch_grads is None else batch_grads.get(p)
+        if g is None:
+            raise ValueError(
+                f"parameter of shape {tuple(p.shape)} has no batch gradient; pass it in batch_grads "
+                "or run backward() first, or leave it out of params"
+            )
+        step = lin.update(p, g)
+        if val_point is ValPoint.MIDPOINT:
+            step = 0.5 * (step + lin.update(p, torch.zeros_like(g)))
+        shift[p] = step.detach()
+    return shift
+
+
+@contextlib.contextmanager
+def shifted_parameters(shift: Mapping[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
+    """Temporarily move parameters by ``shift`` in place; restore them bit-exactly on exit.
+
+    The originals are saved and copied back (subtracting the shift again would not restore
+    θ exactly in floating point).
+
+    Raises:
+        ValueError: a shift's shape differs from its parameter's.
+    Example:
+        >>> with shifted_parameters({w: torch.ones_like(w)}):  # doctest: +SKIP
+        ...     loss = model(x).sum()
+    """
+    if not shift:
+        yield
+        return
+    for p, s in shift.items():
+        if s.shape != p.shape:
+            raise ValueError(f"shift of shape {tuple(s.shape)} for a parameter of shape {tuple(p.shape)}; shapes must match")
+    saved = {p: p.detach().clone() for p in shift}
+    try:
+        with torch.no_grad():
+            for p, s in shift.items():
+                p.add_(s.to(p.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for p, original in saved.items():
+                p.copy_(original)
+
+
+def validation_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    val_batches: Sequence[Any],
+    *,
+    shift: Mapping[torch.Tensor, torch.Tensor] | None = None,
+    params: Iterable[torch.Tensor] | None = None,
+    engine: Any = None,
+) -> list[dict[torch.Tensor, torch.Tensor]]:
+    """∇L_val for each of K validation targets, optionally at shifted parameters.
+
+    Each target k is one forward/backward of ``loss_fn(model(inputs_k), targets_k)`` (its own
+    graph, so targets never mix). Parameters are shifted in place for the evaluation and restored
+    exactly (see :func:`shifted_parameters`).
+
+    Args:
+        model: the model.
+        loss_fn: ``loss_fn(model(inputs), targets) -> scalar`` validation loss.
+        val_batches: K ``(inputs, targets)`` batches (a list; wrap a single batch in a list).
+        shift: parameter -> shift (from :func:`val_point_shift`), or ``None``.
+        params: parameters to differentiate; default every parameter with ``requires_grad``.
+        engine: a :class:`GhostEngine`; when given, each target runs inside
+            ``engine.capture_val()`` so the pairwise and factored paths see it.
+    Returns:
+        A list of K dicts parameter -> gradient (zeros for parameters the loss does not use).
+    Raises:
+        TypeError: ``val_batches`` is not a list.
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> [g] = validation_gradients(model, nn.functional.mse_loss, [(torch.ones(3, 2), torch.zeros(3, 1))])
+        >>> g[model.weight].shape
+        torch.Size([1, 2])
+    """
+    # A tuple is what one (inputs, targets) batch looks like, so only a list means "K targets".
+    if not isinstance(val_batches, list):
+        raise TypeError(
+            f"val_batches must be a list of K validation batches, got {type(val_batches).__name__}; "
+            "wrap a single batch as [val_batch]"
+        )
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    out: list[dict[torch.Tensor, torch.Tensor]] = []
+    with shifted_parameters(shift):
+        for batch in val_batches:
+            ctx = engine.capture_val() if engine is not None else contextlib.nullcontext()
+            with ctx, torch.enable_grad():
+                loss = batch_loss(model, loss_fn, batch)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            out.append({p: torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)})
+    return out
+
+
+def preconditioned_val_grad(J: torch.Tensor | float, val_grad: torch.Tensor) -> torch.Tensor:
+    """P = J ⊙ ∇L_val, the preconditioned validation gradient of one parameter.
+
+    Args:
+        J: the preconditioning map, a tensor broadcastable to ``val_grad`` or a float.
+        val_grad: ∇L_val of the parameter, shape ``S``.
+    Returns:
+        P, shape ``S``, in ``val_grad``'s dtype.
+    Raises:
+        ValueError: ``J`` does not broadcast to ``val_grad``'s shape.
+    Example:
+        >>> preconditioned_val_grad(-0.1, torch.ones(2))
+        tensor([-0.1000, -0.1000])
+    """
+    if isinstance(J, torch.Tensor):
+        try:
+            shape = torch.broadcast_shapes(J.shape, val_grad.shape)
+        except RuntimeError:
+            shape = None
+        if shape != val_grad.shape:
+            raise ValueError(
+                f"J of shape {tuple(J.shape)} does not broadcast to the validation gradient's shape "
+                f"{tuple(val_grad.shape)}; pass J with the parameter's shape or a float"
+            )
+        return J.to(val_grad.dtype) * val_grad
+    return float(J) * val_grad
+
+
+def first_order_values(
+    per_sample: Mapping[Hashable, torch.Tensor],
+    precond_val_grads: Sequence[Mapping[Hashable, torch.Tensor]],
+) -> torch.Tensor:
+    """φ[z, k] = −Σ_params ⟨P_k, c_z⟩ from materialized per-sample contributions (reference path).
+
+    Args:
+        per_sample: key (parameter or name) -> c, shape ``[n, *S]``.
+        precond_val_grads: K dicts key -> P_k, shape ``S`` (from :func:`preconditioned_val_grad`).
+            Keys of a P_k missing from ``per_sample`` contribute nothing.
+    Returns:
+        Tensor ``[n, K]``.
+    Raises:
+        ValueError: empty ``per_sample``; inconsistent n; a per-sample key missing from some
+            P_k; or shapes that do not match.
+    Example:
+        >>> first_order_values({"w": torch.tensor([[1.0, 0.0], [0.0, 2.0]])}, [{"w": torch.tensor([1.0, -1.0])}])
+        tensor([[-1.],
+                [ 2.]])
+    """
+    if not per_sample:
+        raise ValueError("per_sample is empty; pass at least one parameter's per-sample contributions")
+    ns = {int(c.shape[0]) for c in per_sample.values()}
+    if len(ns) != 1:
+        raise ValueError(f"per-sample tensors disagree on the number of samples n (leading dims {sorted(ns)})")
+    n = ns.pop()
+    first = next(iter(per_sample.values()))
+    out = torch.zeros(n, len(precond_val_grads), dtype=first.dtype, device=first.device)
+    for k, P in enumerate(precond_val_grads):
+        for key, c in per_sample.items():
+            if key not in P:
+                raise ValueError(
+                    f"precond_val_grads[{k}] has no entry for per-sample key {_describe(key)}; "
+                    "give every parameter a preconditioned validation gradient (zeros if it has none)"
+                )
+            if tuple(c.shape[1:]) != tuple(P[key].shape):
+                raise ValueError(
+                    f"per-sample contributions of {_describe(key)} have shape {tuple(c.shape)} but P has shape "
+                    f"{tuple(P[key].shape)}; expected [n, *P.shape]"
+                )
+            out[:, k] -= c.reshape(n, -1) @ P[key].reshape(-1).to(c.dtype)
+    return out
+
+
+def _describe(key: Hashable) -> str:
+    return f"parameter of shape {tuple(key.shape)}" if isinstance(key, torch.Tensor) else repr(key)
+
+
+class _LossModule(nn.Module):
+    """Wraps ``loss_fn(model(inputs), targets)`` so that ``functional_call`` can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch):
+        return batch_loss(self.model, self.loss_fn, batch)
+
+
+def per_sample_grads(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    reduction: Reduction | str = "mean",
+    params: Iterable[torch.Tensor] | None = None,
+) -> dict[torch.Tensor, torch.Tensor]:
+    """Materialized per-sample contributions c_z = ∂L_B/∂θ restricted to sample z (torch.func).
+
+    c_z = ∇ℓ_z / n for a mean-reduced loss, ∇ℓ_z for a sum, where ℓ_z is the loss of the batch
+    holding z alone; computed with ``vmap(grad(functional_call))``. Memory is n × #params.
+
+    Args:
+        model: the model; samples must not interact (no BatchNorm in train mode, no dropout).
+        loss_fn: ``loss_fn(model(inputs), targets) -> scalar``, the loss of a batch.
+        batch: ``(inputs, targets)``; every tensor leaf batch-first ``[n, ...]``.
+        reduction: how ``loss_fn`` reduces over the batch, ``"mean"`` or ``"sum"``.
+        params: the parameters to differentiate; default every parameter with ``requires_grad``.
+    Returns:
+        dict parameter -> tensor ``[n, *param.shape]`` in the parameter's dtype.
+    Raises:
+        SampleInteractionError: the model mixes samples (BatchNorm in train mode).
+        ValueError: bad ``reduction``, leaves with different n, or random ops (dropout) in the model.
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> c = per_sample_grads(model, nn.functional.mse_loss, (torch.ones(4, 2), torch.zeros(4, 1)))
+        >>> c[model.weight].shape
+        torch.Size([4, 1, 2])
+    """
+    reduction = parse_enum(Reduction, reduction, "reduction")
+    check_samples_independent(model)
+    _check_pair(batch)
+    leaves = pytree.tree_leaves(batch)
+    if not leaves or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in leaves):
+        raise ValueError("batch must be (inputs, targets) whose leaves are all batch-first tensors")
+    ns = {int(x.shape[0]) for x in leaves}
+    if len(ns) != 1:
+        raise ValueError(f"batch leaves disagree on the batch size (leading dims {sorted(ns)}); every leaf must be batch-first")
+    n = ns.pop()
+    wrapper = _LossModule(model, loss_fn)
+    names = {p: name for name, p in model.named_parameters()}
+    wanted = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    missing = [tuple(p.shape) for p in wanted if p not in names]
+    if missing:
+        raise ValueError(f"params contains tensors that are not parameters of the model (shapes {missing})")
+    train = {"model." + names[p]: p.detach() for p in wanted}
+
+    def sample_loss(train_params, sample):
+        one = pytree.tree_map(lambda x: x.unsqueeze(0), sample)
+        return torch.func.functional_call(wrapper, train_params, (one,))
+
+    try:
+        grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0), randomness="error")(train, batch)
+    except RuntimeError as err:
+        if "randomness" in str(err):
+            raise ValueError(
+                "the model uses random operations (e.g. dropout in train mode), so a per-sample "
+                "recomputation cannot reproduce the training pass; put those layers in eval mode or use "
+                "the ghost engine, which reads the real pass"
+            ) from err
+        raise
+    scale = 1.0 / n if reduction is Reduction.MEAN else 1.0
+    return {p: grads["model." + names[p]] * scale for p in wanted}

@@ -1,0 +1,10 @@
+"""Layer rules of the ghost engine: the extension point, its registry and the built-in rules.
+
+One small module per layer type; each defines a final :class:`LayerRule` subclass registered
+for exactly that type (subclasses of the layer type are NOT matched: their forward may differ).
+"""
+
+from ._base import LayerRule, registered_rules, rule_for
+from . import conv, embedding, layernorm, linear, rmsnorm  # noqa: F401  (registers the built-in rules)
+
+__all__ = ["LayerRule", "registered_rules", "rule_for"]

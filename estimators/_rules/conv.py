@@ -1,0 +1,70 @@
+"""``nn.Conv1d`` and ``nn.Conv2d`` via unfold, the Linear form of a convolution.
+
+The padded input is unfolded into L patches a_t ∈ R^{C_in/G · k} (k = kernel elements) and
+the output gradient read as b_t ∈ R^{C_out} per output location, so on the view
+W ∈ R^{C_out × (C_in/G · k)}: c_z(W) = Σ_t b_t a_tᵀ, c_z(bias) = Σ_t b_t.
+Groups G > 1: group g's patches pair only with its own output channels, so each group is a
+separate set of positions whose output gradient is zero outside the group (T = G·L).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._factors import Bilinear, DenseFactor, PerSample
+from ._base import LayerRule, batch_first
+
+
+def _conv_terms(module, x, grad_output, spatial: int):
+    batch_first(type(module).__name__, x, spatial + 2)
+    n = x.shape[0]
+    # _reversed_padding_repeated_twice is torch's own [left, right, top, bottom] padding,
+    # which also encodes padding="same" (asymmetric for even kernels) and non-zero modes.
+    pad = list(module._reversed_padding_repeated_twice)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    if any(pad):
+        x = F.pad(x, pad, mode=mode)
+    if spatial == 1:  # Conv1d as a Conv2d of height 1
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+    else:
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    patches = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # [n, C_in*k, L]
+    a = patches.transpose(1, 2)  # [n, L, C_in*k]
+    c_out = grad_output.shape[1]
+    b = grad_output.reshape(n, c_out, -1).transpose(1, 2)  # [n, L, C_out]
+    if a.shape[1] != b.shape[1]:
+        raise RuntimeError(
+            f"{type(module).__name__}: unfold produced {a.shape[1]} positions but the output has {b.shape[1]}; "
+            "this configuration is not supported by the rule, allow the fallback for it"
+        )
+    G = module.groups
+    if G > 1:
+        per_in, per_out = a.shape[2] // G, c_out // G
+        a = torch.cat([a[:, :, g * per_in:(g + 1) * per_in] for g in range(G)], dim=1)
+        mask = torch.zeros(G, 1, c_out, dtype=b.dtype, device=b.device)
+        for g in range(G):
+            mask[g, :, g * per_out:(g + 1) * per_out] = 1
+        b = (b.unsqueeze(1) * mask.unsqueeze(0)).reshape(n, G * b.shape[1], c_out)
+    out = {"weight": Bilinear(DenseFactor(b), DenseFactor(a))}
+    if module.bias is not None:
+        out["bias"] = PerSample(grad_output.reshape(n, c_out, -1).sum(-1))
+    return out
+
+
+class Conv1dRule(LayerRule, layer=nn.Conv1d):
+    """Rule for ``nn.Conv1d``; dense cost n·L·G·C_out·C_in/G·k."""
+
+    @classmethod
+    def terms(cls, module, x, grad_output):
+        return _conv_terms(module, x, grad_output, 1)
+
+
+class Conv2dRule(LayerRule, layer=nn.Conv2d):
+    """Rule for ``nn.Conv2d``; dense cost n·L·G·C_out·C_in/G·kh·kw."""
+
+    @classmethod
+    def terms(cls, module, x, grad_output):
+        return _conv_terms(module, x, grad_output, 2)

@@ -1,0 +1,38 @@
+"""``nn.LayerNorm``: y = x̂ ⊙ w + b over the trailing ``normalized_shape`` dims.
+
+x̂ is recomputed from the captured input: x̂ = (x − μ) / √(σ² + eps) (biased variance).
+Per sample: c_z(w) = Σ_t x̂_t ⊙ b_t, c_z(b) = Σ_t b_t, materialized (cost n·T·d).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._factors import PerSample
+from ._base import LayerRule, batch_first
+
+
+def sum_positions(t: torch.Tensor, n: int, norm_dims: int) -> torch.Tensor:
+    """Sum ``t`` ``[n, *mid, *norm]`` over the middle positions: ``[n, *norm]``."""
+    return t.reshape(n, -1, *t.shape[t.dim() - norm_dims:]).sum(1)
+
+
+class LayerNormRule(LayerRule, layer=nn.LayerNorm):
+    """Rule for ``nn.LayerNorm`` (weight and bias); cost n·T·d on every path."""
+
+    @classmethod
+    def terms(cls, module, x, grad_output):
+        k = len(module.normalized_shape)
+        batch_first("nn.LayerNorm", x, k + 1)
+        n = x.shape[0]
+        dims = tuple(range(x.dim() - k, x.dim()))
+        mu = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        xhat = (x - mu) / torch.sqrt(var + module.eps)
+        out = {}
+        if module.weight is not None:
+            out["weight"] = PerSample(sum_positions(xhat * grad_output, n, k))
+        if module.bias is not None:
+            out["bias"] = PerSample(sum_positions(grad_output, n, k))
+        return out
