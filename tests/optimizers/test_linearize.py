@@ -12,8 +12,6 @@ import optimizers
 from optimizers import StaleStateError, UnsupportedOptimizerError, linearize
 from tests._helpers import assert_close
 
-torch.set_default_dtype(torch.float64)
-
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
     "momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
@@ -28,12 +26,12 @@ OPTIMIZERS = {
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
 
 
 def _backward(model, seed):
     g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+    x, y = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
     model.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
 
@@ -155,9 +153,9 @@ def test_finite_input_gives_finite_output(exponent, steps, name):
 
 # ---------------------------------------------------------------------- errors
 def test_unregistered_optimizer_is_refused_with_the_supported_list():
-    p = nn.Parameter(torch.ones(2))
+    p = nn.Parameter(torch.ones(2, dtype=torch.float64))
     opt = torch.optim.Adamax([p])
-    p.grad = torch.ones(2)
+    p.grad = torch.ones(2, dtype=torch.float64)
     with pytest.raises(UnsupportedOptimizerError, match=r"no linearization is registered for torch\.optim\.adamax\.Adamax.*supported: Adagrad, Adam, AdamW, RMSprop, SGD.*subclassing"):
         linearize(opt)
 
@@ -166,17 +164,17 @@ def test_subclass_of_a_registered_optimizer_is_refused():
     class MyAdam(torch.optim.Adam):
         pass
 
-    p = nn.Parameter(torch.ones(2))
-    p.grad = torch.ones(2)
+    p = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    p.grad = torch.ones(2, dtype=torch.float64)
     with pytest.raises(UnsupportedOptimizerError, match="MyAdam"):
         linearize(MyAdam([p]))
 
 
 @pytest.mark.parametrize("flag", ["capturable", "differentiable"])
 def test_unmodelled_flags_are_refused_by_name(flag):
-    p = nn.Parameter(torch.ones(2))
+    p = nn.Parameter(torch.ones(2, dtype=torch.float64))
     opt = torch.optim.Adam([p], **{flag: True})
-    p.grad = torch.ones(2)
+    p.grad = torch.ones(2, dtype=torch.float64)
     with pytest.raises(UnsupportedOptimizerError, match=f"param group 0 has {flag}=True"):
         linearize(opt)
 
@@ -213,7 +211,7 @@ def test_grad_shape_mismatch():
 
 
 def test_sparse_gradients_are_refused():
-    emb = nn.Embedding(5, 2, sparse=True)
+    emb = nn.Embedding(5, 2, sparse=True).double()
     opt = torch.optim.Adagrad(emb.parameters())
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(UnsupportedOptimizerError, match="sparse gradient"):

@@ -1,0 +1,29 @@
+"""``python -m attribution <command>``: the toolkit's experiments.
+
+Commands: ``demo`` (the main job: in-run values on digits under AdamW, checked against
+leave-one-out).
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "demo": "attribution.experiments.demo",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to the command's own ``main``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
+        wrong = f"unknown command {argv[0]!r}. " if argv and argv[0] not in {"-h", "--help"} else ""
+        print(f"{wrong}usage: python -m attribution {{{','.join(COMMANDS)}}} [options]\n\n{__doc__}")
+        return 0 if not wrong else 2
+    import importlib
+
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Frozen, validated configuration shared by ``step_values`` and ``InRunShapley``."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from estimators import LinearizationKind, ValPoint
+
+
+class EstimatorKind(str, enum.Enum):
+    """Where per-sample contributions come from.
+
+    * ``ghost``: hooks on one ordinary backward pass, dense preconditioned validation gradient
+      (exact for any diagonal optimizer);
+    * ``ghost-factored``: hooks, rank-one factorisation of J per weight matrix (pairwise cost);
+    * ``materialized``: explicit per-sample gradients (torch.func), the slow reference.
+    """
+
+    GHOST = "ghost"
+    GHOST_FACTORED = "ghost-factored"
+    MATERIALIZED = "materialized"
+
+
+def _parse(enum_cls: type[enum.Enum], value, argument: str):
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        accepted = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"{argument}={value!r} is not supported; accepted values: {accepted}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributionConfig:
+    """How per-step values are computed; validated on construction.
+
+    Attributes:
+        linearization: the slope J of the optimizer's update (``"tangent"``, ``"secant"`` or
+            the SGD proxy ``"sgd"``, J = −lr).
+        val_point: where the validation gradient is taken (``"current"``, ``"lookahead"``,
+            ``"midpoint"``).
+        estimator: ``"ghost"``, ``"ghost-factored"`` or ``"materialized"``.
+
+    Example:
+        >>> AttributionConfig(linearization="secant").linearization
+        <LinearizationKind.SECANT: 'secant'>
+    """
+
+    linearization: LinearizationKind | str = LinearizationKind.TANGENT
+    val_point: ValPoint | str = ValPoint.LOOKAHEAD
+    estimator: EstimatorKind | str = EstimatorKind.GHOST
+
+    def __post_init__(self):
+        object.__setattr__(self, "linearization", _parse(LinearizationKind, self.linearization, "linearization"))
+        object.__setattr__(self, "val_point", _parse(ValPoint, self.val_point, "val_point"))
+        object.__setattr__(self, "estimator", _parse(EstimatorKind, self.estimator, "estimator"))
+
+    def as_dict(self) -> dict[str, str]:
+        """Plain strings, for saving next to results."""
+        return {f.name: getattr(self, f.name).value for f in dataclasses.fields(self)}

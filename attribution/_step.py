@@ -1,0 +1,150 @@
+"""One step's values: linearize the optimizer, take the validation gradient, run the estimator."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import estimators
+import optimizers
+from estimators import LinearizationKind, ValPoint
+
+from ._config import AttributionConfig, EstimatorKind
+
+_PATH_OF = {
+    EstimatorKind.GHOST: "auto",
+    EstimatorKind.GHOST_FACTORED: "factored",
+    EstimatorKind.MATERIALIZED: "materialized",
+}
+
+
+def as_val_batches(val_batch) -> tuple[list[tuple], bool]:
+    """``(list of K (inputs, targets) batches, whether a single batch was given)``.
+
+    Raises:
+        ValueError: an empty list, a batch that is not an ``(inputs, targets)`` pair, or a
+            batch with no samples.
+    """
+    single = isinstance(val_batch, tuple)
+    batches = [val_batch] if single else list(val_batch) if isinstance(val_batch, list) else None
+    if not batches:
+        raise ValueError(
+            "val_batch must be an (inputs, targets) tuple or a non-empty list of such tuples, "
+            f"got {type(val_batch).__name__}{' (empty)' if batches == [] else ''}"
+        )
+    for k, b in enumerate(batches):
+        if not (isinstance(b, tuple) and len(b) == 2):
+            raise ValueError(f"validation batch {k} must be an (inputs, targets) tuple, got {type(b).__name__}")
+        first = b[0] if isinstance(b[0], torch.Tensor) else next(iter(b[0].values()), None) if isinstance(b[0], dict) else None
+        if isinstance(first, torch.Tensor) and (first.dim() == 0 or first.shape[0] == 0):
+            raise ValueError(f"validation batch {k} is empty (inputs of shape {tuple(first.shape)}); give at least one sample")
+    return batches, single
+
+
+class StepComputer:
+    """Owns the capture engine for one model and turns captured batches into one step's values."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, val_batches: list[tuple], config: AttributionConfig):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.val_batches = val_batches
+        self.config = config
+        self.engine = estimators.GhostEngine(model, path=_PATH_OF[config.estimator])
+
+    def params(self) -> list[torch.Tensor]:
+        """Trainable parameters of the model."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Capture one (micro-)batch's forward and backward."""
+        estimators.check_samples_independent(self.model)
+        with self.engine.capture_train():
+            yield
+
+    def reset(self) -> None:
+        """Drop captured tensors (after the step, successful or not)."""
+        self.engine.clear()
+
+    def step_values(self, optimizer: torch.optim.Optimizer, *, grad_scale: float = 1.0) -> torch.Tensor:
+        """Values ``[n, K]`` (float64) of the captured samples for the step ``optimizer`` is about to take.
+
+        ``param.grad`` must hold the gradient the optimizer will use; ``grad_scale`` is c in
+        param.grad = c · Σ_z c_z (1 for no clipping).
+        """
+        lin = optimizers.linearize(optimizer)
+        params = [p for p in self.params() if p in lin]
+        grads = {p: p.grad for p in params}
+        kind = self.config.linearization
+        slopes = {p: estimators.preconditioning(lin, p, grads[p], kind) for p in params}
+        if grad_scale != 1.0:
+            slopes = {p: j * grad_scale for p, j in slopes.items()}
+        shift = estimators.val_point_shift(lin, params, grads, self.config.val_point)
+        with self.engine.capture_val() if self.engine.needs_val_capture else contextlib.nullcontext():
+            val_grads = estimators.validation_gradients(self.model, self.loss_fn, self.val_batches, params=params, shift=shift)
+        return self.engine.values(slopes, val_grads).to(torch.float64)
+
+
+def step_values(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    batch: tuple,
+    val_batch,
+    *,
+    linearization: LinearizationKind | str = "tangent",
+    val_point: ValPoint | str = "lookahead",
+    estimator: str = "ghost",
+) -> torch.Tensor:
+    """Per-sample values of ``batch`` for the step ``optimizer`` is about to take.
+
+        φ_z = −⟨J ⊙ ∇L_val(θ*), c_z⟩,   J = tangent, secant or −lr of the update under the
+        optimizer's current state, θ* = θ_t (current), θ_t + Δ(g_B) (lookahead) or
+        θ_t + ½(Δ(g_B) + Δ(0)) (midpoint), c_z = sample z's share of ∇loss_fn on ``batch``.
+
+    The model's parameters, their ``.grad`` and the optimizer's state are left exactly as found.
+
+    Args:
+        model, optimizer, loss_fn: as in training; ``loss_fn(model(inputs), targets)`` -> scalar.
+        batch: ``(inputs, targets)`` with n samples.
+        val_batch: ``(inputs, targets)``, or a list of K such batches.
+        linearization: ``"tangent"``, ``"secant"`` or ``"sgd"`` (the SGD proxy −lr).
+        val_point: ``"current"``, ``"lookahead"`` or ``"midpoint"``.
+        estimator: ``"ghost"``, ``"ghost-factored"`` or ``"materialized"``.
+    Returns:
+        float64 tensor ``[n]`` (one validation batch) or ``[n, K]``; positive = the sample
+        reduces validation loss.
+    Raises:
+        ValueError: unknown option values (the message lists the accepted ones), empty batches.
+        SampleInteractionError: BatchNorm in train mode.
+        UnsupportedOptimizerError: an optimizer or flag with no linearization.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Linear(4, 3); opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> phi = step_values(model, opt, nn.functional.cross_entropy, (x[:5], y[:5]), (x[5:], y[5:]))
+        >>> phi.shape, phi.dtype
+        (torch.Size([5]), torch.float64)
+    """
+    config = AttributionConfig(linearization, val_point, estimator)
+    val_batches, single = as_val_batches(val_batch)
+    inputs, targets = batch
+    saved_grads = {p: None if p.grad is None else p.grad.detach().clone() for p in model.parameters()}
+    computer = StepComputer(model, loss_fn, val_batches, config)
+    try:
+        for p in model.parameters():
+            p.grad = None
+        with computer.capture():
+            loss_fn(model(inputs), targets).backward()
+        values = computer.step_values(optimizer)
+    finally:
+        computer.reset()
+        for p, g in saved_grads.items():
+            p.grad = g
+    return values[:, 0] if single else values

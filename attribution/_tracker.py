@@ -1,0 +1,285 @@
+"""``InRunShapley``: in-run values for an unchanged training loop."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from collections.abc import Callable, Hashable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ._config import AttributionConfig
+from ._ledger import Ledger, atomic_save, load_checked, normalize_ids
+from ._step import StepComputer, as_val_batches
+
+
+class TrackerUsageError(RuntimeError):
+    """The tracker was used in a way that would give silently wrong values."""
+
+
+class NonFiniteStepWarning(UserWarning):
+    """A step's gradients, validation loss or values were not finite; its values were skipped."""
+
+
+class InRunShapley:
+    """Accumulate per-sample in-run Shapley values over a training run, by dataset id.
+
+    Wrap each forward+backward in ``with tracker.batch(ids):`` and call ``optimizer.step()`` as
+    usual. Just before the update (an optimizer step pre-hook) the tracker linearizes the
+    optimizer's real state, takes the validation gradient, and adds
+
+        φ_z = −⟨J ⊙ ∇L_val, c_z⟩      (one column per validation batch)
+
+    to the total of each sample's id. Values are float64 reductions of validation loss
+    (positive = the sample helped).
+
+    Args:
+        model: the model being trained (samples must not interact: BatchNorm in train mode is refused).
+        optimizer: its ``torch.optim`` optimizer (a registered linearization must exist).
+        loss_fn: ``loss_fn(model(inputs), targets)`` -> scalar, the same reduction as training;
+            used for the validation loss (and for per-sample gradients when ``estimator="materialized"``).
+        val_batch: ``(inputs, targets)`` or a list of K such batches (K value columns).
+        linearization, val_point, estimator: see :class:`AttributionConfig`.
+        record_steps: keep every step's per-sample values (``history()``).
+
+    Gradient accumulation: several ``batch`` contexts before one ``step()`` are one step; their
+    samples are valued together. Gradient clipping: ``clip_grad_norm_`` between backward and
+    ``step()`` scales the whole gradient by c ≤ 1; the tracker measures c (gradient norm at step
+    time over the norm at the end of the last ``batch`` context) and values samples under the
+    clipped step, φ_z = −c ⟨J(c g_B) ⊙ ∇L_val, c_z⟩, i.e. with c held fixed. A non-uniform change
+    of the gradient (``clip_grad_value_``, manual edits) is refused.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Linear(3, 2); opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        >>> loss_fn = nn.functional.cross_entropy
+        >>> x, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 1, 0])
+        >>> tracker = InRunShapley(model, opt, loss_fn, (x[:2], y[:2]))
+        >>> with tracker.batch([10, 11, 12, 13]):
+        ...     loss_fn(model(x[2:]), y[2:]).backward()
+        >>> opt.step()
+        >>> tracker.values().shape
+        (4, 2)
+        >>> tracker.close()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable,
+        val_batch,
+        *,
+        linearization="tangent",
+        val_point="lookahead",
+        estimator="ghost",
+        record_steps: bool = False,
+    ):
+        self.config = AttributionConfig(linearization, val_point, estimator)
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.val_batches, self._single_target = as_val_batches(val_batch)
+        _check_optimizer_owns_model(model, optimizer)
+        module, self._world_size = _unwrap_distributed(model)
+        self._computer = StepComputer(module, loss_fn, self.val_batches, self.config)
+        self._ledger = Ledger(len(self.val_batches), record_steps)
+        self._pending_ids: list[Hashable] = []
+        self._grad_norms_at_exit: dict[torch.Tensor, float] | None = None
+        self._in_batch = False
+        self._hook = optimizer.register_step_pre_hook(self._before_step)
+        self._closed = False
+
+    # ------------------------------------------------------------------ the training-loop API
+    @contextlib.contextmanager
+    def batch(self, ids):
+        """Capture the forward and backward of one (micro-)batch whose samples have ``ids``.
+
+        Args:
+            ids: one hashable id per sample, in batch order (a list, or a 1-D integer tensor).
+        Raises:
+            TrackerUsageError: nested contexts, or a closed tracker.
+            ValueError: the captured batch size differs from ``len(ids)``.
+        """
+        if self._closed:
+            raise TrackerUsageError("this InRunShapley was closed; create a new tracker")
+        if self._in_batch:
+            raise TrackerUsageError("tracker.batch() contexts cannot be nested")
+        ids = normalize_ids(ids)
+        self._in_batch = True
+        try:
+            with self._computer.capture():
+                yield self
+        finally:
+            self._in_batch = False
+        self._pending_ids.extend(ids)
+        self._grad_norms_at_exit = {
+            p: float(p.grad.detach().double().norm()) for p in self._computer.params() if p.grad is not None
+        }
+
+    def _before_step(self, optimizer, args, kwargs):
+        if optimizer is not self.optimizer:  # pragma: no cover - torch calls the hook of its own optimizer
+            return
+        if not self._pending_ids:
+            raise TrackerUsageError(
+                "optimizer.step() was called without a `with tracker.batch(ids):` context around the "
+                "forward and backward of its batch, so the step's samples are unknown. Wrap every "
+                "forward+backward in tracker.batch(ids), or call tracker.close() to stop tracking."
+            )
+        ids, self._pending_ids = self._pending_ids, []
+        if not all(torch.isfinite(p.grad).all() for p in self._computer.params() if p.grad is not None):
+            self._computer.reset()
+            self._skip("non-finite gradients (NaN/inf)")
+            return
+        scale = self._clip_factor()
+        try:
+            values = self._computer.step_values(optimizer, grad_scale=scale)
+        finally:
+            self._computer.reset()
+        if values.shape[0] != len(ids):
+            raise ValueError(
+                f"the step's captured batches hold {values.shape[0]} samples but {len(ids)} ids were given; "
+                "pass exactly one id per sample to tracker.batch(ids)"
+            )
+        if self._world_size > 1:
+            # DDP averages gradients over ranks: this rank's samples contribute c_z / world_size.
+            values = values / self._world_size
+        if not torch.isfinite(values).all():
+            self._skip("non-finite values (NaN/inf in the validation loss or its gradient)")
+            return
+        self._ledger.add(ids, values)
+
+    def _skip(self, reason: str) -> None:
+        warnings.warn(f"step {self._ledger.steps}: {reason}; this step's values were skipped", NonFiniteStepWarning)
+        self._ledger.skip(reason)
+
+    def _clip_factor(self) -> float:
+        """c such that param.grad = c · (gradient at the end of the last batch context)."""
+        ratios = []
+        for p, before in (self._grad_norms_at_exit or {}).items():
+            if p.grad is None:
+                continue
+            now = float(p.grad.detach().double().norm())
+            if before == 0.0:
+                if now != 0.0:
+                    ratios.append(math.inf)
+                continue
+            ratios.append(now / before)
+        if not ratios:
+            return 1.0
+        c = ratios[0]
+        if any(not math.isclose(r, c, rel_tol=1e-5, abs_tol=1e-12) for r in ratios):
+            raise TrackerUsageError(
+                "the gradients were changed non-uniformly between the end of tracker.batch() and "
+                f"optimizer.step() (per-parameter scale factors from {min(ratios):.4g} to {max(ratios):.4g}). "
+                "Only a global rescaling such as clip_grad_norm_ can be attributed; do gradient edits "
+                "inside the batch context or use clip_grad_norm_ instead of clip_grad_value_."
+            )
+        return c
+
+    # ------------------------------------------------------------------ results
+    def _gathered(self) -> Ledger:
+        """This rank's ledger, or under DistributedDataParallel every rank's merged (a collective call)."""
+        if self._world_size == 1:
+            return self._ledger
+        import torch.distributed as dist
+
+        states = [None] * self._world_size
+        dist.all_gather_object(states, self._ledger.state_dict(self.config.as_dict()))
+        merged = Ledger(self._ledger.num_targets, self._ledger.record_steps)
+        for state in states:
+            merged.merge(Ledger.from_state_dict(state))
+        merged.steps = self._ledger.steps
+        return merged
+
+    def values(self) -> pd.DataFrame:
+        """Totals by id: ``value`` (or ``value_0`` … ``value_{K-1}``) and ``steps_seen``.
+
+        Under DistributedDataParallel every rank must call it (it gathers all ranks' values).
+        """
+        return self._gathered().values_frame()
+
+    def history(self) -> pd.DataFrame:
+        """The per-step long table (``step``, ``position``, ``id``, value columns); needs ``record_steps=True``."""
+        if not self._ledger.record_steps:
+            raise TrackerUsageError("history() needs InRunShapley(..., record_steps=True)")
+        return self._gathered().history_frame()
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps seen so far (including skipped ones)."""
+        return self._ledger.steps
+
+    @property
+    def skipped_steps(self) -> list[tuple[int, str]]:
+        """``(step, reason)`` for every step whose values were not added."""
+        return list(self._ledger.skipped)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write totals, counts, history and configuration atomically to ``path``."""
+        atomic_save(self._ledger.state_dict(self.config.as_dict()), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model, optimizer, loss_fn, val_batch) -> InRunShapley:
+        """A tracker for ``model``/``optimizer`` that continues the totals saved at ``path``.
+
+        The configuration (linearization, val_point, estimator, record_steps) is the saved one.
+
+        Raises:
+            FileNotFoundError: nothing at ``path``.
+            LedgerFileError: a corrupted file, another format, or another format version.
+            ValueError: ``val_batch`` has a different number of targets than the saved run.
+        """
+        state = load_checked(path)
+        tracker = cls(model, optimizer, loss_fn, val_batch, **state["config"], record_steps=state["record_steps"])
+        if state["num_targets"] is not None and state["num_targets"] != len(tracker.val_batches):
+            tracker.close()
+            raise ValueError(
+                f"the saved run has {state['num_targets']} validation targets but val_batch has "
+                f"{len(tracker.val_batches)}; pass the same validation batches to resume"
+            )
+        from ._ledger import Ledger
+
+        tracker._ledger = Ledger.from_state_dict(state)
+        return tracker
+
+    def close(self) -> None:
+        """Remove the optimizer hook; the tracker keeps its values but records nothing more."""
+        if not self._closed:
+            self._hook.remove()
+            self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _unwrap_distributed(model: nn.Module) -> tuple[nn.Module, int]:
+    """The module DDP wraps (hooks and the validation pass use it) and the world size (1 without DDP)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        import torch.distributed as dist
+
+        return model.module, dist.get_world_size(model.process_group)
+    return model, 1
+
+
+def _check_optimizer_owns_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model_params = {id(p) for p in model.parameters()}
+    for i, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if id(p) not in model_params:
+                raise ValueError(
+                    f"optimizer param group {i} holds a parameter of shape {tuple(p.shape)} that is not a "
+                    "parameter of the model; pass the optimizer that trains this model"
+                )

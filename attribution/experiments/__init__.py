@@ -1,0 +1,1 @@
+"""Experiments run from the command line: ``python -m attribution <command>``."""

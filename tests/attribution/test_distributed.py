@@ -1,0 +1,72 @@
+"""DistributedDataParallel: 2 gloo processes on CPU give the totals of one process on the whole batch."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from attribution import InRunShapley
+
+LOSS = nn.functional.cross_entropy
+STEPS, PER_RANK, WORLD = 3, 4, 2
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS * PER_RANK * WORLD + 8, 5, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 3, (len(x),), generator=g)
+
+
+def _global_batches():
+    return [torch.arange(s * PER_RANK * WORLD, (s + 1) * PER_RANK * WORLD) for s in range(STEPS)]
+
+
+def _worker(rank, init_file, out_file, linearization):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        x, y = _data()
+        val = (x[-8:], y[-8:])
+        model = nn.parallel.DistributedDataParallel(_model())
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        tracker = InRunShapley(model, opt, LOSS, val, linearization=linearization)
+        for idx in _global_batches():
+            mine = idx[rank * PER_RANK : (rank + 1) * PER_RANK]
+            opt.zero_grad()
+            with tracker.batch(mine):
+                LOSS(model(x[mine]), y[mine]).backward()
+            opt.step()
+        values = tracker.values()  # collective: every rank calls it
+        if rank == 0:
+            values.to_pickle(out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("linearization", ["tangent", "secant"])
+def test_ddp_totals_equal_a_single_process_run(tmp_path, linearization):
+    out = tmp_path / "values.pkl"
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(out), linearization), nprocs=WORLD, join=True)
+    import pandas as pd
+
+    ddp_values = pd.read_pickle(out).sort_index()
+
+    x, y = _data()
+    val = (x[-8:], y[-8:])
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = InRunShapley(model, opt, LOSS, val, linearization=linearization)
+    for idx in _global_batches():
+        opt.zero_grad()
+        with tracker.batch(idx):
+            LOSS(model(x[idx]), y[idx]).backward()
+        opt.step()
+    single = tracker.values().sort_index()
+    assert list(ddp_values.index) == list(single.index)
+    assert (ddp_values["steps_seen"] == 1).all()
+    pd.testing.assert_series_equal(ddp_values["value"], single["value"], rtol=1e-9, atol=1e-14)
