@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Hashable
 
 import pandas as pd
@@ -15,6 +16,11 @@ from torch import nn
 from ._config import AttributionConfig
 from ._ledger import Ledger, atomic_save, load_checked, normalize_ids
 from ._step import StepComputer, as_val_batches
+
+
+#: optimizer -> ids of the step pre-hooks that belong to trackers (several trackers may share one
+#: optimizer; their hooks only read). Weak keys: nothing is stored on the user's optimizer.
+_TRACKER_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class TrackerUsageError(RuntimeError):
@@ -88,12 +94,14 @@ class InRunShapley:
         self.val_batches, self._single_target = as_val_batches(val_batch)
         _check_optimizer_owns_model(model, optimizer)
         module, self._world_size = _unwrap_distributed(model)
+        _check_val_batches_fit(module, loss_fn, self.val_batches)
         self._computer = StepComputer(module, loss_fn, self.val_batches, self.config)
         self._ledger = Ledger(len(self.val_batches), record_steps)
         self._pending_ids: list[Hashable] = []
         self._grad_norms_at_exit: dict[torch.Tensor, float] | None = None
         self._in_batch = False
         self._hook = optimizer.register_step_pre_hook(self._before_step)
+        _TRACKER_HOOKS.setdefault(optimizer, set()).add(self._hook.id)
         self._closed = False
 
     # ------------------------------------------------------------------ the training-loop API
@@ -112,6 +120,7 @@ class InRunShapley:
         if self._in_batch:
             raise TrackerUsageError("tracker.batch() contexts cannot be nested")
         ids = normalize_ids(ids)
+        self._check_no_missed_step()
         self._in_batch = True
         try:
             with self._computer.capture():
@@ -123,9 +132,41 @@ class InRunShapley:
             p: float(p.grad.detach().double().norm()) for p in self._computer.params() if p.grad is not None
         }
 
+    def _check_no_missed_step(self) -> None:
+        """Refuse a new batch when the previous one's gradients were discarded without a tracked step.
+
+        Between two ``batch`` contexts of one gradient-accumulation step the gradients stay as they
+        were. If they changed (typically ``zero_grad()``) while ids are still pending, a step happened
+        without this tracker's hook: the optimizer was replaced, or ``step()`` was skipped.
+        """
+        if not self._pending_ids or self._grad_norms_at_exit is None:
+            return
+        for p, before in self._grad_norms_at_exit.items():
+            now = None if p.grad is None else float(p.grad.detach().double().norm())
+            if now != before:
+                raise TrackerUsageError(
+                    f"{len(self._pending_ids)} samples of earlier tracker.batch() contexts were never valued: their "
+                    "gradients were discarded without a step of the tracked optimizer. Either the optimizer was "
+                    "replaced (create a new InRunShapley for it, or InRunShapley.load(path, model, new_optimizer, ...)) "
+                    "or step() was skipped; call optimizer.step() after the batch contexts of each step."
+                )
+
+    def _check_hook_is_last(self, optimizer) -> None:
+        """Refuse step pre-hooks registered after ours: they could change the gradient after valuation."""
+        ours = _TRACKER_HOOKS.get(optimizer, set())
+        later = [k for k in optimizer._optimizer_step_pre_hooks if k > self._hook.id and k not in ours]
+        if later:
+            raise TrackerUsageError(
+                f"{len(later)} optimizer step pre-hook(s) were registered after InRunShapley's; they run after it "
+                "and may change the gradients or state that the values were computed from. Register other "
+                "libraries' step pre-hooks before creating the tracker (or close and re-create the tracker "
+                "after registering them)."
+            )
+
     def _before_step(self, optimizer, args, kwargs):
         if optimizer is not self.optimizer:  # pragma: no cover - torch calls the hook of its own optimizer
             return
+        self._check_hook_is_last(optimizer)
         if not self._pending_ids:
             raise TrackerUsageError(
                 "optimizer.step() was called without a `with tracker.batch(ids):` context around the "
@@ -253,6 +294,7 @@ class InRunShapley:
     def close(self) -> None:
         """Remove the optimizer hook; the tracker keeps its values but records nothing more."""
         if not self._closed:
+            _TRACKER_HOOKS.get(self.optimizer, set()).discard(self._hook.id)
             self._hook.remove()
             self._closed = True
 
@@ -272,6 +314,25 @@ def _unwrap_distributed(model: nn.Module) -> tuple[nn.Module, int]:
 
         return model.module, dist.get_world_size(model.process_group)
     return model, 1
+
+
+def _check_val_batches_fit(model: nn.Module, loss_fn: Callable, val_batches: list[tuple]) -> None:
+    """Evaluate each validation batch once (no grad) so that a batch the model cannot take fails now, clearly."""
+    with torch.no_grad():
+        for k, (inputs, targets) in enumerate(val_batches):
+            try:
+                loss = loss_fn(model(inputs), targets)
+            except Exception as exc:
+                raise ValueError(
+                    f"validation batch {k} does not fit the model or loss_fn: {type(exc).__name__}: {exc}. "
+                    "Pass (inputs, targets) exactly as used for training, with loss_fn(model(inputs), targets)"
+                ) from exc
+            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+                raise ValueError(
+                    f"loss_fn on validation batch {k} returned {type(loss).__name__}"
+                    f"{'' if not isinstance(loss, torch.Tensor) else ' of shape ' + str(tuple(loss.shape))}; "
+                    "it must return a scalar tensor (use a mean or sum reduction)"
+                )
 
 
 def _check_optimizer_owns_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

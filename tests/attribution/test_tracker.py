@@ -296,3 +296,48 @@ def test_non_finite_validation_loss_is_skipped_with_a_warning():
     with pytest.warns(NonFiniteStepWarning, match="validation loss"):
         opt.step()
     assert tracker.steps == 1 and len(tracker.values()) == 0
+
+
+def test_duplicate_ids_within_a_batch_are_two_occurrences():
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    idx = torch.arange(6)
+    phi = step_values(twin_model, twin_opt, LOSS, (X[idx], Y[idx]), VAL)
+    tracker = InRunShapley(model, opt, LOSS, VAL)
+    with tracker.batch([7, 7, 8, 9, 9, 9]):
+        LOSS(model(X[idx]), Y[idx]).backward()
+    opt.step()
+    frame = tracker.values()
+    assert list(frame["steps_seen"]) == [2, 1, 3]
+    assert_close(torch.tensor(frame["value"].to_numpy()), torch.stack([phi[:2].sum(), phi[2], phi[3:].sum()]), rtol=1e-8)
+
+
+def test_replaced_optimizer_is_detected():
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    tracker = InRunShapley(model, opt, LOSS, VAL)
+    _train(tracker, model, opt, _batches(1))
+    new_opt = torch.optim.Adam(model.parameters())  # the tracker's hook is on the old one
+    _train(tracker, model, new_opt, _batches(1))  # this step is not seen by the tracker...
+    with pytest.raises(TrackerUsageError, match="optimizer was replaced"):
+        _train(tracker, model, new_opt, _batches(1))  # ...and the next batch says so
+
+
+def test_a_later_step_pre_hook_is_refused():
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    tracker = InRunShapley(model, opt, LOSS, VAL)
+    opt.register_step_pre_hook(lambda optimizer, args, kwargs: None)  # e.g. another library
+    with tracker.batch(range(6)):
+        LOSS(model(X[:6]), Y[:6]).backward()
+    with pytest.raises(TrackerUsageError, match="registered after InRunShapley's"):
+        opt.step()
+
+
+def test_validation_batch_that_does_not_fit_the_model():
+    model = _model()
+    with pytest.raises(ValueError, match="validation batch 0 does not fit the model or loss_fn: RuntimeError"):
+        InRunShapley(model, torch.optim.Adam(model.parameters()), LOSS, (torch.zeros(4, 7, dtype=torch.float64), Y[:4]))
+    with pytest.raises(ValueError, match="must return a scalar tensor"):
+        InRunShapley(model, torch.optim.Adam(model.parameters()), lambda out, y: out, VAL)
