@@ -52,7 +52,10 @@ class StepComputer:
         self.loss_fn = loss_fn
         self.val_batches = val_batches
         self.config = config
-        self.engine = estimators.GhostEngine(model, path=_PATH_OF[config.estimator])
+        # Half-precision parameters (fp16/bf16): values are computed in float32, never in half.
+        half = {p.dtype for p in model.parameters() if p.requires_grad} & {torch.float16, torch.bfloat16}
+        self.compute_dtype = torch.float32 if half else None
+        self.engine = estimators.GhostEngine(model, path=_PATH_OF[config.estimator], dtype=self.compute_dtype)
 
     def params(self) -> list[torch.Tensor]:
         """Trainable parameters of the model."""
@@ -77,7 +80,7 @@ class StepComputer:
         """
         lin = optimizers.linearize(optimizer)
         params = [p for p in self.params() if p in lin]
-        grads = {p: p.grad for p in params}
+        grads = {p: p.grad if self.compute_dtype is None else p.grad.to(self.compute_dtype) for p in params}
         kind = self.config.linearization
         slopes = {p: estimators.preconditioning(lin, p, grads[p], kind) for p in params}
         if grad_scale != 1.0:

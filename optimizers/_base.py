@@ -19,6 +19,7 @@ import sympy
 import torch
 
 _REGISTRY: dict[type[torch.optim.Optimizer], type[OptimizerLinearization]] = {}
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class UnsupportedOptimizerError(TypeError):
@@ -207,6 +208,21 @@ class OptimizerLinearization(abc.ABC):
                 "pass a gradient of the parameter's own shape"
             )
 
+    def _inputs(self, param: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ParamState]:
+        """θ, g and the state, promoted to float32 when any of them is half precision.
+
+        Half-precision slopes would underflow (Adam's ε = 1e-8 is 0 in float16) or lose most
+        digits; the result is then float32, never silently half.
+        """
+        self._check_grad(param, grad)
+        state = self._state_of(param)
+        theta, grad = param.detach(), grad.detach()
+        tensors = state.tensors()
+        if any(t.dtype in _HALF for t in (theta, grad, *tensors.values())):
+            theta, grad = theta.float(), grad.float()
+            state = dataclasses.replace(state, **{k: v.float() for k, v in tensors.items()})
+        return theta, grad, state
+
     def update(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """Δ(grad): the change ``step()`` would make to ``param`` if its gradient were ``grad``.
 
@@ -216,20 +232,18 @@ class OptimizerLinearization(abc.ABC):
             param: a parameter of the optimizer, shape ``S``.
             grad: a gradient, shape ``S``.
         Returns:
-            Tensor of shape ``S`` (decoupled weight decay included).
+            Tensor of shape ``S`` (decoupled weight decay included), in the dtype of ``grad`` and the
+            state (float32 if any of them is half precision).
         """
-        self._check_grad(param, grad)
-        return self.update_rule(param.detach(), grad.detach(), self._state_of(param))
+        return self.update_rule(*self._inputs(param, grad))
 
     def tangent(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """J = ∂Δ/∂g at ``grad``, elementwise (shape of ``param``); finite for finite input."""
-        self._check_grad(param, grad)
-        return self.tangent_rule(param.detach(), grad.detach(), self._state_of(param))
+        return self.tangent_rule(*self._inputs(param, grad))
 
     def secant(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """(Δ(grad) − Δ(0)) ⊘ grad elementwise (shape of ``param``), the tangent where grad is 0."""
-        self._check_grad(param, grad)
-        return self.secant_rule(param.detach(), grad.detach(), self._state_of(param))
+        return self.secant_rule(*self._inputs(param, grad))
 
     def learning_rate(self, param: torch.Tensor) -> float:
         """The learning rate of ``param``'s group at linearization time (the SGD proxy is J = −lr)."""

@@ -233,3 +233,16 @@ def test_registering_a_non_optimizer_is_an_error():
 
         class Bad(optimizers.SGDLinearization, optimizer=int):
             pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_in_float32(dtype):
+    p = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=dtype))
+    opt = torch.optim.Adam([p], lr=1e-2)  # eps = 1e-8 underflows to 0 in float16
+    p.grad = torch.tensor([1e-3, 0.0, -4.0], dtype=dtype)
+    lin = linearize(opt)
+    for method in ("update", "tangent", "secant"):
+        out = getattr(lin, method)(p, p.grad)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all(), method
+    # step 1 of Adam at g = 0: the tangent is -lr/eps, representable only because of float32
+    assert lin.tangent(p, p.grad)[1].item() == pytest.approx(-1e-2 / 1e-8, rel=1e-6)
