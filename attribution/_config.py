@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from estimators import LinearizationKind, ValPoint
+from estimators import LinearizationKind, ValPoint, parse_enum
 
 
 class EstimatorKind(str, enum.Enum):
@@ -20,16 +20,6 @@ class EstimatorKind(str, enum.Enum):
     GHOST = "ghost"
     GHOST_FACTORED = "ghost-factored"
     MATERIALIZED = "materialized"
-
-
-def _parse(enum_cls: type[enum.Enum], value, argument: str):
-    if isinstance(value, enum_cls):
-        return value
-    try:
-        return enum_cls(value)
-    except ValueError:
-        accepted = ", ".join(repr(m.value) for m in enum_cls)
-        raise ValueError(f"{argument}={value!r} is not supported; accepted values: {accepted}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +43,9 @@ class AttributionConfig:
     estimator: EstimatorKind | str = EstimatorKind.GHOST
 
     def __post_init__(self):
-        object.__setattr__(self, "linearization", _parse(LinearizationKind, self.linearization, "linearization"))
-        object.__setattr__(self, "val_point", _parse(ValPoint, self.val_point, "val_point"))
-        object.__setattr__(self, "estimator", _parse(EstimatorKind, self.estimator, "estimator"))
+        object.__setattr__(self, "linearization", parse_enum(LinearizationKind, self.linearization, "linearization"))
+        object.__setattr__(self, "val_point", parse_enum(ValPoint, self.val_point, "val_point"))
+        object.__setattr__(self, "estimator", parse_enum(EstimatorKind, self.estimator, "estimator"))
 
     def as_dict(self) -> dict[str, str]:
         """Plain strings, for saving next to results."""

@@ -11,7 +11,7 @@ the batch gradient. Two sources of c_z:
 """
 
 from ._checks import SampleInteractionError, check_samples_independent
-from ._config import Factorization, GhostPath, LinearizationKind, Reduction, ValPoint
+from ._config import Factorization, GhostPath, LinearizationKind, Reduction, ValPoint, parse_enum
 from ._engine import GhostEngine, GhostEngineError, ParameterUseError, UncoveredParameterError
 from ._factorize import factored_error, rank_one
 from ._factors import Bilinear, DenseFactor, Factor, OneHotFactor, PerSample, Term
@@ -49,6 +49,7 @@ __all__ = [
     "factored_error",
     "first_order_values",
     "ghost_values",
+    "parse_enum",
     "per_sample_grads",
     "preconditioned_val_grad",
     "preconditioning",

@@ -125,9 +125,9 @@ def test_batch_of_one():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"linearization": "newton"}, r"linearization='newton' is not supported; accepted values: 'tangent', 'secant', 'sgd'"),
-        ({"val_point": "end"}, r"val_point='end' is not supported; accepted values: 'current', 'lookahead', 'midpoint'"),
-        ({"estimator": "exact"}, r"estimator='exact' is not supported; accepted values: 'ghost', 'ghost-factored', 'materialized'"),
+        ({"linearization": "newton"}, r"linearization='newton' is not accepted; use one of 'tangent', 'secant', 'sgd'"),
+        ({"val_point": "end"}, r"val_point='end' is not accepted; use one of 'current', 'lookahead', 'midpoint'"),
+        ({"estimator": "exact"}, r"estimator='exact' is not accepted; use one of 'ghost', 'ghost-factored', 'materialized'"),
     ],
 )
 def test_bad_options_list_the_accepted_values(kwargs, match):
