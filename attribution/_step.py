@@ -44,10 +44,21 @@ def as_val_batches(val_batch) -> tuple[list[tuple], bool]:
     return batches, single
 
 
+def _refuse_compiled(model: nn.Module) -> None:
+    """torch.compile'd modules run a captured graph in which the capture hooks do not fire reliably."""
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    if compiled is not None and isinstance(model, compiled.OptimizedModule):
+        raise TypeError(
+            "the model is a torch.compile'd module; in-run attribution needs the layer hooks of eager "
+            "execution. Pass the original module (compiled._orig_mod) and train it uncompiled while tracking."
+        )
+
+
 class StepComputer:
     """Owns the capture engine for one model and turns captured batches into one step's values."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, val_batches: list[tuple], config: AttributionConfig):
+        _refuse_compiled(model)
         self.model = model
         self.loss_fn = loss_fn
         self.val_batches = val_batches

@@ -94,8 +94,8 @@ class InRunShapley:
         self.val_batches, self._single_target = as_val_batches(val_batch)
         _check_optimizer_owns_model(model, optimizer)
         module, self._world_size = _unwrap_distributed(model)
-        _check_val_batches_fit(module, loss_fn, self.val_batches)
         self._computer = StepComputer(module, loss_fn, self.val_batches, self.config)
+        _check_val_batches_fit(module, loss_fn, self.val_batches)
         self._ledger = Ledger(len(self.val_batches), record_steps)
         self._pending_ids: list[Hashable] = []
         self._grad_norms_at_exit: dict[torch.Tensor, float] | None = None
