@@ -97,9 +97,22 @@ class StepComputer:
         if grad_scale != 1.0:
             slopes = {p: j * grad_scale for p, j in slopes.items()}
         shift = estimators.val_point_shift(lin, params, grads, self.config.val_point)
-        with self.engine.capture_val() if self.engine.needs_val_capture else contextlib.nullcontext():
+        with self.engine.capture_val() if self._val_capture_used(slopes) else contextlib.nullcontext():
             val_grads = estimators.validation_gradients(self.model, self.loss_fn, self.val_batches, params=params, shift=shift)
         return self.engine.values(slopes, val_grads).to(torch.float64)
+
+    def _val_capture_used(self, slopes) -> bool:
+        """Whether the engine may read a captured validation pass for these slopes.
+
+        ``ghost`` (path ``auto``) takes the pairwise path only for a weight whose J is one number
+        (the SGD proxy); with an elementwise J everywhere (Adam) every weight is dense, so the
+        validation activations and output gradients need not be kept.
+        """
+        if not self.engine.needs_val_capture:
+            return False
+        if self.config.estimator is not EstimatorKind.GHOST:
+            return True
+        return any(not isinstance(j, torch.Tensor) or j.numel() <= 1 or bool((j == j.reshape(-1)[0]).all()) for j in slopes.values())
 
 
 def step_values(

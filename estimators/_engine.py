@@ -53,10 +53,28 @@ class _Call:
     args: tuple
     kwargs: dict
     grad: torch.Tensor | None = None
+    #: A rule whose terms are all materialized (norm weights and biases) and need no J: they are
+    #: computed as soon as the output gradient arrives, and the gradient itself is not kept.
+    eager: type[LayerRule] | None = None
+    terms: dict[str, Term] | None = None
 
     def add_grad(self, g: torch.Tensor) -> None:
+        g = g.detach()
+        if self.eager is not None:
+            try:
+                terms = self.eager.terms(self.module, self.args[0], g)
+            except Exception:  # noqa: BLE001 - keep the gradient; values() reports the error
+                terms = None
+            if terms is not None and all(isinstance(t, PerSample) for t in terms.values()):
+                if self.terms is not None:  # retain_graph: a second backward adds up
+                    terms = {a: PerSample(self.terms[a].c + t.c) for a, t in terms.items()}
+                self.terms = terms
+                # A stride-0 stand-in with the gradient's shape (the batch size is read from it).
+                self.grad = g.new_zeros(()).expand(g.shape)
+                return
+            self.eager = None
         # A graph backpropagated twice (retain_graph) adds up in param.grad; do the same.
-        self.grad = g.detach() if self.grad is None else self.grad + g.detach()
+        self.grad = g if self.grad is None else self.grad + g
 
 
 @dataclasses.dataclass
@@ -335,6 +353,9 @@ class GhostEngine:
         if not output.requires_grad:
             return
         call = _Call(module, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs))
+        tracked = self._tracked[module]
+        if tracked.rule is not None and not tracked.uncovered and all(p.dim() <= 1 for p in tracked.covered.values()):
+            call.eager = tracked.rule
         passes = self._passes()
         if not passes:
             passes.append(_Pass())
@@ -375,7 +396,8 @@ class GhostEngine:
                 continue  # this call's output did not reach the loss: zero contribution
             tracked = self._tracked[call.module]
             if tracked.covered:
-                for attr, term in tracked.rule.terms(call.module, call.args[0], call.grad).items():
+                computed = call.terms if call.terms is not None else tracked.rule.terms(call.module, call.args[0], call.grad)
+                for attr, term in computed.items():
                     if attr in tracked.covered:
                         terms.setdefault(tracked.covered[attr], []).append(term)
             if tracked.uncovered:
@@ -491,6 +513,7 @@ class GhostEngine:
                 P[k][p] = _precondition(Js[p], g.to(dtype), p.shape)
 
         factors: dict[tuple[torch.Tensor, int, int], tuple[float, torch.Tensor, torch.Tensor]] = {}
+        ptilde: dict[tuple[torch.Tensor, int, int, int], torch.Tensor] = {}
         blocks = []
         for n, terms, _ in train_terms:
             materialized: dict[torch.Tensor, torch.Tensor] = {}
@@ -511,20 +534,49 @@ class GhostEngine:
                     vs = [v.to(dtype) for v in val_terms[k].get(p, [])]
                     if not vs:
                         continue  # the validation loss does not reach this layer: ∇L_val = 0
-                    if path is GhostPath.PAIRWISE:
-                        out[:, k] -= _scalar(Js[p]) * sum(t.pairwise_values(v) for t in ts for v in vs)
-                        continue
-                    for t in ts:  # FACTORED
-                        key = (p, t.rows.size, t.cols.size)
-                        if key not in factors:
-                            Jm = _as_tensor(Js[p], p, dtype).reshape(t.rows.size, t.cols.size)
-                            factors[key] = rank_one(Jm, self.factorization)
-                            self.factored_errors[self._names[p]] = factored_error(Jm, self.factorization)
-                        sigma, r, s = factors[key]
-                        scaled = Bilinear(t.rows.scaled(r), t.cols.scaled(s))
-                        out[:, k] -= sigma * sum(scaled.pairwise_values(v) for v in vs)
+                    for t in ts:
+                        out[:, k] -= self._ghost_dot(p, t, vs, k, path, Js[p], val_grads, dtype, factors, ptilde)
             blocks.append(out)
         return torch.cat(blocks, dim=0)
+
+    def _ghost_dot(self, p, t: Term, vs: list[Term], k: int, path: GhostPath, Jp, val_grads, dtype, factors, cache) -> torch.Tensor:
+        """Σ_v ⟨J̃ ⊙ c_v, c_z⟩ for one training term ``t`` of ``p`` on the pairwise or factored path: ``[n]``.
+
+        J̃ is the scalar J (pairwise) or σ r sᵀ (factored). Two contraction orders give the same
+        number; the cheaper one is taken for each term:
+
+        * ghost dot-products, Σ_v sum(((U_z⊙r) U_vᵀ) ∘ ((V_z⊙s) V_vᵀ)): n·T·m·S·(R + C) flops
+          (cheap when the validation passes hold few positions, e.g. an MLP);
+        * the dense contraction with the preconditioned validation matrix
+          P̃ = J̃ ⊙ Σ_v c_v (the validation gradient of this weight): n·T·R·C flops, and no
+          [n, m, T, S] position-pair Gram tensor (cheaper for long sequences).
+        """
+        R, C = t.rows.size, t.cols.size
+        key = (p, R, C)
+        if path is GhostPath.FACTORED and key not in factors:
+            Jm = _as_tensor(Jp, p, dtype).reshape(R, C)
+            factors[key] = rank_one(Jm, self.factorization)
+            self.factored_errors[self._names[p]] = factored_error(Jm, self.factorization)
+        if t.dense_cost() + R * C < sum(t.pairwise_cost(v) for v in vs):
+            Pt = cache.get((*key, k))
+            if Pt is None:
+                if val_grads is not None:
+                    # ∇L_val^k of p from the same validation pass: Σ_v c_v over every captured term of p.
+                    G = val_grads[k][p].to(dtype).reshape(R, C)
+                else:
+                    G = sum(v.total(torch.Size((R, C))) for v in vs)
+                if path is GhostPath.PAIRWISE:
+                    Pt = _scalar(Jp) * G
+                else:
+                    sigma, r, s = factors[key]
+                    Pt = sigma * (r.unsqueeze(1) * G * s.unsqueeze(0))
+                cache[(*key, k)] = Pt
+            return t.dense_values(Pt)
+        if path is GhostPath.PAIRWISE:
+            return _scalar(Jp) * sum(t.pairwise_values(v) for v in vs)
+        sigma, r, s = factors[key]
+        scaled = Bilinear(t.rows.scaled(r), t.cols.scaled(s))
+        return sigma * sum(scaled.pairwise_values(v) for v in vs)
 
     def _compute_dtype(self, params: list[torch.Tensor]) -> torch.dtype:
         if self.dtype is not None:

@@ -98,7 +98,9 @@ class DenseFactor(Factor):
         return self.x @ M
 
     def inner(self, Y):
-        return (self.x * Y).sum(dim=(1, 2))
+        # One batched dot product per sample instead of x ⊙ Y then a sum: no [n, T, D] temporary.
+        n = self.x.shape[0]
+        return torch.bmm(self.x.reshape(n, 1, -1), Y.reshape(n, -1, 1)).reshape(n)
 
     def select(self, rows):
         return DenseFactor(self.x[rows])
@@ -245,7 +247,11 @@ class Bilinear(Term):
         M = self.view(P)
         if isinstance(self.rows, OneHotFactor):
             return self.cols.inner(self.rows.project(M))
-        return self.rows.inner(self.cols.project(M.T))
+        if isinstance(self.cols, OneHotFactor) or self.rows.size <= self.cols.size:
+            return self.rows.inner(self.cols.project(M.T))
+        # Same n·T·R·C multiply-adds either way; projecting the rows (U_z P) gives the narrower
+        # [n, T, C] intermediate when C < R (an LM head: R = vocabulary, C = width).
+        return self.cols.inner(self.rows.project(M))
 
     def total(self, shape):
         R, C = self.rows.size, self.cols.size
