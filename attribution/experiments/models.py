@@ -6,12 +6,13 @@ import torch
 from torch import nn
 
 
-def mlp(d_in: int = 64, hidden: int = 64, classes: int = 10, seed: int = 0) -> nn.Module:
-    """Linear → GELU → Linear → GELU → Linear."""
+def mlp(d_in: int = 64, hidden: int = 64, classes: int = 10, seed: int = 0, depth: int = 2) -> nn.Module:
+    """Linear → GELU → (Linear → GELU) × (depth − 1) → Linear: ``depth`` hidden layers (default 2)."""
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, classes)
-    )
+    layers = [nn.Flatten(), nn.Linear(d_in, hidden), nn.GELU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(hidden, hidden), nn.GELU()]
+    return nn.Sequential(*layers, nn.Linear(hidden, classes))
 
 
 def small_cnn(classes: int = 10, seed: int = 0) -> nn.Module:

@@ -1,0 +1,489 @@
+"""Throughput and peak memory of in-run attribution against plain AdamW training.
+
+``python -m attribution bench [--quick] [--json PATH] [--model gpt|mlp] [size options]`` trains
+the same model (same initial weights, same batches, same number of steps) in each mode:
+
+* ``plain`` -- AdamW without attribution (the baseline);
+* ``ghost-factored``, ``ghost``, ``materialized`` -- ``InRunShapley(..., estimator=mode)``
+  with the tracker's defaults (tangent linearization, lookahead validation point).
+
+Throughput: the modes are interleaved in one process, round by round (A B C D, then D C B A,
+...), so that machine noise hits every mode alike; samples/s is the total over the timed
+rounds, and every attribution step includes its extra validation forward and backward. Peak
+memory: one fresh subprocess per mode (``--worker MODE``, hidden) trains a few steps and reports
+its peak resident set size on CPU or ``torch.cuda.max_memory_allocated`` on CUDA. Both are given
+as ratios to the baseline of the same run. ``--json`` writes::
+
+    {"device": ..., "model": ..., "modes": {"<mode>": {"throughput_ratio": x, "memory_ratio": y,
+                                                         "samples_per_s": ..., "peak_mb": ...}}}
+
+(plus the configuration, the machine and per-mode details: steps trained, losses, per-round
+ratios). ``--quick`` is a tiny configuration that finishes in well under a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from attribution import InRunShapley
+from attribution.experiments.models import TinyLM, lm_loss, mlp
+
+#: Baseline first; then the tracker's estimators.
+MODES = ("plain", "ghost-factored", "ghost", "materialized")
+BASELINE = "plain"
+#: (min throughput ratio, max memory ratio) targets of the issue on the default transformer.
+TARGETS = {"ghost-factored": (0.95, 1.05), "ghost": (0.75, 1.10)}
+
+#: Default sizes per model kind, and the ``--quick`` overrides.
+DEFAULTS = {
+    "gpt": dict(vocab=1024, width=128, depth=4, heads=4, seq_len=128, batch=64, val_batch=8),
+    "mlp": dict(d_in=256, width=512, depth=2, classes=10, batch=256, val_batch=32),
+}
+QUICK = {
+    "gpt": dict(vocab=256, width=32, depth=2, heads=2, seq_len=32, batch=16, val_batch=4, rounds=2, steps=2, memory_steps=2),
+    "mlp": dict(d_in=32, width=64, depth=2, classes=10, batch=64, val_batch=16, rounds=2, steps=2, memory_steps=2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark configuration (saved in the JSON next to the results).
+
+    Attributes:
+        model: ``"gpt"`` (a GPT-2-style decoder, :class:`TinyLM` with tied embeddings) or ``"mlp"``.
+        vocab, width, depth, heads, seq_len: the decoder's sizes (``width``/``depth`` are the
+            hidden size and the number of hidden layers for the MLP).
+        d_in, classes: the MLP's input size and number of classes.
+        batch: training sequences (samples) per step, one micro-batch.
+        val_batch: validation sequences (samples) per validation target.
+        val_targets: K, the number of validation batches (value columns).
+        rounds, steps, warmup: timed rounds, steps per mode per round, untimed steps per mode first.
+        memory_steps: steps each memory worker trains.
+        modes: the modes to run; the baseline ``plain`` is always included.
+        device: ``"cpu"`` or ``"cuda"``.
+        threads: ``torch.set_num_threads`` (``None``: torch's default).
+        lr, seed: AdamW learning rate (weight decay 0.01) and the seed of weights and data.
+    """
+
+    model: str = "gpt"
+    vocab: int = 1024
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    seq_len: int = 128
+    d_in: int = 256
+    classes: int = 10
+    batch: int = 64
+    val_batch: int = 8
+    val_targets: int = 1
+    rounds: int = 4
+    steps: int = 2
+    warmup: int = 1
+    memory_steps: int = 2
+    modes: tuple[str, ...] = MODES
+    device: str = "cpu"
+    threads: int | None = None
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.model not in DEFAULTS:
+            raise ValueError(f"model={self.model!r} is not supported; accepted values: {', '.join(map(repr, DEFAULTS))}")
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise ValueError(f"mode {unknown[0]!r} is not supported; accepted values: {', '.join(map(repr, MODES))}")
+        modes = (BASELINE, *(m for m in MODES if m in self.modes and m != BASELINE))
+        object.__setattr__(self, "modes", modes)
+        for name in ("batch", "val_batch", "val_targets", "rounds", "steps", "memory_steps", "width", "depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+
+    @property
+    def total_steps(self) -> int:
+        """Steps every mode trains in the throughput run."""
+        return self.warmup + self.rounds * self.steps
+
+
+# ---------------------------------------------------------------------- the workload
+class Workload:
+    """Model, AdamW, optional tracker and the fixed batch sequence of one mode."""
+
+    def __init__(self, cfg: BenchConfig, mode: str):
+        self.cfg, self.mode = cfg, mode
+        device = torch.device(cfg.device)
+        self.model = build_model(cfg).to(device)
+        self.loss_fn = lm_loss if cfg.model == "gpt" else nn.functional.cross_entropy
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.01)
+        data = make_data(cfg)
+        self.batches = [(x.to(device), y.to(device)) for x, y in data["train"]]
+        val = [(x.to(device), y.to(device)) for x, y in data["val"]]
+        self.tracker = None
+        if mode != BASELINE:
+            self.tracker = InRunShapley(self.model, self.opt, self.loss_fn, val if len(val) > 1 else val[0], estimator=mode)
+        self.step = 0
+        self.losses: list[float] = []
+
+    def train_step(self) -> None:
+        """One optimizer step on the next batch (the tracker values it in its step pre-hook)."""
+        x, y = self.batches[self.step % len(self.batches)]
+        ids = torch.arange(self.step * len(y), (self.step + 1) * len(y))
+        self.opt.zero_grad(set_to_none=True)
+        with self.tracker.batch(ids) if self.tracker is not None else contextlib.nullcontext():
+            loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+        self.opt.step()
+        self.losses.append(loss.detach())
+        self.step += 1
+
+    def finished_losses(self) -> list[float]:
+        return [float(v) for v in self.losses]
+
+
+def build_model(cfg: BenchConfig) -> nn.Module:
+    """The GPT-2-style decoder (tied embeddings, pre-LN, GELU, learned positions) or the MLP."""
+    if cfg.model == "gpt":
+        return TinyLM(cfg.vocab, cfg.width, cfg.depth, cfg.heads, max_len=cfg.seq_len, tied=True, seed=cfg.seed)
+    return mlp(cfg.d_in, cfg.width, cfg.classes, depth=cfg.depth, seed=cfg.seed)
+
+
+def make_data(cfg: BenchConfig) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Synthetic, learnable data, the same for every mode: ``{"train": [...], "val": [K batches]}``.
+
+    gpt: sequences from a fixed sparse random bigram model over tokens 1..V−1 (0 is padding);
+    mlp: Gaussian clusters, one per class.
+    """
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    n_train = max(cfg.total_steps, cfg.memory_steps)
+    if cfg.model == "gpt":
+        V = cfg.vocab
+        logits = torch.randn(V, V, generator=g) * 3.0
+        logits[:, 0] = -math.inf
+        probs = torch.softmax(logits, dim=1)
+
+        def draw(n):
+            seq = torch.empty(n, cfg.seq_len + 1, dtype=torch.long)
+            seq[:, 0] = torch.randint(1, V, (n,), generator=g)
+            for t in range(cfg.seq_len):
+                seq[:, t + 1] = torch.multinomial(probs[seq[:, t]], 1, generator=g).squeeze(1)
+            return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    else:
+        centers = torch.randn(cfg.classes, cfg.d_in, generator=g)
+
+        def draw(n):
+            y = torch.randint(0, cfg.classes, (n,), generator=g)
+            return centers[y] + torch.randn(n, cfg.d_in, generator=g), y
+
+    return {"train": [draw(cfg.batch) for _ in range(n_train)], "val": [draw(cfg.val_batch) for _ in range(cfg.val_targets)]}
+
+
+def _sync(cfg: BenchConfig) -> None:
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _set_threads(cfg: BenchConfig) -> None:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+
+
+# ---------------------------------------------------------------------- throughput
+def measure_throughput(cfg: BenchConfig, progress: bool = True) -> dict[str, dict]:
+    """Interleaved timing rounds in this process: per mode seconds, samples/s, steps, losses."""
+    _set_threads(cfg)
+    work = {mode: Workload(cfg, mode) for mode in cfg.modes}
+    for w in work.values():  # warm-up: first-call allocations, lazy initialisation
+        for _ in range(cfg.warmup):
+            w.train_step()
+    _sync(cfg)
+    seconds = {mode: 0.0 for mode in cfg.modes}
+    per_round: list[dict[str, float]] = []
+    for r in range(cfg.rounds):
+        order = cfg.modes if r % 2 == 0 else cfg.modes[::-1]  # A B C D, D C B A: drift cancels
+        times = {}
+        for mode in order:
+            _sync(cfg)
+            start = time.perf_counter()
+            for _ in range(cfg.steps):
+                work[mode].train_step()
+            _sync(cfg)
+            times[mode] = time.perf_counter() - start
+            seconds[mode] += times[mode]
+        per_round.append(times)
+        if progress:
+            print(f"bench: round {r + 1}/{cfg.rounds}: " + ", ".join(f"{m} {t / cfg.steps:.3f} s/step" for m, t in times.items()), flush=True)
+    out = {}
+    for mode, w in work.items():
+        if w.tracker is not None:
+            w.tracker.close()
+        samples = cfg.rounds * cfg.steps * cfg.batch
+        out[mode] = {
+            "samples_per_s": samples / seconds[mode],
+            "seconds": seconds[mode],
+            "steps": w.step,
+            "losses": w.finished_losses(),
+            "round_ratios": [t[BASELINE] / t[mode] for t in per_round],
+            "attributed_steps": None if w.tracker is None else w.tracker.steps,
+        }
+    return out
+
+
+# ---------------------------------------------------------------------- memory
+def _proc_status_mb(field: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` of this process from Linux's /proc, MB (``None`` elsewhere)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) so that it covers training only (Linux ≥ 4.0).
+
+    Importing torch, building the data and the model can reach a higher resident size than a
+    small model's training; without the reset the peak would measure the imports.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _proc_status_mb("VmHWM") is not None
+
+
+def worker(cfg: BenchConfig, mode: str) -> dict:
+    """Train ``memory_steps`` steps of ``mode`` in this (fresh) process and report its peak memory."""
+    _set_threads(cfg)
+    w = Workload(cfg, mode)
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        setup = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        how = "torch.cuda.max_memory_allocated"
+    else:
+        setup = _proc_status_mb("VmRSS")
+        how = "peak RSS of the training steps (VmHWM after a reset)" if _reset_peak_rss() else "peak RSS of the process (ru_maxrss)"
+    for _ in range(cfg.memory_steps):
+        w.train_step()
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    elif how.startswith("peak RSS of the training"):
+        peak = _proc_status_mb("VmHWM")
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return {"mode": mode, "peak_mb": peak, "setup_mb": setup, "measure": how, "steps": w.step, "losses": w.finished_losses()}
+
+
+def measure_memory(cfg: BenchConfig, progress: bool = True) -> dict[str, dict]:
+    """One fresh ``python -m attribution bench --worker MODE`` process per mode, one after the other."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    out = {}
+    for mode in cfg.modes:
+        cmd = [sys.executable, "-m", "attribution", "bench", "--worker", mode, "--config-json", json.dumps(dataclasses.asdict(cfg))]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the memory worker for mode {mode!r} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        if progress:
+            print(f"bench: memory {mode}: peak {out[mode]['peak_mb']:.1f} MB", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------- profile
+def profile(cfg: BenchConfig, steps: int = 2, top: int = 12) -> dict[str, dict[str, float]]:
+    """Per mode: seconds per step in forward+backward (with capture), attribution (the tracker's
+    values: linearization, validation pass, contraction) and the rest of ``optimizer.step()`` (the
+    AdamW update and the tracker's bookkeeping); then print torch.profiler's heaviest operators
+    of one step of each mode. Returns the phase table."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    _set_threads(cfg)
+    phases = {}
+    for mode in cfg.modes:
+        w = Workload(cfg, mode)
+        w.train_step()  # warm-up
+        spent = [0.0]
+        if w.tracker is not None:  # time the tracker's own work inside optimizer.step()
+            computer = w.tracker._computer
+            inner = computer.step_values
+
+            def timed(*a, **kw):
+                t = time.perf_counter()
+                try:
+                    return inner(*a, **kw)
+                finally:
+                    _sync(cfg)
+                    spent[0] += time.perf_counter() - t
+
+            computer.step_values = timed
+        totals = {"forward+backward": 0.0, "attribution": 0.0, "update": 0.0}
+        for _ in range(steps):
+            x, y = w.batches[w.step % len(w.batches)]
+            w.opt.zero_grad(set_to_none=True)
+            _sync(cfg)
+            t0 = time.perf_counter()
+            with w.tracker.batch(torch.arange(len(y))) if w.tracker is not None else contextlib.nullcontext():
+                w.loss_fn(w.model(x), y).backward()
+            _sync(cfg)
+            t1 = time.perf_counter()
+            spent[0] = 0.0
+            w.opt.step()
+            _sync(cfg)
+            w.step += 1
+            totals["forward+backward"] += t1 - t0
+            totals["attribution"] += spent[0]
+            totals["update"] += time.perf_counter() - t1 - spent[0]
+        phases[mode] = {k: v / steps for k, v in totals.items()}
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.device.startswith("cuda") else [])
+        with torch_profile(activities=acts) as prof:
+            w.train_step()
+            _sync(cfg)
+        key = "self_cuda_time_total" if cfg.device.startswith("cuda") else "self_cpu_time_total"
+        print(f"\n=== {mode}: one step, heaviest operators\n" + prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48))
+        if w.tracker is not None:
+            w.tracker.close()
+    print("\n| mode | forward+backward s | attribution s | update + bookkeeping s | total s |\n|---|---|---|---|---|")
+    for mode, ph in phases.items():
+        print(f"| {mode} | {ph['forward+backward']:.3f} | {ph['attribution']:.3f} | {ph['update']:.3f} | {sum(ph.values()):.3f} |")
+    return phases
+
+
+# ---------------------------------------------------------------------- the whole run
+def machine() -> dict:
+    """Where the numbers come from: device name, CPU model, cores, threads, torch version."""
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {"cpu": cpu, "nproc": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def describe_model(cfg: BenchConfig) -> dict:
+    """Kind, sizes and parameter count of the benchmarked model."""
+    model = build_model(cfg)
+    keys = ("vocab", "width", "depth", "heads", "seq_len") if cfg.model == "gpt" else ("d_in", "width", "depth", "classes")
+    desc = {"kind": "gpt2-style decoder (tied embeddings)" if cfg.model == "gpt" else "mlp", **{k: getattr(cfg, k) for k in keys}}
+    desc.update(params=sum(p.numel() for p in model.parameters()), batch=cfg.batch, val_batch=cfg.val_batch, val_targets=cfg.val_targets)
+    return desc
+
+
+def run(cfg: BenchConfig, *, memory: bool = True, progress: bool = True) -> dict:
+    """Throughput (interleaved, in process) and memory (one subprocess per mode); the JSON dict."""
+    throughput = measure_throughput(cfg, progress)
+    mem = measure_memory(cfg, progress) if memory else {}
+    base_tp = throughput[BASELINE]["samples_per_s"]
+    base_mem = mem.get(BASELINE, {}).get("peak_mb")
+    modes = {}
+    for mode in cfg.modes:
+        t = throughput[mode]
+        m = mem.get(mode, {})
+        modes[mode] = {
+            "throughput_ratio": t["samples_per_s"] / base_tp,
+            "memory_ratio": m["peak_mb"] / base_mem if m else None,
+            "samples_per_s": t["samples_per_s"],
+            "peak_mb": m.get("peak_mb"),
+            "setup_mb": m.get("setup_mb"),
+            "steps": t["steps"],
+            "attributed_steps": t["attributed_steps"],
+            "losses_finite": all(math.isfinite(v) for v in t["losses"] + m.get("losses", [])),
+            "first_loss": t["losses"][0],
+            "last_loss": t["losses"][-1],
+            "seconds": t["seconds"],
+            "round_ratios": t["round_ratios"],
+            "memory_steps": m.get("steps"),
+            "memory_measure": m.get("measure"),
+        }
+    return {
+        "device": cfg.device if not cfg.device.startswith("cuda") else f"{cfg.device} ({torch.cuda.get_device_name(0)})",
+        "model": describe_model(cfg),
+        "modes": modes,
+        "config": dataclasses.asdict(cfg),
+        "machine": machine(),
+        "targets": {m: {"throughput_ratio_min": tp, "memory_ratio_max": mr} for m, (tp, mr) in TARGETS.items()},
+    }
+
+
+def format_table(result: dict) -> str:
+    """The per-mode table printed by the command (and pasted into docs/performance.md)."""
+    lines = ["| mode | samples/s | throughput ratio | peak MB | memory ratio | target |", "|---|---|---|---|---|---|"]
+    for mode, r in result["modes"].items():
+        peak = "–" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
+        ratio = "–" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}"
+        target = ""
+        if mode in TARGETS:
+            tp, mr = TARGETS[mode]
+            ok_tp = r["throughput_ratio"] >= tp
+            ok_mem = r["memory_ratio"] is not None and r["memory_ratio"] <= mr
+            target = f"≥ {tp} {'met' if ok_tp else 'NOT met'}; ≤ {mr} {'met' if ok_mem else 'NOT met' if r['memory_ratio'] is not None else 'not measured'}"
+        lines.append(f"| {mode} | {r['samples_per_s']:.2f} | {r['throughput_ratio']:.3f} | {peak} | {ratio} | {target} |")
+    return "\n".join(lines)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """Model defaults, then ``--quick``, then every size given explicitly on the command line."""
+    values = dict(DEFAULTS[args.model])
+    if args.quick:
+        values.update(QUICK[args.model])
+    for field in dataclasses.fields(BenchConfig):
+        given = getattr(args, field.name, None)
+        if given is not None and field.name != "model":
+            values[field.name] = tuple(given.split(",")) if field.name == "modes" else given
+    if "device" not in values:
+        values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return BenchConfig(model=args.model, **values)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point of ``python -m attribution bench``."""
+    parser = argparse.ArgumentParser(prog="python -m attribution bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (well under a minute on 2 CPU cores)")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    parser.add_argument("--model", choices=sorted(DEFAULTS), default="gpt")
+    for name, typ in (("vocab", int), ("width", int), ("depth", int), ("heads", int), ("seq-len", int), ("d-in", int), ("classes", int),
+                      ("batch", int), ("val-batch", int), ("val-targets", int), ("rounds", int), ("steps", int), ("warmup", int),
+                      ("memory-steps", int), ("threads", int), ("lr", float), ("seed", int)):
+        parser.add_argument(f"--{name}", type=typ, default=None)
+    parser.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)} (plain is always run)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-mode memory subprocesses")
+    parser.add_argument("--profile", action="store_true", help="instead of the benchmark: time each phase of a step and print torch.profiler's top operators per mode")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--config-json", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        cfg = BenchConfig(**{k: tuple(v) if k == "modes" else v for k, v in json.loads(args.config_json).items()})
+        print(json.dumps(worker(cfg, args.worker)))
+        return 0
+    cfg = config_from_args(args)
+    if args.profile:
+        profile(cfg)
+        return 0
+    result = run(cfg, memory=not args.no_memory)
+    m = result["machine"]
+    print(f"\n{result['model']}\ndevice {result['device']}; CPU {m['cpu']}, nproc {m['nproc']}, torch threads {m['threads']}, torch {m['torch']}\n")
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0

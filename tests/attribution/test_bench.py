@@ -1,0 +1,115 @@
+"""The benchmark command (`python -m attribution bench`) on tiny sizes: JSON structure, equal
+training in every mode, finite losses. No timings are asserted here (see docs/performance.md).
+
+Also pinned: the two contraction orders the engine chooses between on the pairwise and factored
+paths (ghost dot-products vs the dense contraction with the preconditioned validation matrix)
+give the same values, so the benchmark's speed-up does not change any number.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+import estimators as E
+from attribution.__main__ import main as cli
+from attribution.experiments import bench
+from attribution.experiments.models import TinyLM, lm_loss
+
+TINY = ["--rounds", "1", "--steps", "1", "--warmup", "1", "--memory-steps", "1", "--threads", "1", "--device", "cpu"]
+
+
+def _check(result: dict, modes: tuple[str, ...], steps: int) -> None:
+    assert result["device"] == "cpu"
+    assert isinstance(result["model"], dict) and result["model"]["params"] > 0
+    assert tuple(result["modes"]) == modes
+    for mode, r in result["modes"].items():
+        for key in ("throughput_ratio", "samples_per_s"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (mode, key)
+        assert r["steps"] == steps, mode
+        assert r["losses_finite"] and math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"]), mode
+        assert r["attributed_steps"] == (None if mode == "plain" else steps), mode
+    assert result["modes"]["plain"]["throughput_ratio"] == 1.0
+
+
+def test_quick_gpt_writes_the_json_contract(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    args = ["bench", "--quick", "--json", str(path), "--vocab", "32", "--width", "8", "--seq-len", "6", "--batch", "3", "--val-batch", "2"]
+    assert cli(args + TINY) == 0
+    result = json.loads(path.read_text())
+    _check(result, bench.MODES, steps=2)
+    for mode, r in result["modes"].items():
+        assert r["peak_mb"] > 0 and r["memory_ratio"] > 0 and r["memory_steps"] == 1, mode
+    assert result["modes"]["plain"]["memory_ratio"] == 1.0
+    assert result["model"]["kind"].startswith("gpt2-style") and result["config"]["seq_len"] == 6
+    assert {"cpu", "nproc", "threads", "torch"} <= set(result["machine"])
+    out = capsys.readouterr().out
+    assert "| ghost-factored |" in out and "throughput ratio" in out
+
+
+def test_mlp_with_several_targets_and_a_subset_of_modes_without_memory():
+    cfg = bench.BenchConfig(
+        model="mlp", d_in=6, width=8, batch=5, val_batch=3, val_targets=2, rounds=2, steps=1, warmup=0,
+        modes=("ghost",), device="cpu", threads=1,
+    )
+    result = bench.run(cfg, memory=False, progress=False)
+    _check(result, ("plain", "ghost"), steps=2)
+    assert result["modes"]["ghost"]["memory_ratio"] is None and len(result["modes"]["ghost"]["round_ratios"]) == 2
+    assert result["model"]["val_targets"] == 2
+
+
+def test_every_mode_sees_the_same_batches_and_starts_from_the_same_weights():
+    cfg = bench.BenchConfig(vocab=16, width=8, depth=1, heads=2, seq_len=4, batch=2, val_batch=1, rounds=1, steps=1)
+    a, b = bench.Workload(cfg, "plain"), bench.Workload(cfg, "ghost")
+    for (xa, ya), (xb, yb) in zip(a.batches, b.batches):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+    a.train_step(), b.train_step()
+    assert a.losses[0] == b.losses[0]  # attribution does not change the training step
+    b.tracker.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"modes": ("plain", "fast")}, r"mode 'fast' is not supported; accepted values: 'plain', 'ghost-factored', 'ghost', 'materialized'"),
+        ({"model": "cnn"}, r"model='cnn' is not supported; accepted values: 'gpt', 'mlp'"),
+        ({"batch": 0}, r"batch=0 must be at least 1"),
+    ],
+)
+def test_invalid_configurations_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bench.BenchConfig(**kwargs)
+
+
+def test_cli_lists_the_bench_command(capsys):
+    assert cli([]) == 0 and "bench" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", ["factored", "pairwise"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_both_contraction_orders_give_the_same_values(monkeypatch, path, tied):
+    """Ghost dot-products and the dense contraction with J̃ ⊙ ∇L_val agree (float64), with and
+    without ``val_grads`` (rebuilt from the captured validation factors)."""
+    torch.manual_seed(0)
+    model = TinyLM(30, 8, 1, 2, max_len=6, tied=tied).double()
+    x = torch.randint(1, 30, (5, 7))
+    vals = [(v[:, :-1], v[:, 1:]) for v in (torch.randint(1, 30, (2, 7)), torch.randint(1, 30, (1, 7)))]
+    g = torch.Generator().manual_seed(1)
+    J = -0.3 if path == "pairwise" else {p: -0.1 - torch.rand(p.shape, generator=g, dtype=torch.float64) for p in model.parameters()}
+    out = {}
+    for order, cost in (("gram", 10**18), ("dense", 0)):
+        monkeypatch.setattr(E.Bilinear, "dense_cost", lambda self, c=cost: c)
+        engine = E.GhostEngine(model, path=path)
+        model.zero_grad()
+        with engine.capture_train():
+            lm_loss(model(x[:, :-1]), x[:, 1:]).backward()
+        vg = E.validation_gradients(model, lm_loss, vals, engine=engine)
+        out[order, "val_grads"] = engine.values(J, vg)
+        out[order, "captured"] = engine.values(J, None)
+        assert path in set(engine.paths_taken.values())
+    ref = out["gram", "val_grads"]
+    for key, phi in out.items():
+        torch.testing.assert_close(phi, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()), msg=str(key))
