@@ -80,3 +80,17 @@ def test_nested_inputs():
     loss_fn = loss_for("mlp")
     c = per_sample_grads(model, loss_fn, (x, y))
     assert_close({k: v.sum(0) for k, v in c.items()}, batch_grad(model, loss_fn, (x, y)), atol=1e-15)
+
+
+def test_parameter_with_rounding_level_gradient_does_not_break_reduction_detection():
+    """An attention key bias has a mathematically zero gradient (softmax ignores a shift)."""
+    import torch
+
+    import validation
+    from attribution.experiments.models import TinyLM, lm_loss
+
+    torch.manual_seed(0)
+    m = TinyLM(50, width=16, depth=1, heads=2, max_len=8).double()
+    batch = (torch.randint(1, 50, (4, 8)), torch.randint(1, 50, (4, 8)))
+    grads = validation.per_sample_grads(m, lm_loss, batch)
+    assert grads["blocks.0.attn.k.bias"].shape == (4, 16)
