@@ -38,8 +38,8 @@ class AttributionConfig:
         <LinearizationKind.SECANT: 'secant'>
     """
 
-    linearization: LinearizationKind | str = LinearizationKind.TANGENT
-    val_point: ValPoint | str = ValPoint.LOOKAHEAD
+    linearization: LinearizationKind | str = LinearizationKind.SECANT
+    val_point: ValPoint | str = ValPoint.MIDPOINT
     estimator: EstimatorKind | str = EstimatorKind.GHOST
 
     def __post_init__(self):

@@ -122,8 +122,8 @@ def step_values(
     batch: tuple,
     val_batch,
     *,
-    linearization: LinearizationKind | str = "tangent",
-    val_point: ValPoint | str = "lookahead",
+    linearization: LinearizationKind | str = "secant",
+    val_point: ValPoint | str = "midpoint",
     estimator: str = "ghost",
 ) -> torch.Tensor:
     """Per-sample values of ``batch`` for the step ``optimizer`` is about to take.

@@ -82,8 +82,8 @@ class InRunShapley:
         loss_fn: Callable,
         val_batch,
         *,
-        linearization="tangent",
-        val_point="lookahead",
+        linearization="secant",
+        val_point="midpoint",
         estimator="ghost",
         record_steps: bool = False,
     ):

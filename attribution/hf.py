@@ -70,7 +70,7 @@ class InRunShapleyCallback(TrainerCallback):
         linearization, val_point, estimator, record_steps: as for :class:`InRunShapley`.
     """
 
-    def __init__(self, val_batch, *, id_key: str = "sample_id", linearization="tangent", val_point="lookahead",
+    def __init__(self, val_batch, *, id_key: str = "sample_id", linearization="secant", val_point="midpoint",
                  estimator="ghost", record_steps: bool = False):
         batches = val_batch if isinstance(val_batch, list) else [val_batch]
         for k, b in enumerate(batches):

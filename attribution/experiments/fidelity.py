@@ -1,0 +1,602 @@
+"""The fidelity study: how well do per-step values match the real per-step game, across settings?
+
+``python -m attribution fidelity [--quick] [--out DIR]`` trains each model with each optimizer
+(several seeds) and, at a few training phases, values the batch of the step about to be taken
+with every estimator and every validation point, and compares the values with this toolkit's
+own oracles, computed with the real ``torch.optim`` step under the real, fixed state:
+
+* ``loo``: leave-one-out marginals ``U(B) − U(B∖z)`` (:func:`validation.leave_one_out`);
+* ``shapley``: exact Shapley values of the step's game at small n (:func:`validation.shapley_values`).
+
+Grid (defaults, :class:`FidelityConfig`): optimizers {SGD, SGD+momentum, Adam, AdamW, Adam at a
+larger lr} × models {MLP and small CNN on scikit-learn's digits, a tiny transformer LM with
+untied and with tied head on Rotten Tomatoes sentences} × phases {step 1, early, mid, late} ×
+estimators {``sgd`` proxy (J = −lr), ``tangent``, ``secant``, ``factored`` (tangent, rank-one
+J per weight matrix)} × validation points {current, lookahead, midpoint} × truths {loo, shapley}
+× seeds. Everything runs in float64 so that the oracles' loss differences are not rounding noise.
+
+Outputs in ``--out`` (default ``results/fidelity``): ``cells.csv`` (one row per cell and
+estimate), ``values.csv`` (every per-sample value and its truth), ``results.md`` (tables),
+``r_by_phase_<truth>.png``, ``scatter_headline.png``, ``config.json`` (the frozen configuration)
+and ``run.json`` (machine, timings).
+
+The LM is fed fixed-length chunks of the concatenated token stream, so every target token is
+real (no padding): the token-mean loss is then a mean over samples, as the oracles require.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import estimators
+import optimizers
+import validation
+from attribution import step_values
+from attribution.experiments.data import Split, WordVocabulary, load_digits, load_rotten_tomatoes
+from attribution.experiments.models import TinyLM, lm_loss, mlp, small_cnn
+
+#: name -> (torch.optim class, keyword arguments). Learning rates typical for each optimizer on
+#: these small models, plus Adam at a 10× larger lr, where the validation loss's curvature along
+#: one step matters (the ``val_point`` effect).
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, {"lr": 0.1}),
+    "sgd-momentum": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
+    "adam": (torch.optim.Adam, {"lr": 1e-3}),
+    "adamw": (torch.optim.AdamW, {"lr": 3e-3, "weight_decay": 1e-2}),
+    "adam-lr1e-2": (torch.optim.Adam, {"lr": 1e-2}),
+}
+MODELS = ("mlp", "cnn", "lm", "lm-tied")
+#: name -> step_values keyword arguments (besides val_point).
+ESTIMATORS = {
+    "sgd": {"linearization": "sgd", "estimator": "ghost"},
+    "tangent": {"linearization": "tangent", "estimator": "ghost"},
+    "secant": {"linearization": "secant", "estimator": "ghost"},
+    "factored": {"linearization": "tangent", "estimator": "ghost-factored"},
+}
+#: A diagnostic, not an in-run method: first order in θ but the EXACT optimizer update in g,
+#: from materialized per-sample gradients (see :func:`exact_in_g_values`).
+DIAGNOSTICS = ("exact-g",)
+VAL_POINTS = ("current", "lookahead", "midpoint")
+TRUTHS = ("loo", "shapley")
+#: Metrics copied from validation.fidelity into every row.
+METRICS = ("pearson", "spearman", "kendall", "top_k_overlap", "sign_agreement", "relative_l2_error", "relative_efficiency_gap")
+#: Variants shown in the per-cell markdown tables (all twelve are in cells.csv).
+KEY_VARIANTS = ("sgd/current", "tangent/current", "tangent/lookahead", "secant/current", "secant/midpoint", "factored/lookahead", "exact-g/current")
+
+
+def _check_names(values, accepted, field: str) -> tuple:
+    values = tuple(values)
+    unknown = [v for v in values if v not in accepted]
+    if unknown or not values:
+        raise ValueError(
+            f"{field}={values!r}: {'unknown ' + repr(unknown) if unknown else 'empty'}; accepted values: "
+            f"{', '.join(map(repr, accepted))}"
+        )
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class FidelityConfig:
+    """What the study runs; validated on construction and saved as ``config.json`` next to results.
+
+    Attributes:
+        seeds: each seed sets the data split, the model's initialisation and the batch order.
+        models: names from :data:`MODELS`.
+        optimizers: names from :data:`OPTIMIZERS`.
+        phases: ``(name, step)`` pairs, steps strictly increasing; the cell values the batch of
+            that step (1-based) just before the optimizer takes it.
+        estimators, val_points, truths: names from :data:`ESTIMATORS` (plus the diagnostic
+            ``"exact-g"``), :data:`VAL_POINTS`, :data:`TRUTHS`.
+        loo_batch: batch size n of the training run and of the leave-one-out cells.
+        shapley_batch: n of the exact Shapley cells (the first n samples of the step's batch,
+            valued as a step with that batch under the same state); 2^n optimizer steps each.
+        lm_shapley_batch: the same for the language models (their validation forward is dearer).
+        val_size: validation samples (digits) or validation chunks (LM) in ``L_val``.
+        lm_length, lm_vocab: tokens per LM sample and vocabulary size (with ``<pad>``, ``<unk>``).
+        headline: ``(model, optimizer, phase, truth)`` of the scatter plot (seed = first seed).
+        threads: torch intra-op threads. 1 by default: these models are too small to gain from
+            more, and on a shared machine spinning OpenMP threads slowed small ops many times.
+
+    Example:
+        >>> FidelityConfig(models=("mlp",), truths=("loo",)).models
+        ('mlp',)
+    """
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    models: tuple[str, ...] = ("mlp", "cnn", "lm", "lm-tied")
+    optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
+    phases: tuple[tuple[str, int], ...] = (("step 1", 1), ("early", 10), ("mid", 100), ("late", 400))
+    estimators: tuple[str, ...] = (*ESTIMATORS, *DIAGNOSTICS)
+    val_points: tuple[str, ...] = VAL_POINTS
+    truths: tuple[str, ...] = TRUTHS
+    loo_batch: int = 32
+    shapley_batch: int = 10
+    lm_shapley_batch: int = 8
+    val_size: int = 64
+    lm_val_size: int = 8
+    lm_length: int = 16
+    lm_vocab: int = 1000
+    headline: tuple[str, str, str, str] = ("cnn", "adam", "mid", "loo")
+    threads: int = 1
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("seeds", tuple(int(s) for s in self.seeds))
+        if not self.seeds:
+            raise ValueError("seeds=(): give at least one seed, e.g. seeds=(0,)")
+        set_("models", _check_names(self.models, MODELS, "models"))
+        set_("optimizers", _check_names(self.optimizers, tuple(OPTIMIZERS), "optimizers"))
+        set_("estimators", _check_names(self.estimators, (*ESTIMATORS, *DIAGNOSTICS), "estimators"))
+        set_("val_points", _check_names(self.val_points, VAL_POINTS, "val_points"))
+        set_("truths", _check_names(self.truths, TRUTHS, "truths"))
+        phases = tuple((str(name), int(step)) for name, step in self.phases)
+        steps = [s for _, s in phases]
+        if not phases or steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"phases={phases!r}: give (name, step) pairs with steps >= 1, strictly increasing")
+        set_("phases", phases)
+        limit = validation.MAX_EXACT_PLAYERS
+        for name in ("shapley_batch", "lm_shapley_batch"):
+            n = getattr(self, name)
+            if not 2 <= n <= min(limit, self.loo_batch):
+                raise ValueError(f"{name}={n}: exact Shapley cells need 2 <= n <= min({limit}, loo_batch={self.loo_batch})")
+        set_("headline", tuple(self.headline))
+
+    def to_json(self) -> str:
+        """The configuration as JSON (tuples become lists)."""
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> FidelityConfig:
+        """Inverse of :meth:`to_json`."""
+        return cls(**json.loads(text))
+
+
+#: The reduced grid of ``--quick`` (MLP only, Adam and SGD, two phases, leave-one-out only).
+QUICK = FidelityConfig(
+    seeds=(0,), models=("mlp",), optimizers=("sgd", "adam"), phases=(("step 1", 1), ("mid", 30)), truths=("loo",),
+    headline=("mlp", "adam", "mid", "loo"),
+)
+
+
+# ----------------------------------------------------------------------------------- data, models
+
+
+@functools.lru_cache(maxsize=1)
+def _rotten_tomatoes_texts() -> tuple[str, ...]:
+    return tuple(load_rotten_tomatoes()[0])
+
+
+def lm_chunks(seed: int, length: int, vocab_size: int, val_fraction: float = 0.1) -> tuple[Split, Split, int]:
+    """Rotten Tomatoes as next-token prediction on fixed-length chunks, no padding anywhere.
+
+    The sentences are split into train/validation by ``seed``; the vocabulary is built from the
+    training sentences; each split's sentences are tokenized and concatenated into one stream
+    (out-of-vocabulary words become ``<unk>``, a real token) and cut into chunks of
+    ``length + 1`` tokens: inputs ``chunk[:-1]``, targets ``chunk[1:]`` (``[N, length]`` each).
+
+    Returns:
+        ``(train, val, vocabulary size)``.
+    """
+    texts = _rotten_tomatoes_texts()
+    perm = np.random.default_rng(seed).permutation(len(texts))
+    n_val = int(len(texts) * val_fraction)
+    val_texts, train_texts = [texts[i] for i in perm[:n_val]], [texts[i] for i in perm[n_val:]]
+    vocab = WordVocabulary(train_texts, size=vocab_size)
+    unk = vocab.index["<unk>"]
+
+    def split(chosen: list[str]) -> Split:
+        stream = [vocab.index.get(tok, unk) for text in chosen for tok in vocab.tokenize(text)]
+        m = len(stream) // (length + 1)
+        chunks = torch.tensor(stream[: m * (length + 1)], dtype=torch.long).view(m, length + 1)
+        if (chunks == 0).any():  # lm_loss ignores id 0; a real token must never be 0
+            raise RuntimeError("a token was encoded as the padding id 0")
+        return Split(chunks[:, :-1].contiguous(), chunks[:, 1:].contiguous(), torch.arange(m))
+
+    return split(train_texts), split(val_texts), len(vocab)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One model on its data: train split, fixed validation batch, loss, model builder."""
+
+    train: Split
+    val_batch: tuple[torch.Tensor, torch.Tensor]
+    loss_fn: object
+    build: object  # () -> nn.Module
+
+
+def make_task(model_name: str, seed: int, config: FidelityConfig) -> Task:
+    """Data, validation batch, loss and a model factory, all in float64."""
+    dtype = torch.float64
+    if model_name in ("mlp", "cnn"):
+        train, val, _ = load_digits(seed=seed, dtype=dtype, image=model_name == "cnn")
+        builder = mlp if model_name == "mlp" else small_cnn
+        build = lambda: builder(seed=seed).to(dtype)  # noqa: E731
+        return Task(train, (val.inputs[: config.val_size], val.targets[: config.val_size]), nn.functional.cross_entropy, build)
+    train, val, vocab = lm_chunks(seed, config.lm_length, config.lm_vocab)
+
+    def build_lm() -> nn.Module:
+        model = TinyLM(vocab, width=32, depth=2, heads=2, max_len=config.lm_length, tied=model_name == "lm-tied", seed=seed)
+        # Softmax is invariant to adding the same number to every score, so the key projection's
+        # bias has an identically zero gradient: frozen, it changes nothing. Trainable, its
+        # rounding-level gradient trips the oracles' mean-or-sum check (see docs/results.md).
+        for block in model.blocks:
+            block.attn.k.bias.requires_grad_(False)
+        return model.to(dtype)
+
+    return Task(train, (val.inputs[: config.lm_val_size], val.targets[: config.lm_val_size]), lm_loss, build_lm)
+
+
+def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer ``name`` from :data:`OPTIMIZERS` over the model's trainable parameters."""
+    cls, kwargs = OPTIMIZERS[name]
+    return cls([p for p in model.parameters() if p.requires_grad], **kwargs)
+
+
+# ----------------------------------------------------------------------------------------- study
+
+
+def _bit_masks(n: int) -> torch.Tensor:
+    """``[2^n, n]`` bool: row b is the coalition of the set bits of b."""
+    return (torch.arange(2**n).unsqueeze(1) >> torch.arange(n)) & 1 == 1
+
+
+def _shapley_from_utilities(u: torch.Tensor, n: int) -> torch.Tensor:
+    """Exact Shapley values ``[n]`` of a game given on :func:`_bit_masks` order, ``u [2^n]``."""
+    index = torch.arange(2**n)
+    sizes = _bit_masks(n).sum(1)
+    weights = torch.tensor([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) for s in range(n)], dtype=torch.float64)
+    out = torch.empty(n, dtype=torch.float64)
+    for z in range(n):
+        without = index[(index >> z) & 1 == 0]
+        out[z] = (weights[sizes[without]] * (u[without | (1 << z)] - u[without])).sum()
+    return out
+
+
+def exact_in_g_values(model, opt, loss_fn, batch, val_batch, truth: str, val_points, chunk: int = 128) -> dict[str, torch.Tensor]:
+    """Leave-one-out or exact Shapley values of the game that is first order in θ, exact in g.
+
+        Ū_vp(S) = −⟨∇L_val(θ_vp), Δ(g_S)⟩,   Δ = the optimizer's exact update (``optimizers``),
+        θ_vp = θ_t, θ_t + Δ(g_B) or θ_t + ½(Δ(g_B) + Δ(0)) for ``vp`` = current, lookahead, midpoint.
+
+    A diagnostic that splits an estimate's error in two: (estimate vs Ū) is the error of
+    linearizing the update in g (the tangent or secant J), (Ū vs the real game) is the curvature
+    of the validation loss in θ that the chosen validation point leaves out. Needs materialized
+    per-sample gradients and, for Shapley, the update of every coalition: not an in-run method.
+
+    Returns:
+        ``{val_point: float64 [n]}``.
+    """
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    contribs = validation.per_sample_grads(model, loss_fn, batch)
+    n = next(iter(contribs.values())).shape[0]
+    if truth == "loo":
+        masks = torch.ones(n + 1, n, dtype=torch.bool)
+        masks[1:].fill_diagonal_(False)
+    else:
+        masks = _bit_masks(n)
+    saved = {p: p.grad for p in named.values()}
+    try:
+        for name, p in named.items():
+            p.grad = contribs[name].sum(0)
+        lin = optimizers.linearize(opt)
+        params = {name: p for name, p in named.items() if p in lin}
+        grads = {p: p.grad for p in params.values()}
+        val_grads = {
+            vp: estimators.validation_gradients(
+                model, loss_fn, [val_batch], params=list(params.values()),
+                shift=estimators.val_point_shift(lin, list(params.values()), grads, vp),
+            )[0]
+            for vp in val_points
+        }
+        u = torch.zeros(len(masks), len(val_points), dtype=torch.float64)
+        rule = type(lin).update_rule  # elementwise, so a leading coalition axis broadcasts
+        for name, p in params.items():
+            c = contribs[name].reshape(n, -1)
+            g_val = torch.stack([val_grads[vp][p].reshape(-1) for vp in val_points], dim=1)  # [P, V]
+            for start in range(0, len(masks), chunk):
+                m = masks[start : start + chunk].to(c.dtype)
+                delta = rule(p.detach(), (m @ c).reshape(len(m), *p.shape), lin.state(p))
+                u[start : start + chunk] -= (delta.reshape(len(m), -1) @ g_val).double()
+    finally:
+        for p, g in saved.items():
+            p.grad = g
+    if truth == "loo":
+        values = u[:1] - u[1:]
+        return {vp: values[:, k] for k, vp in enumerate(val_points)}
+    return {vp: _shapley_from_utilities(u[:, k], n) for k, vp in enumerate(val_points)}
+
+
+
+def _cell(model, opt, loss_fn, batch, val_batch, truth: str, config: FidelityConfig, n_shapley: int):
+    """Rows (one per estimate) and per-sample values of one cell: this step, this truth."""
+    if truth == "loo":
+        t0 = time.perf_counter()
+        target, efficiency = validation.leave_one_out(model, opt, loss_fn, batch, val_batch, progress=False), None
+    else:
+        batch = (batch[0][:n_shapley], batch[1][:n_shapley])
+        t0 = time.perf_counter()
+        est = validation.shapley_values(model, opt, loss_fn, batch, val_batch, exact=True, progress=False)
+        target, efficiency = est.values, est.efficiency_target
+    oracle_s = time.perf_counter() - t0
+    estimates, seconds = {}, {}
+    for est_name in config.estimators:
+        if est_name in DIAGNOSTICS:
+            t0 = time.perf_counter()
+            exact = exact_in_g_values(model, opt, loss_fn, batch, val_batch, truth, config.val_points)
+            for vp in config.val_points:
+                estimates[f"{est_name}/{vp}"] = exact[vp]
+                seconds[f"{est_name}/{vp}"] = (time.perf_counter() - t0) / len(config.val_points)
+            continue
+        for vp in config.val_points:
+            t0 = time.perf_counter()
+            estimates[f"{est_name}/{vp}"] = step_values(model, opt, loss_fn, batch, val_batch, val_point=vp, **ESTIMATORS[est_name])
+            seconds[f"{est_name}/{vp}"] = time.perf_counter() - t0
+    rows = []
+    for variant, value in estimates.items():
+        est_name, vp = variant.split("/")
+        fid = validation.fidelity(value, target, efficiency_target=efficiency)
+        dense = estimates.get(f"tangent/{vp}")
+        vs_tangent = validation.fidelity(value, dense)["pearson"] if dense is not None else float("nan")
+        rows.append({
+            "truth": truth, "estimator": est_name, "val_point": vp, "variant": variant, "n": len(target),
+            **{m: fid[m] for m in METRICS},
+            "pearson_vs_tangent": vs_tangent,
+            "estimate_sum": fid["estimate_sum"], "truth_sum": float(target.sum()),
+            "efficiency_target": float("nan") if efficiency is None else float(efficiency),
+            "undefined": ";".join(sorted(fid["undefined"])),
+            "oracle_seconds": oracle_s, "estimate_seconds": seconds[variant],
+        })
+    values = pd.DataFrame({"truth": truth, "sample": np.arange(len(target)), "truth_value": target.numpy(),
+                           **{v: e.numpy() for v, e in estimates.items()}})
+    return rows, values
+
+
+def run_one(model_name: str, optimizer: str, seed: int, config: FidelityConfig, bar=None):
+    """Train one (model, optimizer, seed) to the last phase; evaluate every cell on the way.
+
+    Returns ``(rows, values)``: lists of dicts and of per-sample DataFrames.
+    """
+    task = make_task(model_name, seed, config)
+    model = task.build()
+    opt = make_optimizer(optimizer, model)
+    gen = torch.Generator().manual_seed(seed)
+    order, pointer = torch.randperm(len(task.train), generator=gen), 0
+    phase_at = {step: name for name, step in config.phases}
+    n_shapley = config.lm_shapley_batch if model_name.startswith("lm") else config.shapley_batch
+    rows, values = [], []
+    meta = {"model": model_name, "optimizer": optimizer, "lr": OPTIMIZERS[optimizer][1]["lr"], "seed": seed}
+    for step in range(1, config.phases[-1][1] + 1):
+        if pointer + config.loo_batch > len(order):
+            order, pointer = torch.randperm(len(task.train), generator=gen), 0
+        batch = task.train.batch(order[pointer : pointer + config.loo_batch])
+        pointer += config.loo_batch
+        if step in phase_at:
+            with torch.no_grad():
+                val_loss = float(task.loss_fn(model(task.val_batch[0]), task.val_batch[1]))
+            for truth in config.truths:
+                r, v = _cell(model, opt, task.loss_fn, batch, task.val_batch, truth, config, n_shapley)
+                cell = {**meta, "phase": phase_at[step], "step": step, "val_loss": val_loss}
+                rows += [{**cell, **row} for row in r]
+                values.append(v.assign(**cell))
+            if bar is not None:
+                bar.update(1)
+        opt.zero_grad()
+        loss = task.loss_fn(model(batch[0]), batch[1])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{model_name}/{optimizer}/seed {seed}: training loss is {loss.item()} at step {step}")
+        loss.backward()
+        opt.step()
+    return rows, values
+
+
+def machine() -> dict:
+    """CPU count, CPU model, torch and Python versions."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor() or "unknown"
+    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def run(config: FidelityConfig = FidelityConfig(), out: str | Path = "results/fidelity", progress: bool = True, command: str | None = None):
+    """Run the grid; write every output to ``out``; return ``(cells, values)`` DataFrames."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.to_json())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    runs = [(m, o, s) for s in config.seeds for m in config.models for o in config.optimizers]
+    rows, values = [], []
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(), tqdm(total=len(runs) * len(config.phases), desc="fidelity grid", unit="cell", disable=not progress) as bar:
+            # vmap over the LM's scaled_dot_product_attention falls back to a loop (slow, correct).
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
+            for model_name, optimizer, seed in runs:
+                bar.set_postfix_str(f"{model_name} {optimizer} seed {seed}")
+                r, v = run_one(model_name, optimizer, seed, config, bar)
+                rows += r
+                values += v
+        seconds = time.perf_counter() - start
+        info = {"command": command, "seconds": round(seconds, 1), "machine": machine(), "cells": len(runs) * len(config.phases) * len(config.truths)}
+    finally:
+        torch.set_num_threads(threads)
+    cells = pd.DataFrame(rows)
+    cells.to_csv(out / "cells.csv", index=False)
+    vals = pd.concat(values, ignore_index=True)
+    vals.to_csv(out / "values.csv", index=False)
+    info["rows"] = len(cells)
+    (out / "run.json").write_text(json.dumps(info, indent=2))
+    (out / "results.md").write_text(markdown(cells, config, info))
+    plots(cells, vals, config, out)
+    return cells, vals
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def _mean_spread(series: pd.Series) -> str:
+    x = series.dropna()
+    if x.empty:
+        return "n/a"
+    return f"{x.mean():.3f}" if len(x) == 1 else f"{x.mean():.3f} ±{x.std(ddof=1):.3f}"
+
+
+def _ordered(frame: pd.DataFrame, config: FidelityConfig) -> pd.DataFrame:
+    order = {"model": config.models, "optimizer": config.optimizers, "phase": [p for p, _ in config.phases]}
+    for col, cats in order.items():
+        if col in frame:
+            frame[col] = pd.Categorical(frame[col], categories=list(cats), ordered=True)
+    return frame
+
+
+def summary_table(cells: pd.DataFrame, config: FidelityConfig, truth: str, metric: str = "pearson", variants=None, by=("model", "optimizer", "phase")) -> pd.DataFrame:
+    """``metric`` per row group (mean ±sd over seeds and whatever ``by`` leaves out) × variant."""
+    frame = _ordered(cells[cells.truth == truth].copy(), config)
+    variants = [v for v in (variants or frame["variant"].unique()) if v in set(frame["variant"])]
+    frame = frame[frame.variant.isin(variants)]
+    table = frame.groupby([*by, "variant"], observed=True)[metric].apply(_mean_spread).unstack("variant")
+    return table[variants]
+
+
+def _md(table: pd.DataFrame) -> str:
+    table = table.reset_index()
+    head = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+def markdown(cells: pd.DataFrame, config: FidelityConfig, info: dict) -> str:
+    """The study's tables as markdown (``results.md``)."""
+    m = info["machine"]
+    truth_name = {"loo": "leave-one-out (n = {})".format(config.loo_batch),
+                  "shapley": "exact Shapley (n = {}, LM n = {})".format(config.shapley_batch, config.lm_shapley_batch)}
+    parts = [
+        "# Fidelity study: results",
+        "",
+        f"Command: `{info['command'] or 'python -m attribution fidelity'}`; {info['cells']} cells, {info['rows']} rows, "
+        f"{info['seconds']:.0f} s on {m['nproc']} × {m['cpu']} (torch {m['torch']}, {m['torch_threads']} threads).",
+        f"Seeds {list(config.seeds)}; entries are Pearson R, mean ±sd over seeds unless stated.",
+    ]
+    for truth in config.truths:
+        parts += ["", f"## Mean over models: Pearson R against {truth_name[truth]}", "",
+                  _md(summary_table(cells, config, truth, by=("optimizer", "phase")))]
+    for truth in config.truths:
+        parts += ["", f"## Every cell: Pearson R against {truth_name[truth]}", "",
+                  _md(summary_table(cells, config, truth, variants=KEY_VARIANTS))]
+    if "factored" in config.estimators and "tangent" in config.estimators:
+        fac = cells[cells.estimator == "factored"]
+        if not fac.empty:
+            parts += ["", "## Factored against dense: Pearson R of factored vs dense tangent values (same cells, same val point), mean over models", "",
+                      _md(summary_table(fac, config, config.truths[0], metric="pearson_vs_tangent", by=("optimizer", "phase")))]
+    if "shapley" in config.truths:
+        parts += ["", "## Efficiency: (Σ estimate − (U(B) − U(∅))) / |U(B) − U(∅)| against exact Shapley, mean over models", "",
+                  _md(summary_table(cells, config, "shapley", metric="relative_efficiency_gap", by=("optimizer", "phase"),
+                                    variants=["sgd/current", "tangent/lookahead", "secant/current", "secant/midpoint"]))]
+    return "\n".join(parts) + "\n"
+
+
+def plots(cells: pd.DataFrame, vals: pd.DataFrame, config: FidelityConfig, out: Path) -> None:
+    """``r_by_phase_<truth>.png`` (R by phase per estimator) and ``scatter_headline.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = [p for p, _ in config.phases]
+    variants = [v for v in KEY_VARIANTS if v in set(cells.variant)]
+    for truth in config.truths:
+        frame = cells[cells.truth == truth]
+        nr, nc = len(config.models), len(config.optimizers)
+        fig, axes = plt.subplots(nr, nc, figsize=(2.6 * nc + 1.5, 2.2 * nr + 0.6), sharex=True, sharey=True, squeeze=False)
+        for i, model_name in enumerate(config.models):
+            for j, optimizer in enumerate(config.optimizers):
+                ax = axes[i, j]
+                sub = frame[(frame.model == model_name) & (frame.optimizer == optimizer)]
+                for variant in variants:
+                    g = sub[sub.variant == variant].groupby("phase")["pearson"]
+                    mean, lo, hi = (g.mean().reindex(phases), g.min().reindex(phases), g.max().reindex(phases))
+                    line = ax.plot(range(len(phases)), mean.values, marker="o", ms=3, lw=1.2, label=variant)[0]
+                    ax.fill_between(range(len(phases)), lo.values, hi.values, color=line.get_color(), alpha=0.12)
+                ax.axhline(0.99, color="k", lw=0.6, ls=":")
+                ax.set_ylim(-0.3, 1.05)
+                if i == 0:
+                    ax.set_title(optimizer, fontsize=9)
+                if j == 0:
+                    ax.set_ylabel(f"{model_name}\nPearson R", fontsize=8)
+                ax.set_xticks(range(len(phases)), phases, fontsize=7, rotation=30)
+        axes[0, -1].legend(fontsize=6, loc="lower right")
+        fig.suptitle(f"Pearson R against {truth} by training phase (mean over seeds; band: min–max)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / f"r_by_phase_{truth}.png", dpi=110)
+        plt.close(fig)
+
+    model_name, optimizer, phase, truth = config.headline
+    seed = config.seeds[0]
+    rows = [p for p in (phase, phases[0]) if p in phases]
+    rows = list(dict.fromkeys(rows))
+    shown = [v for v in ("sgd/current", "tangent/current", "tangent/lookahead", "secant/midpoint") if v in vals]
+    if not shown:
+        return
+    fig, axes = plt.subplots(len(rows), len(shown), figsize=(3 * len(shown), 2.9 * len(rows)), squeeze=False)
+    for i, ph in enumerate(rows):
+        sub = vals[(vals.model == model_name) & (vals.optimizer == optimizer) & (vals.phase == ph) & (vals.truth == truth) & (vals.seed == seed)]
+        for j, variant in enumerate(shown):
+            ax = axes[i, j]
+            if sub.empty:
+                ax.set_axis_off()
+                continue
+            r = validation.fidelity(sub[variant].to_numpy(), sub["truth_value"].to_numpy())["pearson"]
+            ax.scatter(sub["truth_value"], sub[variant], s=10)
+            ax.set_title(f"{variant} ({ph})\nR = {r:.3f}", fontsize=8)
+            ax.set_xlabel(f"{truth} (real optimizer)", fontsize=7)
+            ax.set_ylabel("estimate", fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.ticklabel_format(style="sci", scilimits=(-2, 2))
+    fig.suptitle(f"{model_name}, {optimizer}, seed {seed}: estimate vs {truth}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "scatter_headline.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point of ``python -m attribution fidelity``."""
+    parser = argparse.ArgumentParser(prog="python -m attribution fidelity", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="reduced grid (MLP, SGD and Adam, two phases, leave-one-out): under a minute")
+    parser.add_argument("--out", default=None, help="output folder (default results/fidelity, or results/fidelity-quick with --quick)")
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else FidelityConfig()
+    out = args.out or ("results/fidelity-quick" if args.quick else "results/fidelity")
+    command = "python -m attribution fidelity" + (" --quick" if args.quick else "") + (f" --out {args.out}" if args.out else "")
+    cells, _ = run(config, out, command=command)
+    info = json.loads((Path(out) / "run.json").read_text())
+    pd.set_option("display.width", 160)
+    for truth in config.truths:
+        print(f"\nPearson R against {truth} (mean over models and seeds):")
+        table = summary_table(cells, config, truth, variants=KEY_VARIANTS, by=("optimizer", "phase"))
+        print(table.to_string())
+    print(f"\n{info['cells']} cells in {info['seconds']:.0f} s; wrote {out}/cells.csv, values.csv, results.md, "
+          f"r_by_phase_*.png, scatter_headline.png, config.json, run.json")
+    return 0
