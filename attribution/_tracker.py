@@ -129,7 +129,7 @@ class InRunShapley:
             self._in_batch = False
         self._pending_ids.extend(ids)
         self._grad_norms_at_exit = {
-            p: float(p.grad.detach().double().norm()) for p in self._computer.params() if p.grad is not None
+            p: _grad_norm(p) for p in self._computer.params() if p.grad is not None
         }
 
     def _check_no_missed_step(self) -> None:
@@ -142,7 +142,7 @@ class InRunShapley:
         if not self._pending_ids or self._grad_norms_at_exit is None:
             return
         for p, before in self._grad_norms_at_exit.items():
-            now = None if p.grad is None else float(p.grad.detach().double().norm())
+            now = None if p.grad is None else _grad_norm(p)
             if now != before:
                 raise TrackerUsageError(
                     f"{len(self._pending_ids)} samples of earlier tracker.batch() contexts were never valued: their "
@@ -206,7 +206,7 @@ class InRunShapley:
         for p, before in (self._grad_norms_at_exit or {}).items():
             if p.grad is None:
                 continue
-            now = float(p.grad.detach().double().norm())
+            now = _grad_norm(p)
             if before == 0.0:
                 if now != 0.0:
                     ratios.append(math.inf)
@@ -286,8 +286,6 @@ class InRunShapley:
                 f"the saved run has {state['num_targets']} validation targets but val_batch has "
                 f"{len(tracker.val_batches)}; pass the same validation batches to resume"
             )
-        from ._ledger import Ledger
-
         tracker._ledger = Ledger.from_state_dict(state)
         return tracker
 
@@ -303,6 +301,11 @@ class InRunShapley:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _grad_norm(p: torch.Tensor) -> float:
+    """‖p.grad‖ in float64 (the clip-factor and missed-step checks compare these)."""
+    return float(p.grad.detach().double().norm())
 
 
 def _unwrap_distributed(model: nn.Module) -> tuple[nn.Module, int]:

@@ -51,7 +51,7 @@ class AdagradLinearization(OptimizerLinearization, optimizer=torch.optim.Adagrad
             eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]),
             maximize=bool(group["maximize"]),
-            step=int(step.item() if isinstance(step, torch.Tensor) else step),
+            step=int(as_float(step)),
             initial_accumulator_value=float(group["initial_accumulator_value"]),
             sum=None if s is None else s.detach(),
         )

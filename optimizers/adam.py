@@ -81,7 +81,7 @@ class _AdamFamily(OptimizerLinearization):
             decoupled_weight_decay=cls._decoupled(group),
             amsgrad=bool(group["amsgrad"]),
             maximize=bool(group["maximize"]),
-            step=int(step.item() if isinstance(step, torch.Tensor) else step),
+            step=int(as_float(step)),
             exp_avg=t("exp_avg"),
             exp_avg_sq=t("exp_avg_sq"),
             max_exp_avg_sq=t("max_exp_avg_sq") if group["amsgrad"] else None,
