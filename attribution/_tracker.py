@@ -242,12 +242,51 @@ class InRunShapley:
     def values(self) -> pd.DataFrame:
         """Totals by id: ``value`` (or ``value_0`` … ``value_{K-1}``) and ``steps_seen``.
 
-        Under DistributedDataParallel every rank must call it (it gathers all ranks' values).
+        value(z) = Σ_t φ_z^(t) over the steps t whose batches held id z (float64); the frame is
+        indexed by id, one row per id seen, in order of first appearance. Under
+        DistributedDataParallel every rank must call it (it gathers all ranks' values).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> torch.manual_seed(0) and None
+            >>> model = nn.Linear(3, 2); opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+            >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+            >>> tracker = InRunShapley(model, opt, nn.functional.cross_entropy, (x[:1], y[:1]))
+            >>> for ids in ([1, 2], [2, 3]):       # id 2 is seen twice
+            ...     opt.zero_grad()
+            ...     with tracker.batch(ids):
+            ...         nn.functional.cross_entropy(model(x[ids]), y[ids]).backward()
+            ...     opt.step()
+            >>> frame = tracker.values()
+            >>> list(frame.index), list(frame["steps_seen"])
+            ([1, 2, 3], [1, 2, 1])
         """
         return self._gathered().values_frame()
 
     def history(self) -> pd.DataFrame:
-        """The per-step long table (``step``, ``position``, ``id``, value columns); needs ``record_steps=True``."""
+        """The per-step long table (``step``, ``position``, ``id``, value columns); needs ``record_steps=True``.
+
+        One row per (step, sample): φ_z^(t) before summation, so that
+        ``history().groupby("id")["value"].sum()`` equals ``values()["value"]``.
+
+        Raises:
+            TrackerUsageError: the tracker was created without ``record_steps=True``.
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> model = nn.Linear(3, 2); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> x, y = torch.ones(4, 3), torch.tensor([0, 1, 0, 1])
+            >>> tracker = InRunShapley(model, opt, nn.functional.cross_entropy, (x[:1], y[:1]), record_steps=True)
+            >>> for _ in range(2):
+            ...     opt.zero_grad()
+            ...     with tracker.batch([7, 8, 9]):
+            ...         nn.functional.cross_entropy(model(x[1:]), y[1:]).backward()
+            ...     opt.step()
+            >>> h = tracker.history()
+            >>> len(h), bool((h.groupby("id")["value"].sum() - tracker.values()["value"]).abs().max() < 1e-12)
+            (6, True)
+        """
         if not self._ledger.record_steps:
             raise TrackerUsageError("history() needs InRunShapley(..., record_steps=True)")
         return self._gathered().history_frame()
@@ -264,7 +303,27 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write totals, counts, history and configuration atomically to ``path``."""
+        """Write totals, counts, history and configuration atomically to ``path``.
+
+        The file is written to a temporary name and renamed over ``path``, so an interruption
+        leaves the previous save intact. Resume with :meth:`load`.
+
+        Example:
+            >>> import tempfile, os, torch
+            >>> from torch import nn
+            >>> model = nn.Linear(3, 2); opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            >>> x, y = torch.ones(4, 3), torch.tensor([0, 1, 0, 1])
+            >>> tracker = InRunShapley(model, opt, nn.functional.cross_entropy, (x[:1], y[:1]))
+            >>> with tracker.batch([1, 2, 3]):
+            ...     nn.functional.cross_entropy(model(x[1:]), y[1:]).backward()
+            >>> opt.step()
+            >>> path = os.path.join(tempfile.mkdtemp(), "values.pt")
+            >>> tracker.save(path); tracker.close()
+            >>> resumed = InRunShapley.load(path, model, opt, nn.functional.cross_entropy, (x[:1], y[:1]))
+            >>> resumed.steps, resumed.values().equals(tracker.values())
+            (1, True)
+            >>> resumed.close()
+        """
         atomic_save(self._ledger.state_dict(self.config.as_dict()), path)
 
     @classmethod

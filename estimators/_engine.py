@@ -421,6 +421,14 @@ class GhostEngine:
             A list of dicts parameter -> gradient, in the parameters' dtype.
         Raises:
             ValueError: ``which`` is neither ``"train"`` nor ``"val"``.
+        Example:
+            >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+            >>> engine = GhostEngine(model)
+            >>> with engine.capture_train():
+            ...     model(torch.randn(5, 3)).pow(2).sum().backward()
+            >>> rebuilt = engine.captured_grads()[0]
+            >>> all(torch.allclose(rebuilt[p], p.grad, atol=1e-6) for p in model.parameters())
+            True
         """
         if which not in ("train", "val"):
             raise ValueError(f"which={which!r} is not accepted; use 'train' or 'val'")
@@ -453,6 +461,24 @@ class GhostEngine:
                 ``val_grads`` nor a validation capture; K mismatch.
             ValueError: J misses a parameter, does not broadcast, is not a scalar on a forced
                 ``pairwise`` path; ``val_grads`` misses a parameter; mixed parameter dtypes.
+        Example:
+            The ghost values equal −⟨J ⊙ ∇L_val, c_z⟩ with per-sample gradients c_z built by hand:
+
+            >>> torch.manual_seed(0) and None
+            >>> model = nn.Linear(3, 2).double()
+            >>> x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+            >>> engine = GhostEngine(model)
+            >>> with engine.capture_train():
+            ...     ((model(x) - y) ** 2).sum().backward()
+            >>> J = {p: torch.rand_like(p) for p in model.parameters()}      # any elementwise J
+            >>> G = {p: torch.randn_like(p) for p in model.parameters()}     # a validation gradient
+            >>> phi = engine.values(J, [G])[:, 0]
+            >>> r = 2 * (model(x) - y).detach()                              # ∂loss_z/∂output
+            >>> c_w, c_b = r[:, :, None] * x[:, None, :], r                  # per-sample c_z
+            >>> w, b = model.weight, model.bias
+            >>> ref = -((J[w] * G[w] * c_w).sum((1, 2)) + (J[b] * G[b] * c_b).sum(1))
+            >>> torch.allclose(phi, ref), engine.paths_taken
+            (True, {'weight': 'dense', 'bias': 'dense'})
         """
         if self._active is not None:
             raise GhostEngineError(f"values() was called inside a {self._active} capture; exit the capture first")

@@ -50,6 +50,7 @@ DOCTEST_MODULES = [
     "attribution._step",
     "attribution._tracker",
     "estimators._checks",
+    "estimators._engine",
 ]
 
 
