@@ -104,7 +104,7 @@ def val_point_shift(
             )
         step = lin.update(p, g)
         if val_point is ValPoint.MIDPOINT:
-            step = 0.5 * (step + lin.update(p, torch.zeros_like(g)))
+            step = torch.add(step, lin.update(p, torch.zeros_like(g))).mul_(0.5)
         shift[p] = step.detach()
     return shift
 

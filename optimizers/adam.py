@@ -117,29 +117,40 @@ class _AdamFamily(OptimizerLinearization):
 
     @classmethod
     def update_rule(cls, theta, grad, st: AdamState):
+        # torch's order of operations, in place on fresh buffers (never on the inputs): the
+        # look-ahead and midpoint validation points call this once or twice per tracked step.
         g = cls._effective_grad(theta, grad, st)
-        _, _, m_new, v_new, b1, b2 = cls._moments(g, st)
-        denom = torch.sqrt(cls._second_moment(v_new, st) / b2) + st.eps
-        delta = -(st.lr / b1) * m_new / denom
+        t = st.step + 1
+        b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
+        m_new = torch.mul(_zeros_or(st.exp_avg, g), st.beta1).add_(g, alpha=1 - st.beta1)
+        v_new = torch.mul(_zeros_or(st.exp_avg_sq, g), st.beta2).addcmul_(g, g, value=1 - st.beta2)
+        denom = cls._second_moment(v_new, st).div_(b2).sqrt_().add_(st.eps)
+        delta = m_new.div_(denom).mul_(-(st.lr / b1))
         if st.weight_decay != 0 and st.decoupled_weight_decay:
-            delta = delta - st.lr * st.weight_decay * theta
+            delta.add_(theta, alpha=-st.lr * st.weight_decay)
         return delta
 
     @classmethod
     def tangent_rule(cls, theta, grad, st: AdamState):
+        # In place on fresh buffers (never on the inputs): these passes are memory-bound.
         sign = -1.0 if st.maximize else 1.0
         g = cls._effective_grad(theta, grad, st)
-        m, v, m_new, v_new, b1, b2 = cls._moments(g, st)
-        d = torch.sqrt(cls._second_moment(v_new, st) / b2)
-        numer = (1 - st.beta1) * st.beta2 * v - (1 - st.beta2) * st.beta1 * m * g
-        # D = 0 only where v = 0 and g = 0: the fraction's limit there is 0 (see module doc).
-        frac = safe_div(numer, b2 * d)
-        through_v = ((1 - st.beta1) * st.eps + frac) / (d + st.eps) ** 2
+        t = st.step + 1
+        b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
+        m, v = _zeros_or(st.exp_avg, g), _zeros_or(st.exp_avg_sq, g)
+        v_new = torch.mul(v, st.beta2).addcmul_(g, g, value=1 - st.beta2)
+        d = torch.div(cls._second_moment(v_new, st), b2).sqrt_()
+        numer = torch.mul(v, (1 - st.beta1) * st.beta2).addcmul_(m, g, value=-(1 - st.beta2) * st.beta1)
+        # D = 0 only where v = 0 and g = 0: the numerator is 0 too and the limit is 0 (module doc).
+        den = d * b2
+        frac = numer.div_(den).masked_fill_(den == 0, 0.0)
+        d_eps = d.add_(st.eps)
+        through_v = frac.add_((1 - st.beta1) * st.eps).div_(d_eps * d_eps)
         if st.amsgrad:
             # Where the stored max wins, the denominator does not depend on g.
             vmax = _zeros_or(st.max_exp_avg_sq, v_new)
-            through_v = torch.where(vmax > v_new, (1 - st.beta1) / (d + st.eps), through_v)
-        return -(st.lr / b1) * sign * through_v
+            through_v = torch.where(vmax > v_new, (1 - st.beta1) / d_eps, through_v)
+        return through_v.mul_(-(st.lr / b1) * sign)
 
     @classmethod
     def secant_rule(cls, theta, grad, st: AdamState):
@@ -188,18 +199,21 @@ class _AdamFamily(OptimizerLinearization):
         exactly (D0 = Dg), so no separate tangent is needed where g = 0. About a third of the
         general path's elementwise passes (this runs once per parameter per tracked step).
         """
+        # In-place arithmetic on fresh buffers (never on the inputs): these passes are memory-bound.
         b = -grad if st.maximize else grad
         sign = -1.0 if st.maximize else 1.0
         t = st.step + 1
         b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
         m = _zeros_or(st.exp_avg, b)
-        v = _zeros_or(st.exp_avg_sq, b)
-        va = st.beta2 * v
-        da = torch.sqrt(va / b2)
-        db = torch.sqrt((va + (1 - st.beta2) * b * b) / b2)
-        n = (1 - st.beta1) * (va + b2 * da * db) - ((1 - st.beta2) * st.beta1) * m * b
-        bracket = (1 - st.beta1) * st.eps + safe_div(n, b2 * (da + db))
-        return (-(st.lr / b1) * sign) * bracket / ((db + st.eps) * (da + st.eps))
+        va = _zeros_or(st.exp_avg_sq, b) * st.beta2
+        da = (va / b2).sqrt_()
+        db = torch.addcmul(va, b, b, value=1 - st.beta2).div_(b2).sqrt_()
+        n = torch.mul(da, db).mul_(b2).add_(va).mul_(1 - st.beta1)
+        n.addcmul_(m, b, value=-(1 - st.beta2) * st.beta1)
+        den = torch.add(da, db).mul_(b2)
+        # safe_div: where D0 = Dg = 0 (v = 0 and g = 0) N is 0 too, and the limit is 0.
+        bracket = n.div_(den).masked_fill_(den == 0, 0.0).add_((1 - st.beta1) * st.eps)
+        return bracket.div_(da.add_(st.eps).mul_(db.add_(st.eps))).mul_(-(st.lr / b1) * sign)
 
     @classmethod
     def symbolic_update(cls, g, theta, st: AdamState) -> sympy.Expr:
