@@ -6,7 +6,10 @@ Commands:
 * ``fidelity``: the fidelity study; every estimator against leave-one-out and exact Shapley
   values across optimizers, models and training phases (``--quick`` for a reduced grid);
 * ``bench``: throughput and peak memory of in-run attribution against plain AdamW training;
-* ``mislabel``: mislabelled-sample detection on digits (Adam-aware vs SGD proxy vs loss baseline).
+* ``mislabel``: mislabelled-sample detection on digits (Adam-aware vs SGD proxy vs loss baseline);
+* ``prune``: data pruning on Rotten Tomatoes with MiniLM (remove the lowest-valued p%, retrain);
+* ``source-id``: source identification; a small LM trained on King James Bible chapters, queried
+  with verbatim passages, their American Standard Version paraphrase and parallel passages.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ COMMANDS = {
     "bench": "attribution.experiments.bench",
     "fidelity": "attribution.experiments.fidelity",
     "mislabel": "attribution.experiments.mislabel",
+    "prune": "attribution.experiments.prune",
+    "source-id": "attribution.experiments.source_id",
 }
 
 
