@@ -18,9 +18,12 @@ Requirements and behaviour:
   same ``clip_grad_norm_(max_grad_norm)`` itself in ``on_pre_optimizer_step`` and sets
   ``args.max_grad_norm`` to 0 for the duration of training (restored at the end).
 * ``fp16`` loss scaling is refused (the scaled gradient is not the gradient the update uses).
-* Models that broadcast one buffer over the batch (BERT's ``position_ids`` of shape ``[1, T]``)
-  use that parameter once for the whole batch, so its module sees no per-sample gradient: give
-  such inputs per row (a ``position_ids`` column) so that every module input has the batch axis.
+* BERT-style models need no extra columns: the ghost engine expands the default ``[1, T]``
+  position ids (an ``nn.Embedding`` lookup broadcast over the batch) to one row per sample, so
+  the position embedding gets per-sample values. Padded positions (``attention_mask == 0``)
+  contribute nothing. Any other layer applied once to a batch-1 input and broadcast over the
+  batch is refused (``GhostEngineError: ... disagree on the batch size``); give such an input
+  a batch axis. See ``docs/reliability.md``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ the batch gradient. Two sources of c_z:
 """
 
 from ._checks import SampleInteractionError, check_samples_independent
-from ._config import Factorization, GhostPath, LinearizationKind, Reduction, ValPoint, parse_enum
+from ._config import Factorization, GhostPath, LinearizationKind, PerSampleMethod, Reduction, ValPoint, parse_enum
 from ._engine import GhostEngine, GhostEngineError, ParameterUseError, UncoveredParameterError
 from ._factorize import factored_error, rank_one
 from ._factors import Bilinear, DenseFactor, Factor, OneHotFactor, PerSample, Term
@@ -25,6 +25,7 @@ from ._first_order import (
     validation_gradients,
 )
 from ._ghost import ghost_values
+from ._per_sample import PerSampleFallbackWarning, PerSampleGrads, per_sample_map
 from ._rules import LayerRule, registered_rules, rule_for
 
 __all__ = [
@@ -39,6 +40,9 @@ __all__ = [
     "LinearizationKind",
     "OneHotFactor",
     "ParameterUseError",
+    "PerSampleFallbackWarning",
+    "PerSampleGrads",
+    "PerSampleMethod",
     "PerSample",
     "Reduction",
     "SampleInteractionError",
@@ -51,6 +55,7 @@ __all__ = [
     "ghost_values",
     "parse_enum",
     "per_sample_grads",
+    "per_sample_map",
     "preconditioned_val_grad",
     "preconditioning",
     "rank_one",

@@ -67,6 +67,21 @@ class Factorization(str, enum.Enum):
     SVD = "svd"
 
 
+class PerSampleMethod(str, enum.Enum):
+    """How per-sample gradients are computed by ``per_sample_grads`` (estimators and validation).
+
+    * ``AUTO`` -- ``VMAP``; if ``torch.func.vmap`` cannot trace the model (data-dependent control
+      flow, ``.item()``, an op without a batching rule) and one sample runs fine on its own,
+      ``LOOP`` instead, with a :class:`PerSampleFallbackWarning` saying why;
+    * ``VMAP`` -- ``torch.func.vmap`` over the samples (fast; refuses untraceable models);
+    * ``LOOP`` -- one ``torch.func.grad`` (forward + backward) per sample: exact, slower.
+    """
+
+    AUTO = "auto"
+    VMAP = "vmap"
+    LOOP = "loop"
+
+
 class Reduction(str, enum.Enum):
     """How the training loss reduces over the batch: c_z = ∇ℓ_z / n (``MEAN``) or ∇ℓ_z (``SUM``)."""
 

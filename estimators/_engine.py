@@ -305,6 +305,7 @@ class GhostEngine:
                 self._handles.append(module.register_forward_hook(self._pop, always_call=True))
                 if module in self._tracked:
                     self._handles.append(module.register_forward_hook(self._record, with_kwargs=True))
+            self._handles.extend(_broadcast_index_hooks(self.model, self._tracked))
             self._mode = _ParamUseMode(self)
             self._mode.__enter__()
         except BaseException:
@@ -383,7 +384,11 @@ class GhostEngine:
             detail = ", ".join(f"{self._tracked[c.module].name}: {tuple(c.grad.shape)}" for c in pas.calls if c.grad is not None)
             raise GhostEngineError(
                 f"the layers of one pass disagree on the batch size (output gradient shapes {detail}); every "
-                "tracked layer must see batch-first inputs of the same batch, one model call per micro-batch"
+                "tracked layer must see batch-first inputs of the same batch, one model call per micro-batch. "
+                "A layer applied once to a batch-1 input whose output is broadcast over the batch has no "
+                "per-sample gradient (only nn.Embedding lookups of batch-1 indices, such as BERT's default "
+                "[1, T] position ids, are expanded to the batch automatically): give that input a batch axis, "
+                "e.g. x.expand(n, *x.shape[1:]) before the layer"
             )
         return ns.pop()
 
@@ -696,6 +701,40 @@ def _precondition(J: torch.Tensor | float, g: torch.Tensor, shape: torch.Size) -
     if g.shape != shape:
         raise ValueError(f"a validation gradient has shape {tuple(g.shape)} but its parameter has shape {tuple(shape)}")
     return J * g
+
+
+def _broadcast_index_hooks(model: nn.Module, tracked: Mapping[nn.Module, _Tracked]) -> list[Any]:
+    """Forward pre-hooks giving batch-1 embedding lookups (BERT's default ``[1, T]`` position ids) a batch axis.
+
+    A lookup of indices ``[1, T]`` whose output ``[1, T, d]`` is broadcast over the batch
+    downstream has no per-sample output gradient (autograd sums it over the batch). Since
+    ``embedding(ids.expand(n, T)) == embedding(ids).expand(n, T, d)`` and the downstream
+    broadcast gives the same result for either, the indices are expanded to the batch size n of
+    the root model's call; the rule then sees one row per sample. Only trainable
+    ``nn.Embedding`` weights covered by their rule, only a leading dimension of 1 with at least
+    2 dims, and only when the root call's tensor inputs agree on one batch size n > 1; every
+    other batch-size mismatch is still refused (``GhostEngine`` values: "disagree on the batch size").
+    """
+    from torch.utils import _pytree
+
+    embeddings = [m for m, t in tracked.items() if isinstance(m, nn.Embedding) and "weight" in t.covered]
+    if not embeddings:
+        return []
+    batch: list[int | None] = [None]  # the batch size of the root model's current call
+
+    def note_batch(module, args, kwargs):
+        sizes = {int(t.shape[0]) for t in _pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0}
+        sizes.discard(1)
+        batch[0] = sizes.pop() if len(sizes) == 1 else None
+
+    def expand_index(module, args):
+        n, x = batch[0], args[0] if args else None
+        if n is None or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != 1:
+            return None
+        return (x.expand(n, *x.shape[1:]), *args[1:])
+
+    handles = [model.register_forward_pre_hook(note_batch, with_kwargs=True, prepend=True)]
+    return handles + [m.register_forward_pre_hook(expand_index) for m in embeddings]
 
 
 def _fallback_grads(call: _Call, tracked: _Tracked, n: int) -> dict[str, torch.Tensor]:

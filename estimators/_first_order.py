@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ._checks import check_samples_independent
-from ._config import LinearizationKind, Reduction, ValPoint, parse_enum
+from ._config import LinearizationKind, PerSampleMethod, Reduction, ValPoint, parse_enum
+from ._per_sample import PerSampleGrads, per_sample_map
 
 # The project's loss convention (as in a training loop): loss_fn(model(inputs), targets) -> scalar,
 # with batches given as (inputs, targets); inputs may be any pytree the model accepts.
@@ -286,11 +287,14 @@ def per_sample_grads(
     *,
     reduction: Reduction | str = "mean",
     params: Iterable[torch.Tensor] | None = None,
-) -> dict[torch.Tensor, torch.Tensor]:
+    method: PerSampleMethod | str = "auto",
+) -> PerSampleGrads:
     """Materialized per-sample contributions c_z = ∂L_B/∂θ restricted to sample z (torch.func).
 
     c_z = ∇ℓ_z / n for a mean-reduced loss, ∇ℓ_z for a sum, where ℓ_z is the loss of the batch
-    holding z alone; computed with ``vmap(grad(functional_call))``. Memory is n × #params.
+    holding z alone; computed with ``vmap(grad(functional_call))``, or, for models vmap cannot
+    trace (transformers' attention-mask code), with the same ``grad`` once per sample (see
+    :class:`PerSampleMethod`). Memory is n × #params.
 
     Args:
         model: the model; samples must not interact (no BatchNorm in train mode, no dropout).
@@ -298,11 +302,17 @@ def per_sample_grads(
         batch: ``(inputs, targets)``; every tensor leaf batch-first ``[n, ...]``.
         reduction: how ``loss_fn`` reduces over the batch, ``"mean"`` or ``"sum"``.
         params: the parameters to differentiate; default every parameter with ``requires_grad``.
+        method: ``"auto"`` (vmap, else the loop with a :class:`PerSampleFallbackWarning`),
+            ``"vmap"`` or ``"loop"``.
     Returns:
-        dict parameter -> tensor ``[n, *param.shape]`` in the parameter's dtype.
+        :class:`PerSampleGrads`: a dict parameter -> tensor ``[n, *param.shape]`` in the
+        parameter's dtype; its ``method`` says which path ran (``vmap`` or ``loop``).
     Raises:
         SampleInteractionError: the model mixes samples (BatchNorm in train mode).
-        ValueError: bad ``reduction``, leaves with different n, or random ops (dropout) in the model.
+        ValueError: bad ``reduction`` or ``method``, leaves with different n, or random ops
+            (dropout) in the model.
+        RuntimeError: ``method="vmap"`` on a model vmap cannot trace (the message suggests the
+            loop), or the model's own error on one sample.
     Example:
         >>> model = nn.Linear(2, 1)
         >>> c = per_sample_grads(model, nn.functional.mse_loss, (torch.ones(4, 2), torch.zeros(4, 1)))
@@ -310,6 +320,7 @@ def per_sample_grads(
         torch.Size([4, 1, 2])
     """
     reduction = parse_enum(Reduction, reduction, "reduction")
+    method = parse_enum(PerSampleMethod, method, "method")
     check_samples_independent(model)
     _check_pair(batch)
     leaves = pytree.tree_leaves(batch)
@@ -332,7 +343,7 @@ def per_sample_grads(
         return torch.func.functional_call(wrapper, train_params, (one,))
 
     try:
-        grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0), randomness="error")(train, batch)
+        grads, ran, reason = per_sample_map(torch.func.grad(sample_loss), train, (batch,), method=method, stacklevel=2)
     except RuntimeError as err:
         if "randomness" in str(err):
             raise ValueError(
@@ -340,6 +351,12 @@ def per_sample_grads(
                 "recomputation cannot reproduce the training pass; put those layers in eval mode or use "
                 "the ghost engine, which reads the real pass"
             ) from err
+        if method is PerSampleMethod.VMAP:
+            raise RuntimeError(
+                f"torch.func.vmap failed on the per-sample gradients: {err}. If the model has data-dependent "
+                "control flow (e.g. transformers' attention-mask code), use method='loop' (exact, one "
+                "forward and backward per sample) or method='auto'"
+            ) from err
         raise
     scale = 1.0 / n if reduction is Reduction.MEAN else 1.0
-    return {p: grads["model." + names[p]] * scale for p in wanted}
+    return PerSampleGrads({p: grads["model." + names[p]] * scale for p in wanted}, ran, reason)

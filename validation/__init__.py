@@ -4,7 +4,8 @@ Everything here runs the REAL torch optimizer (a copy of it and of its state) on
 per-sample gradients from ``torch.func``; nothing uses the linearizations in ``optimizers``.
 The library never imports this package; tests and experiments use it to certify estimators.
 
-* :func:`per_sample_grads` — each sample's share ``c_z`` of the batch gradient.
+* :func:`per_sample_grads` — each sample's share ``c_z`` of the batch gradient (``torch.func``
+  vmap, or an exact per-sample loop for models vmap cannot trace; see :class:`PerSampleMethod`).
 * :func:`utility` — the per-step game ``U(S) = L_val(θ_t) − L_val(θ_t + Δ(g_S))``.
 * :func:`leave_one_out` — ``U(B) − U(B∖z)``.
 * :func:`shapley_values` — exact (n ≤ 16) or permutation-sampled Shapley values of ``U``.
@@ -13,6 +14,8 @@ The library never imports this package; tests and experiments use it to certify 
 See ``docs/validation.md``.
 """
 
+from estimators import PerSampleFallbackWarning, PerSampleGrads, PerSampleMethod
+
 from ._fidelity import fidelity
 from ._game import STACKABLE_OPTIMIZERS, StepPath, leave_one_out, utility
 from ._per_sample import per_sample_grads
@@ -20,6 +23,9 @@ from ._shapley import MAX_EXACT_PLAYERS, ShapleyEstimate, shapley_values
 
 __all__ = [
     "MAX_EXACT_PLAYERS",
+    "PerSampleFallbackWarning",
+    "PerSampleGrads",
+    "PerSampleMethod",
     "STACKABLE_OPTIMIZERS",
     "ShapleyEstimate",
     "StepPath",

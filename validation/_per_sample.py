@@ -1,7 +1,9 @@
 """Per-sample contributions to the batch gradient, computed with ``torch.func``.
 
 This module is the oracle's own, deliberately plain, route to ``c_z``: it shares no code with
-the hook-based (ghost) estimators, so that it can certify them.
+the hook-based (ghost) estimators, so that it can certify them. Only the mapping of a
+per-sample ``torch.func.grad`` over the batch (``vmap``, or a plain loop for models vmap
+cannot trace) is shared with the materialized estimator, ``estimators.per_sample_map``.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad_and_value
 from torch.utils._pytree import tree_flatten, tree_map
 
-from estimators import check_samples_independent
+from estimators import PerSampleGrads, PerSampleMethod, check_samples_independent, parse_enum, per_sample_map
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -89,9 +91,10 @@ def _vmap_error(err: RuntimeError) -> Exception:
 
 def _per_sample_losses_and_grads(
     model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, params: Mapping[str, Tensor],
-    frozen: Mapping[str, Tensor], chunk_size: int | None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """``ℓ_z`` and ``∇ℓ_z`` where ``ℓ_z = loss_fn`` applied to the batch of one ``{z}``."""
+    frozen: Mapping[str, Tensor], chunk_size: int | None, method: PerSampleMethod = PerSampleMethod.AUTO,
+) -> tuple[Tensor, dict[str, Tensor], PerSampleMethod, str | None]:
+    """``ℓ_z`` and ``∇ℓ_z`` where ``ℓ_z = loss_fn`` applied to the batch of one ``{z}``, the
+    method that ran and, after an automatic fallback to the loop, vmap's error."""
 
     def one_sample(p: dict[str, Tensor], x: Any, y: Any) -> Tensor:
         x1 = tree_map(lambda t: t.unsqueeze(0), x)
@@ -99,12 +102,23 @@ def _per_sample_losses_and_grads(
         out = functional_call(model, (p, dict(frozen)), (x1,))
         return _scalar_loss(loss_fn(out, y1), "training")
 
-    per_sample = vmap(grad_and_value(one_sample), in_dims=(None, 0, 0), chunk_size=chunk_size)
     try:
-        grads, losses = per_sample(dict(params), inputs, targets)
+        (grads, losses), ran, reason = per_sample_map(
+            grad_and_value(one_sample), dict(params), (inputs, targets), method=method, chunk_size=chunk_size,
+            stacklevel=4,  # the caller of per_sample_grads
+        )
     except RuntimeError as err:
-        raise _vmap_error(err) from err
-    return losses, grads
+        converted = _vmap_error(err)
+        if converted is err and method is PerSampleMethod.VMAP:
+            converted = RuntimeError(
+                f"torch.func.vmap failed on the per-sample gradients: {err}. If the model has data-dependent "
+                "control flow (e.g. transformers' attention-mask code), use method='loop' (exact, one "
+                "forward and backward per sample) or method='auto'."
+            )
+        if converted is err:
+            raise
+        raise converted from err
+    return losses, grads, ran, reason
 
 
 def _reduction_factor(
@@ -146,8 +160,10 @@ def _reduction_factor(
 
 def _contributions(
     model: nn.Module, loss_fn: LossFn, batch: Sequence[Any], chunk_size: int | None = None,
-) -> tuple[dict[str, Tensor], Tensor]:
+    method: PerSampleMethod | str = PerSampleMethod.AUTO,
+) -> tuple[PerSampleGrads, Tensor]:
     """``c_z`` per parameter (batch dimension first) and the full-batch loss."""
+    method = parse_enum(PerSampleMethod, method, "method")
     check_samples_independent(model)
     inputs, targets = _unpack_batch(batch, "batch")
     n = _batch_size(inputs, targets, "batch")
@@ -159,16 +175,19 @@ def _contributions(
         return _scalar_loss(loss_fn(out, targets), "training")
 
     batch_grad, batch_loss = grad_and_value(batch_loss_fn)(dict(params))
-    losses, grads = _per_sample_losses_and_grads(model, loss_fn, inputs, targets, params, frozen, chunk_size)
+    losses, grads, ran, reason = _per_sample_losses_and_grads(
+        model, loss_fn, inputs, targets, params, frozen, chunk_size, method
+    )
     factor = _reduction_factor(n, batch_loss, batch_grad, losses, grads)
     if factor != 1.0:
         grads = {name: g * factor for name, g in grads.items()}
-    return grads, batch_loss
+    return PerSampleGrads(grads, ran, reason), batch_loss
 
 
 def per_sample_grads(
     model: nn.Module, loss_fn: LossFn, batch: Sequence[Any], *, chunk_size: int | None = None,
-) -> dict[str, Tensor]:
+    method: PerSampleMethod | str = "auto",
+) -> PerSampleGrads:
     """Each sample's share ``c_z`` of the batch gradient, by ``torch.func`` (vmap of grad).
 
     ``c_z = f · ∇_θ loss_fn(model(x_z[None]), y_z[None])`` with ``f = 1/n`` when ``loss_fn``
@@ -177,6 +196,11 @@ def per_sample_grads(
     The reduction is detected by comparing the full-batch loss and gradient with the
     per-sample ones; anything else is refused.
 
+    ``torch.func.vmap`` cannot trace every model (transformers' BERT branches on the attention
+    mask's values). ``method="auto"`` then runs the same ``grad`` once per sample (exact, one
+    forward and backward each) and warns with :class:`estimators.PerSampleFallbackWarning`;
+    the returned dict's ``method`` attribute says which path ran.
+
     Args:
         model: the network; parameters with ``requires_grad`` are differentiated, buffers
             and frozen parameters are held fixed. Never modified.
@@ -184,24 +208,30 @@ def per_sample_grads(
         batch: ``(inputs, targets)``, batch dimension first (``n`` samples); either may be a
             tensor or a nested tuple/dict of tensors.
         chunk_size: samples per vmap chunk, to bound memory (``None``: all at once).
+        method: ``"auto"`` (vmap, else the per-sample loop with a warning), ``"vmap"`` (no
+            fallback) or ``"loop"`` (see :class:`estimators.PerSampleMethod`).
 
     Returns:
-        ``{name: Tensor [n, *param.shape]}`` for every trainable parameter, in
-        ``model.named_parameters()`` order and the model's dtype.
+        :class:`estimators.PerSampleGrads`, a dict ``{name: Tensor [n, *param.shape]}`` for
+        every trainable parameter, in ``model.named_parameters()`` order and the model's dtype,
+        with ``.method`` (``PerSampleMethod.VMAP`` or ``LOOP``) and ``.fallback_reason``.
 
     Raises:
         SampleInteractionError: a BatchNorm layer is in train mode (samples interact).
         ValueError: empty batch, inconsistent batch dimensions, a non-scalar loss, a loss that
-            is neither a mean nor a sum, a random forward pass, or no trainable parameter.
+            is neither a mean nor a sum, a random forward pass, no trainable parameter, or an
+            unknown ``method``.
         TypeError: ``batch`` is not a pair.
+        RuntimeError: ``method="vmap"`` on a model vmap cannot trace (the message suggests
+            ``method="loop"``), or the model's own error on a single sample.
 
     Example:
         >>> model = nn.Linear(3, 1)
         >>> x, y = torch.randn(4, 3), torch.randn(4, 1)
         >>> c = per_sample_grads(model, nn.functional.mse_loss, (x, y))
-        >>> c["weight"].shape
-        torch.Size([4, 1, 3])
+        >>> c["weight"].shape, c.method.value
+        (torch.Size([4, 1, 3]), 'vmap')
     """
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-    return _contributions(model, loss_fn, batch, chunk_size)[0]
+    return _contributions(model, loss_fn, batch, chunk_size, method)[0]

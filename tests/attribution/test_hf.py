@@ -32,8 +32,8 @@ def _rows(n=16, length=8, seed=0):
         ids = torch.randint(1, 40, (length,), generator=g)
         real = int(torch.randint(3, length + 1, (1,), generator=g))
         mask = (torch.arange(length) < real).long()
-        # position_ids per row: BERT otherwise broadcasts one [1, T] buffer over the batch, and a
-        # broadcast parameter use has no per-sample gradient at its module (see attribution.hf).
+        # Explicit per-row position_ids (optional: the engine also expands BERT's default
+        # broadcast [1, T] ids, see tests/reliability/test_hf_models.py).
         rows.append({"input_ids": ids * mask, "attention_mask": mask, "position_ids": torch.arange(length),
                      "labels": int(i % 2), "sample_id": 100 + i})
     return rows

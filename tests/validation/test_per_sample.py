@@ -94,3 +94,44 @@ def test_parameter_with_rounding_level_gradient_does_not_break_reduction_detecti
     batch = (torch.randint(1, 50, (4, 8)), torch.randint(1, 50, (4, 8)))
     grads = validation.per_sample_grads(m, lm_loss, batch)
     assert grads["blocks.0.attn.k.bias"].shape == (4, 16)
+
+
+class _BranchesOnValues(torch.nn.Module):
+    """Python control flow on a tensor's value, as transformers' attention-mask code does: vmap refuses it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2).double()
+
+    def forward(self, x):
+        if not bool(torch.isfinite(x).all()):  # a check on values, like transformers' "mask is all ones"
+            raise ValueError("non-finite input")
+        return self.fc(x)
+
+
+def test_data_dependent_control_flow_falls_back_to_the_exact_loop():
+    import warnings
+
+    from validation import PerSampleFallbackWarning, PerSampleMethod
+
+    model, loss_fn = _BranchesOnValues(), loss_for("mlp")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (5,), generator=g)
+    with pytest.raises(RuntimeError, match="use method='loop'"):
+        per_sample_grads(model, loss_fn, (x, y), method="vmap")
+    with pytest.warns(PerSampleFallbackWarning, match="data-dependent control flow|calling .item()"):
+        auto = per_sample_grads(model, loss_fn, (x, y))
+    assert auto.method is PerSampleMethod.LOOP and auto.fallback_reason.startswith("RuntimeError: vmap")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSampleFallbackWarning)
+        loop = per_sample_grads(model, loss_fn, (x, y), method="loop")
+    assert loop.method is PerSampleMethod.LOOP and loop.fallback_reason is None
+    for z in range(5):  # the batch of one, scaled by 1/n
+        expected = {k: v / 5 for k, v in batch_grad(model, loss_fn, (x[z : z + 1], y[z : z + 1])).items()}
+        assert_close({k: v[z] for k, v in auto.items()}, expected, atol=1e-15)
+        assert_close({k: v[z] for k, v in loop.items()}, expected, atol=1e-15)
+
+
+def test_vmap_is_the_default_path_where_it_works():
+    c = per_sample_grads(make_model("mlp", 0), loss_for("mlp"), make_batch("mlp", 3, 1))
+    assert c.method.value == "vmap" and c.fallback_reason is None and isinstance(c, dict)
