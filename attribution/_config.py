@@ -15,6 +15,12 @@ class EstimatorKind(str, enum.Enum):
       (exact for any diagonal optimizer);
     * ``ghost-factored``: hooks, rank-one factorisation of J per weight matrix (pairwise cost);
     * ``materialized``: explicit per-sample gradients (torch.func), the slow reference.
+
+    All three compute φ_z = −⟨J ⊙ ∇L_val, c_z⟩; ``ghost-factored`` approximates J ≈ σ r sᵀ.
+
+    Example:
+        >>> EstimatorKind("ghost-factored") is EstimatorKind.GHOST_FACTORED
+        True
     """
 
     GHOST = "ghost"
@@ -33,9 +39,16 @@ class AttributionConfig:
             ``"midpoint"``).
         estimator: ``"ghost"``, ``"ghost-factored"`` or ``"materialized"``.
 
+    Raises:
+        ValueError: a field is not one of its accepted strings (the message lists them).
+
     Example:
         >>> AttributionConfig(linearization="secant").linearization
         <LinearizationKind.SECANT: 'secant'>
+        >>> AttributionConfig(val_point="after")
+        Traceback (most recent call last):
+        ...
+        ValueError: val_point='after' is not accepted; use one of 'current', 'lookahead', 'midpoint'
     """
 
     linearization: LinearizationKind | str = LinearizationKind.SECANT
@@ -48,5 +61,10 @@ class AttributionConfig:
         object.__setattr__(self, "estimator", parse_enum(EstimatorKind, self.estimator, "estimator"))
 
     def as_dict(self) -> dict[str, str]:
-        """Plain strings, for saving next to results."""
+        """Plain strings, for saving next to results.
+
+        Example:
+            >>> AttributionConfig("tangent", "lookahead").as_dict()
+            {'linearization': 'tangent', 'val_point': 'lookahead', 'estimator': 'ghost'}
+        """
         return {f.name: getattr(self, f.name).value for f in dataclasses.fields(self)}

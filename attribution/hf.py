@@ -47,6 +47,23 @@ class KwargsModel(nn.Module):
 
     Hugging Face models take keyword arguments; the toolkit's convention is
     ``loss_fn(model(inputs), targets)``. With ``model_loss`` as ``loss_fn`` the model's own loss is used.
+
+    Args:
+        model: the wrapped module, called as ``model(**inputs)``; its parameters are this
+            module's parameters (nothing is copied).
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = nn.Linear(2, 1)
+        ...     def forward(self, x, scale=1.0):
+        ...         return self.lin(x) * scale
+        >>> net = Net()
+        >>> wrapped = KwargsModel(net)
+        >>> x = torch.ones(3, 2)
+        >>> torch.equal(wrapped({"x": x, "scale": 2.0}), net(x, scale=2.0)), wrapped.model is net
+        (True, True)
     """
 
     def __init__(self, model: nn.Module):
@@ -58,7 +75,24 @@ class KwargsModel(nn.Module):
 
 
 def model_loss(outputs, targets=None) -> torch.Tensor:
-    """The loss a Hugging Face model computed from the ``labels`` in its inputs."""
+    """The loss a Hugging Face model computed from the ``labels`` in its inputs.
+
+    Args:
+        outputs: the model's output object (anything with a ``loss`` attribute).
+        targets: ignored (the labels travel inside the inputs).
+    Returns:
+        ``outputs.loss``, a scalar tensor.
+    Raises:
+        ValueError: ``outputs.loss`` is missing or ``None`` (no ``labels`` in the batch).
+    Example:
+        >>> from types import SimpleNamespace
+        >>> model_loss(SimpleNamespace(loss=torch.tensor(0.5))).item()
+        0.5
+        >>> model_loss(SimpleNamespace(loss=None))
+        Traceback (most recent call last):
+        ...
+        ValueError: the model returned no loss: include 'labels' in the validation batch
+    """
     if getattr(outputs, "loss", None) is None:
         raise ValueError("the model returned no loss: include 'labels' in the validation batch")
     return outputs.loss
@@ -67,10 +101,48 @@ def model_loss(outputs, targets=None) -> torch.Tensor:
 class InRunShapleyCallback(TrainerCallback):
     """A ``TrainerCallback`` that runs :class:`~attribution.InRunShapley` inside ``Trainer.train()``.
 
+    Each optimizer step of ``Trainer.train()`` adds, for every training row z of the step,
+    φ_z = −⟨J ⊙ ∇L_val, c_z⟩ (J the optimizer's secant or tangent, ∇L_val the gradient of the
+    model's own loss on ``val_batch``) to the total of the row's ``id_key``.
+
     Args:
         val_batch: a dict of model inputs including ``labels``, or a list of such dicts (K targets).
         id_key: the batch key holding each row's dataset id.
         linearization, val_point, estimator, record_steps: as for :class:`InRunShapley`.
+    Raises:
+        ValueError: a validation batch is not a dict with ``labels``.
+        TrackerUsageError: during training, for ``fp16`` or batches without ``id_key``.
+
+    Example (a tiny model through a real ``Trainer``; needs ``accelerate`` as Trainer does):
+        >>> import tempfile, transformers
+        >>> class Tiny(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = nn.Linear(3, 2)
+        ...     def forward(self, x, labels=None):
+        ...         logits = self.lin(x)
+        ...         loss = nn.functional.cross_entropy(logits, labels)
+        ...         return transformers.modeling_outputs.SequenceClassifierOutput(loss=loss, logits=logits)
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> rows = [{"x": torch.randn(3, generator=gen), "labels": i % 2, "sample_id": 100 + i} for i in range(8)]
+        >>> val = {"x": torch.randn(4, 3, generator=gen), "labels": torch.tensor([0, 1, 0, 1])}
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> args = transformers.TrainingArguments(
+        ...     output_dir=tmp.name, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+        ...     remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
+        ...     logging_strategy="no", disable_tqdm=True)
+        >>> callback = InRunShapleyCallback(val)
+        >>> trainer = transformers.Trainer(model=Tiny(), args=args, train_dataset=rows, callbacks=[callback])
+        >>> trainer.remove_callback(transformers.PrinterCallback)      # keep the example's output quiet
+        >>> _ = trainer.train()
+        >>> values = callback.values()
+        >>> len(values), list(values.columns), int(values["steps_seen"].sum())
+        (8, ['value', 'steps_seen'], 8)
+        >>> tmp.cleanup()
+        >>> InRunShapleyCallback({"x": torch.ones(1, 3)})
+        Traceback (most recent call last):
+        ...
+        ValueError: validation batch 0 must be a dict of model inputs including 'labels'
     """
 
     def __init__(self, val_batch, *, id_key: str = "sample_id", linearization="secant", val_point="midpoint",
@@ -92,6 +164,11 @@ class InRunShapleyCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Trainer event: build the tracker on the real torch optimizer and take over clipping.
+
+        Raises:
+            TrackerUsageError: ``args.fp16`` (loss scaling) is set.
+        """
         if getattr(args, "fp16", False):
             raise TrackerUsageError(
                 "InRunShapleyCallback does not support fp16 loss scaling (the scaled gradient is not the one the "
@@ -122,6 +199,11 @@ class InRunShapleyCallback(TrainerCallback):
             stack.close()
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        """Trainer event: close the last micro-batch, clip as Trainer would, let the tracker value the step.
+
+        Raises:
+            TrackerUsageError: the step's batches carried no ``id_key`` column.
+        """
         self._exit_batch()
         if not self._captured:
             raise TrackerUsageError(
@@ -133,6 +215,7 @@ class InRunShapleyCallback(TrainerCallback):
             torch.nn.utils.clip_grad_norm_(self._model.parameters(), self._max_grad_norm)
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Trainer event: remove the hook, restore ``args.max_grad_norm`` and close the tracker."""
         self._exit_batch()
         if self._hook is not None:
             self._hook.remove()
@@ -144,13 +227,32 @@ class InRunShapleyCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ results
     def values(self):
-        """Totals by id (see :meth:`InRunShapley.values`)."""
+        """Totals by id (see :meth:`InRunShapley.values`): a DataFrame indexed by id.
+
+        Raises:
+            TrackerUsageError: no training has run with this callback.
+        Example:
+            >>> InRunShapleyCallback({"labels": torch.zeros(1)}).values()
+            Traceback (most recent call last):
+            ...
+            attribution._tracker.TrackerUsageError: no training has run with this callback yet
+        """
         if self.tracker is None:
             raise TrackerUsageError("no training has run with this callback yet")
         return self.tracker.values()
 
     def history(self):
-        """The per-step long table (needs ``record_steps=True``)."""
+        """The per-step long table (needs ``record_steps=True``): step, position, id, values.
+
+        Raises:
+            TrackerUsageError: no training has run with this callback (or as
+                :meth:`InRunShapley.history`).
+        Example:
+            >>> InRunShapleyCallback({"labels": torch.zeros(1)}, record_steps=True).history()
+            Traceback (most recent call last):
+            ...
+            attribution._tracker.TrackerUsageError: no training has run with this callback yet
+        """
         if self.tracker is None:
             raise TrackerUsageError("no training has run with this callback yet")
         return self.tracker.history()

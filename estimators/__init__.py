@@ -8,6 +8,19 @@ the batch gradient. Two sources of c_z:
 * materialized: :func:`per_sample_grads` + :func:`first_order_values` (the reference path);
 * ghost: :class:`GhostEngine`, from the activations and output gradients of the ordinary
   backward pass, per layer by a registered :class:`LayerRule`.
+
+Example (the materialized reference path under SGD, J = −η = −0.1):
+    >>> import torch, estimators
+    >>> model = torch.nn.Linear(2, 1, bias=False).double()
+    >>> with torch.no_grad():
+    ...     _ = model.weight.copy_(torch.tensor([[1.0, -1.0]]))
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    >>> y = torch.zeros(2, 1, dtype=torch.float64)
+    >>> loss_fn = lambda out, t: ((out - t) ** 2).sum(1).mean()
+    >>> c = estimators.per_sample_grads(model, loss_fn, (x, y))          # c_z = ∇ℓ_z / 2
+    >>> P = estimators.preconditioned_val_grad(-0.1, torch.tensor([[1.0, 1.0]], dtype=torch.float64))
+    >>> estimators.first_order_values(c, [{model.weight: P}]).reshape(-1).tolist()
+    [0.1, -0.1]
 """
 
 from ._checks import SampleInteractionError, check_samples_independent

@@ -13,7 +13,16 @@ _BATCH_MIXING_LAYERS: tuple[type[nn.Module], ...] = (
 
 
 class SampleInteractionError(ValueError):
-    """The model lets samples of a batch interact in the forward pass (e.g. BatchNorm in train mode)."""
+    """The model lets samples of a batch interact in the forward pass (e.g. BatchNorm in train mode).
+
+    Then c_z (sample z's share of g_B) is not defined by z alone, so no value is computed.
+
+    Example:
+        >>> check_samples_independent(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+        Traceback (most recent call last):
+        ...
+        estimators._checks.SampleInteractionError: module '1' (BatchNorm1d) is in train mode ...
+    """
 
 
 def check_samples_independent(model: nn.Module) -> None:
@@ -26,8 +35,14 @@ def check_samples_independent(model: nn.Module) -> None:
         SampleInteractionError: naming the first offending module and the fixes
             (``model.eval()`` for those layers, or GroupNorm/LayerNorm instead).
 
+    Args:
+        model: any ``nn.Module``; only its modules' types and ``training`` flags are read.
+    Returns:
+        ``None`` (the model is fine).
+
     Example:
         >>> check_samples_independent(nn.Sequential(nn.Linear(2, 2)))
+        >>> check_samples_independent(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).eval())  # running stats: fine
     """
     for name, module in model.named_modules():
         if isinstance(module, _BATCH_MIXING_LAYERS) and module.training:

@@ -14,6 +14,12 @@ class LinearizationKind(str, enum.Enum):
     * ``TANGENT`` -- J = ∂Δ/∂g at the batch gradient g_B (matches leave-one-out);
     * ``SECANT`` -- J = (Δ(g_B) − Δ(0)) ⊘ g_B (values sum to −⟨∇L_val, Δ(g_B) − Δ(0)⟩);
     * ``SGD`` -- J = −η, the optimizer-agnostic proxy of earlier in-run methods.
+
+    Every estimator then computes φ_z = −⟨J ⊙ ∇L_val, c_z⟩. Members compare equal to their strings.
+
+    Example:
+        >>> LinearizationKind("secant") is LinearizationKind.SECANT, LinearizationKind.SGD == "sgd"
+        (True, True)
     """
 
     TANGENT = "tangent"
@@ -27,6 +33,10 @@ class ValPoint(str, enum.Enum):
     * ``CURRENT`` -- ∇L_val(θ_t), the first-order form;
     * ``LOOKAHEAD`` -- ∇L_val(θ_t + Δ(g_B)), pairs with the tangent;
     * ``MIDPOINT`` -- ∇L_val(θ_t + ½(Δ(g_B) + Δ(0))), pairs with the secant.
+
+    Example:
+        >>> [v.value for v in ValPoint]
+        ['current', 'lookahead', 'midpoint']
     """
 
     CURRENT = "current"
@@ -44,6 +54,10 @@ class GhostPath(str, enum.Enum):
     * ``FACTORED`` -- pairwise with a rank-one J ≈ r sᵀ (approximate, Adam-aware);
     * ``MATERIALIZED`` -- build c_z ``[n, *param.shape]`` from the captured factors, then
       −⟨P, c_z⟩ (the reference path; memory n × #params).
+
+    Example:
+        >>> parse_enum(GhostPath, "factored", "path")
+        <GhostPath.FACTORED: 'factored'>
     """
 
     AUTO = "auto"
@@ -60,6 +74,10 @@ class Factorization(str, enum.Enum):
       the least-squares fit in log space (geometric row and column means);
     * ``ADAFACTOR`` -- r sᵀ = (row sums)(column sums)ᵀ / total, as Adafactor factors v;
     * ``SVD`` -- the leading singular pair of |J| (best in Frobenius norm).
+
+    Example:
+        >>> Factorization("svd").name
+        'SVD'
     """
 
     GEOMETRIC = "geometric"
@@ -75,6 +93,10 @@ class PerSampleMethod(str, enum.Enum):
       ``LOOP`` instead, with a :class:`PerSampleFallbackWarning` saying why;
     * ``VMAP`` -- ``torch.func.vmap`` over the samples (fast; refuses untraceable models);
     * ``LOOP`` -- one ``torch.func.grad`` (forward + backward) per sample: exact, slower.
+
+    Example:
+        >>> PerSampleMethod.AUTO.value
+        'auto'
     """
 
     AUTO = "auto"
@@ -83,7 +105,14 @@ class PerSampleMethod(str, enum.Enum):
 
 
 class Reduction(str, enum.Enum):
-    """How the training loss reduces over the batch: c_z = ∇ℓ_z / n (``MEAN``) or ∇ℓ_z (``SUM``)."""
+    """How the training loss reduces over the batch: c_z = ∇ℓ_z / n (``MEAN``) or ∇ℓ_z (``SUM``).
+
+    Either way g_B = Σ_z c_z is the gradient ``backward()`` leaves in ``param.grad``.
+
+    Example:
+        >>> Reduction("mean") is Reduction.MEAN
+        True
+    """
 
     MEAN = "mean"
     SUM = "sum"
@@ -92,8 +121,22 @@ class Reduction(str, enum.Enum):
 def parse_enum(enum_cls: type[E], value: object, argument: str) -> E:
     """``value`` as a member of ``enum_cls``, accepting the member or its string value.
 
+    Args:
+        enum_cls: the enum (its members' values are the accepted strings).
+        value: a member of ``enum_cls`` or one of its string values.
+        argument: the user-facing argument name, for the error message.
+    Returns:
+        The member of ``enum_cls``.
     Raises:
         ValueError: naming ``argument``, the offending value and the accepted values.
+
+    Example:
+        >>> parse_enum(ValPoint, "lookahead", "val_point")
+        <ValPoint.LOOKAHEAD: 'lookahead'>
+        >>> parse_enum(ValPoint, "after", "val_point")
+        Traceback (most recent call last):
+        ...
+        ValueError: val_point='after' is not accepted; use one of 'current', 'lookahead', 'midpoint'
     """
     if isinstance(value, enum_cls):
         return value

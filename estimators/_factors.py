@@ -15,6 +15,16 @@ Contractions (all return one value per training sample):
 
 * dense:    ⟨P, c_z⟩ = Σ_t u_tᵀ P v_t                         (P = J ⊙ ∇L_val)
 * pairwise: Σ_v ⟨c_v, c_z⟩ = Σ_v sum((U_z U_vᵀ) ∘ (V_z V_vᵀ))  (ghost dot-product)
+
+Example (a Linear layer's weight, n = 2 samples, T = 3 positions, d_out = 2, d_in = 4):
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> B = torch.randn(2, 3, 2, generator=gen, dtype=torch.float64)    # output gradients b_t
+    >>> A = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)    # inputs a_t
+    >>> term = Bilinear(DenseFactor(B), DenseFactor(A))
+    >>> c = torch.einsum("ntr,ntc->nrc", B, A)                           # c_z(W) = Σ_t b_t a_tᵀ
+    >>> P = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    >>> torch.allclose(term.dense_values(P), (c * P).sum((1, 2)))
+    True
 """
 
 from __future__ import annotations
@@ -30,56 +40,126 @@ _GRAM_BUDGET = 1 << 24
 
 
 class Factor(abc.ABC):
-    """One side (rows or columns) of a bilinear per-sample contribution: [n, T] vectors in R^D."""
+    """One side (rows or columns) of a bilinear per-sample contribution: [n, T] vectors in R^D.
+
+    Abstract; the two concrete forms are :class:`DenseFactor` and :class:`OneHotFactor`.
+    Sample z's vectors f_{z,t} ∈ R^D, t = 1..T, are the rows of the [T, D] matrix the module doc
+    calls U_z or V_z.
+
+    Example:
+        >>> f = DenseFactor(torch.arange(12.0, dtype=torch.float64).reshape(2, 3, 2))
+        >>> f.n, f.T, f.size, f.cost
+        (2, 3, 2, 2)
+    """
 
     @property
     @abc.abstractmethod
     def n(self) -> int:
-        """Number of samples."""
+        """Number of samples (the leading axis).
+
+        Example:
+            >>> DenseFactor(torch.arange(12.0, dtype=torch.float64).reshape(2, 3, 2)).n
+            2
+        """
 
     @property
     @abc.abstractmethod
     def T(self) -> int:
-        """Number of positions (tokens, spatial locations, calls) summed per sample."""
+        """Number of positions (tokens, spatial locations, calls) summed per sample.
+
+        Example:
+            >>> DenseFactor(torch.arange(12.0, dtype=torch.float64).reshape(2, 3, 2)).T
+            3
+        """
 
     @property
     @abc.abstractmethod
     def size(self) -> int:
-        """Feature dimension D."""
+        """Feature dimension D.
+
+        Example:
+            >>> DenseFactor(torch.arange(12.0, dtype=torch.float64).reshape(2, 3, 2)).size
+            2
+        """
 
     @property
     @abc.abstractmethod
     def cost(self) -> int:
-        """Flops per pair of positions in a gram product (D for dense, 1 for one-hot)."""
+        """Flops per pair of positions in a gram product (D for dense, 1 for one-hot).
+
+        Example:
+            >>> OneHotFactor(torch.zeros(2, 3, dtype=torch.long), depth=100).cost
+            1
+        """
 
     @abc.abstractmethod
     def to(self, dtype: torch.dtype) -> Factor:
-        """This factor in ``dtype``."""
+        """This factor in ``dtype`` (indices of a one-hot factor stay ``long``).
+
+        Example:
+            >>> DenseFactor(torch.ones(1, 1, 2)).to(torch.float64).dense().dtype
+            torch.float64
+        """
 
     @abc.abstractmethod
     def scaled(self, s: torch.Tensor) -> Factor:
-        """f_t ⊙ s for a feature-wise scale ``s`` of shape ``[D]``."""
+        """f_t ⊙ s for a feature-wise scale ``s`` of shape ``[D]`` (the factored path's r or s).
+
+        Example:
+            >>> f = DenseFactor(torch.ones(1, 2, 2, dtype=torch.float64))
+            >>> f.scaled(torch.tensor([2.0, 3.0], dtype=torch.float64)).dense()[0, 0].tolist()
+            [2.0, 3.0]
+        """
 
     @abc.abstractmethod
     def project(self, M: torch.Tensor) -> torch.Tensor:
-        """f_tᵀ M for ``M`` of shape ``[D, E]``: returns ``[n, T, E]``."""
+        """f_tᵀ M for ``M`` of shape ``[D, E]``: returns ``[n, T, E]``.
+
+        Example:
+            >>> f = DenseFactor(torch.arange(12.0, dtype=torch.float64).reshape(2, 3, 2))
+            >>> torch.equal(f.project(torch.eye(2, dtype=torch.float64)), f.dense())
+            True
+        """
 
     @abc.abstractmethod
     def inner(self, Y: torch.Tensor) -> torch.Tensor:
-        """Σ_t f_t · Y_t for ``Y`` of shape ``[n, T, D]``: returns ``[n]``."""
+        """Σ_t f_t · Y_t for ``Y`` of shape ``[n, T, D]``: returns ``[n]``.
+
+        Example:
+            >>> f = DenseFactor(torch.arange(12.0, dtype=torch.float64).reshape(2, 3, 2))
+            >>> torch.allclose(f.inner(f.dense()), (f.dense() ** 2).sum((1, 2)))
+            True
+        """
 
     @abc.abstractmethod
     def select(self, rows: slice) -> Factor:
-        """The samples ``rows`` of this factor."""
+        """The samples ``rows`` (a slice of the leading axis) of this factor.
+
+        Example:
+            >>> DenseFactor(torch.arange(12.0, dtype=torch.float64).reshape(2, 3, 2)).select(slice(1, 2)).n
+            1
+        """
 
     @abc.abstractmethod
     def dense(self) -> torch.Tensor:
-        """The factor as a dense ``[n, T, D]`` tensor."""
+        """The factor as a dense ``[n, T, D]`` tensor (a one-hot factor materializes its one-hots).
+
+        Example:
+            >>> OneHotFactor(torch.tensor([[2]]), depth=4).dense().tolist()
+            [[[0.0, 0.0, 1.0, 0.0]]]
+        """
 
 
 @dataclasses.dataclass(frozen=True)
 class DenseFactor(Factor):
-    """Dense factor ``x`` of shape ``[n, T, D]``."""
+    """Dense factor ``x`` of shape ``[n, T, D]``: f_{z,t} = x[z, t].
+
+    Example (a Linear layer's inputs a_t, T = 1 without a sequence axis):
+        >>> a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)   # [n=2, d_in=2]
+        >>> f = DenseFactor(a.unsqueeze(1))                                     # [n, T=1, D=2]
+        >>> f.project(torch.tensor([[1.0], [1.0]], dtype=torch.float64)).reshape(-1).tolist()
+        [3.0, 7.0]
+    """
 
     x: torch.Tensor
 
@@ -113,7 +193,15 @@ class DenseFactor(Factor):
 class OneHotFactor(Factor):
     """Weighted one-hot factor: f_t = weight_t · e_{index_t} ∈ R^size.
 
-    ``index`` is ``[n, T]`` (long), ``weight`` is ``[n, T]`` or ``None`` (all ones).
+    ``index`` is ``[n, T]`` (long), ``weight`` is ``[n, T]`` or ``None`` (all ones); ``depth``
+    is D (the vocabulary size of an embedding). ``project(M)`` is a row gather M[index], so
+    ⟨P, c_z⟩ = Σ_t P[x_t]·b_t for an embedding costs n·T·d, never n·T·vocab.
+
+    Example:
+        >>> f = OneHotFactor(torch.tensor([[0, 2]]), depth=3, weight=torch.tensor([[1.0, 0.5]], dtype=torch.float64))
+        >>> M = torch.arange(6.0, dtype=torch.float64).reshape(3, 2)
+        >>> torch.equal(f.project(M), f.dense() @ M)
+        True
     """
 
     index: torch.Tensor
@@ -152,7 +240,17 @@ class OneHotFactor(Factor):
 
 
 def gram(a: Factor, b: Factor) -> torch.Tensor:
-    """G[z, v, t, s] = a_{z,t} · b_{v,s}: shape ``[n_a, n_b, T_a, T_b]``."""
+    """G[z, v, t, s] = a_{z,t} · b_{v,s}: shape ``[n_a, n_b, T_a, T_b]``.
+
+    Both factors must have the same feature size D; one-hot factors are never densified.
+
+    Example:
+        >>> a = DenseFactor(torch.arange(12.0, dtype=torch.float64).reshape(2, 2, 3))
+        >>> b = OneHotFactor(torch.tensor([[0, 2, 1]]), depth=3, weight=torch.ones(1, 3, dtype=torch.float64))
+        >>> G = gram(a, b)
+        >>> G.shape, torch.equal(G, torch.einsum("ntd,msd->nmts", a.dense(), b.dense()))
+        (torch.Size([2, 1, 2, 3]), True)
+    """
     if isinstance(a, OneHotFactor) and isinstance(b, OneHotFactor):
         eq = (a.index[:, None, :, None] == b.index[None, :, None, :])
         dtype = a.weight.dtype if a.weight is not None else (b.weight.dtype if b.weight is not None else torch.get_default_dtype())
@@ -174,33 +272,82 @@ def gram(a: Factor, b: Factor) -> torch.Tensor:
 
 
 class Term(abc.ABC):
-    """The contribution of one layer call to one parameter, for every sample of a pass."""
+    """The contribution of one layer call to one parameter, for every sample of a pass.
+
+    Abstract; concrete terms are :class:`PerSample` (materialized c_z) and :class:`Bilinear`
+    (c_z(W) = Σ_t u_t v_tᵀ in factored form). A :class:`LayerRule` returns one per parameter.
+
+    Example:
+        >>> t = PerSample(torch.ones(3, 2, dtype=torch.float64))
+        >>> t.n, t.total(torch.Size([2])).tolist()
+        (3, [3.0, 3.0])
+    """
 
     @property
     @abc.abstractmethod
     def n(self) -> int:
-        """Number of samples."""
+        """Number of samples n.
+
+        Example:
+            >>> PerSample(torch.zeros(4, 3)).n
+            4
+        """
 
     @abc.abstractmethod
     def dense_values(self, P: torch.Tensor) -> torch.Tensor:
-        """⟨P, c_z⟩ for each sample, ``[n]``; ``P`` has the parameter's shape."""
+        """⟨P, c_z⟩ for each sample, ``[n]``; ``P`` has the parameter's shape.
+
+        With P = J ⊙ ∇L_val the value of sample z is −dense_values(P)[z].
+
+        Example:
+            >>> c = torch.tensor([[1.0, 0.0], [2.0, -1.0]], dtype=torch.float64)
+            >>> PerSample(c).dense_values(torch.tensor([3.0, 1.0], dtype=torch.float64)).tolist()
+            [3.0, 5.0]
+        """
 
     @abc.abstractmethod
     def total(self, shape: torch.Size) -> torch.Tensor:
-        """Σ_z c_z, in the parameter's ``shape`` (the gradient this term adds to ``param.grad``)."""
+        """Σ_z c_z, in the parameter's ``shape`` (the gradient this term adds to ``param.grad``).
+
+        Example:
+            >>> t = Bilinear(DenseFactor(torch.ones(2, 1, 2)), DenseFactor(torch.ones(2, 1, 3)))
+            >>> t.total(torch.Size([2, 3])).tolist()
+            [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+        """
 
     @abc.abstractmethod
     def to(self, dtype: torch.dtype) -> Term:
-        """This term in ``dtype``."""
+        """This term in ``dtype`` (precision is explicit: callers cast, terms never do it silently).
+
+        Example:
+            >>> PerSample(torch.zeros(2, 3)).to(torch.float64).c.dtype
+            torch.float64
+        """
 
     @abc.abstractmethod
     def materialize(self, shape: torch.Size) -> torch.Tensor:
-        """The per-sample contributions themselves, ``[n, *shape]``."""
+        """The per-sample contributions themselves, ``[n, *shape]``.
+
+        Example:
+            >>> t = Bilinear(DenseFactor(torch.ones(2, 3, 2)), DenseFactor(torch.ones(2, 3, 4)))
+            >>> c = t.materialize(torch.Size([2, 4]))
+            >>> c.shape, torch.allclose(c.sum(0), t.total(torch.Size([2, 4])))
+            (torch.Size([2, 2, 4]), True)
+        """
 
 
 @dataclasses.dataclass(frozen=True)
 class PerSample(Term):
-    """A materialized contribution, ``c`` of shape ``[n, *param.shape]``."""
+    """A materialized contribution, ``c`` of shape ``[n, *param.shape]``.
+
+    Used for cheap parameters (biases: c_z(b) = Σ_t b_t; norm weights: c_z(w) = Σ_t x̂_t ⊙ b_t)
+    and by the ``torch.func`` fallback.
+
+    Example:
+        >>> t = PerSample(torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64))
+        >>> t.dense_values(torch.ones(2, dtype=torch.float64)).tolist(), t.materialize(torch.Size([2])).shape
+        ([3.0, 7.0], torch.Size([2, 2]))
+    """
 
     c: torch.Tensor
 
@@ -221,7 +368,27 @@ class PerSample(Term):
 
 @dataclasses.dataclass(frozen=True)
 class Bilinear(Term):
-    """c_z(W) = Σ_t u_t v_tᵀ on the matrix view W = ``param.reshape(rows.size, cols.size)``."""
+    """c_z(W) = Σ_t u_t v_tᵀ on the matrix view W = ``param.reshape(rows.size, cols.size)``.
+
+    ``rows`` and ``cols`` must cover the same ``[n, T]``. Three contractions, all ``[n]``:
+    ``dense_values(P)`` = Σ_t u_tᵀ P v_t; ``pairwise_values(other)`` = Σ_v ⟨c_v, c_z⟩ =
+    Σ_v sum((U_z U_vᵀ) ∘ (V_z V_vᵀ)); ``materialize`` builds c_z itself.
+
+    Raises:
+        ValueError: the two factors disagree on n or T.
+
+    Example (the ghost dot-product equals the materialized one):
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> def dense(*shape): return DenseFactor(torch.randn(*shape, generator=gen, dtype=torch.float64))
+        >>> train, val = Bilinear(dense(3, 2, 4), dense(3, 2, 5)), Bilinear(dense(2, 1, 4), dense(2, 1, 5))
+        >>> c_z, c_v = train.materialize(torch.Size([4, 5])), val.materialize(torch.Size([4, 5]))
+        >>> torch.allclose(train.pairwise_values(val), torch.einsum("zrc,vrc->z", c_z, c_v))
+        True
+        >>> Bilinear(dense(3, 2, 4), dense(3, 1, 5))
+        Traceback (most recent call last):
+        ...
+        ValueError: Bilinear factors disagree: rows cover [n=3, T=2] but columns [n=3, T=1]
+    """
 
     rows: Factor
     cols: Factor
@@ -236,7 +403,15 @@ class Bilinear(Term):
     n = property(lambda self: self.rows.n)
 
     def view(self, P: torch.Tensor) -> torch.Tensor:
-        """``P`` (parameter-shaped) as the ``[R, C]`` matrix this term lives on."""
+        """``P`` (parameter-shaped) as the ``[R, C]`` matrix this term lives on.
+
+        Raises:
+            ValueError: ``P`` does not have R·C entries.
+        Example (a conv weight [C_out, C_in, k] viewed as [C_out, C_in·k]):
+            >>> t = Bilinear(DenseFactor(torch.ones(1, 1, 4)), DenseFactor(torch.ones(1, 1, 6)))
+            >>> t.view(torch.zeros(4, 2, 3)).shape
+            torch.Size([4, 6])
+        """
         if P.numel() != self.rows.size * self.cols.size:
             raise ValueError(
                 f"a parameter with {P.numel()} entries cannot be viewed as a {self.rows.size}×{self.cols.size} matrix"
@@ -278,7 +453,17 @@ class Bilinear(Term):
         return torch.einsum("ntr,ntc->nrc", self.rows.dense(), self.cols.dense()).reshape(self.n, *shape)
 
     def pairwise_values(self, other: Bilinear) -> torch.Tensor:
-        """Σ_v ⟨c_v, c_z⟩ for each training sample z of ``self`` against all samples v of ``other``."""
+        """Σ_v ⟨c_v, c_z⟩ for each training sample z of ``self`` against all samples v of ``other``.
+
+        = Σ_v sum((U_z U_vᵀ) ∘ (V_z V_vᵀ)), without forming c_z; validation samples are processed
+        in chunks that bound the [n, m, T, S] gram block. Returns ``[n]``.
+
+        Example (T = 1: ⟨b_z a_zᵀ, b_v a_vᵀ⟩ = (b_z·b_v)(a_z·a_v)):
+            >>> z = Bilinear(DenseFactor(torch.tensor([[[1.0, 2.0]]])), DenseFactor(torch.tensor([[[3.0]]])))
+            >>> v = Bilinear(DenseFactor(torch.tensor([[[1.0, 1.0]]])), DenseFactor(torch.tensor([[[2.0]]])))
+            >>> z.pairwise_values(v).tolist()
+            [18.0]
+        """
         per_pair = max(1, self.n * self.rows.T * other.rows.T)
         chunk = max(1, _GRAM_BUDGET // per_pair)
         out = None
@@ -290,11 +475,23 @@ class Bilinear(Term):
         return out
 
     def pairwise_cost(self, other: Bilinear) -> int:
-        """Approximate flops of :meth:`pairwise_values`: n·T·m·S·(cost_rows + cost_cols)."""
+        """Approximate flops of :meth:`pairwise_values`: n·T·m·S·(cost_rows + cost_cols).
+
+        Example:
+            >>> t = Bilinear(DenseFactor(torch.ones(2, 3, 4)), DenseFactor(torch.ones(2, 3, 5)))
+            >>> t.pairwise_cost(t), 2 * 3 * 2 * 3 * (4 + 5)
+            (324, 324)
+        """
         return self.n * self.rows.T * other.n * other.rows.T * (self.rows.cost + self.cols.cost)
 
     def dense_cost(self) -> int:
-        """Approximate flops of :meth:`dense_values`: n·T·R·C, or n·T·D when one side is one-hot."""
+        """Approximate flops of :meth:`dense_values`: n·T·R·C, or n·T·D when one side is one-hot.
+
+        Example:
+            >>> t = Bilinear(DenseFactor(torch.ones(2, 3, 4)), DenseFactor(torch.ones(2, 3, 5)))
+            >>> t.dense_cost()
+            120
+        """
         if isinstance(self.rows, OneHotFactor) or isinstance(self.cols, OneHotFactor):
             return self.n * self.rows.T * max(self.rows.cost, self.cols.cost)
         return self.n * self.rows.T * self.rows.size * self.cols.size

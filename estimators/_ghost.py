@@ -47,8 +47,23 @@ def ghost_values(
         Tensor ``[n, K]``.
     Raises:
         ValueError: both ``engine`` and ``engine_options`` given; as :meth:`GhostEngine.values`.
-    Example:
-        >>> phi = ghost_values(model, loss_fn, (x, y), [(xv, yv)], -0.1)  # doctest: +SKIP
+        UncoveredParameterError, SampleInteractionError: as :class:`GhostEngine`.
+    Example (SGD, J = −η: agrees with φ_z = η ⟨∇L_val, c_z⟩ from materialized gradients):
+        >>> from estimators import per_sample_grads, first_order_values
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> def randn(*shape): return torch.randn(*shape, generator=gen, dtype=torch.float64)
+        >>> model = nn.Linear(3, 2).double()
+        >>> x, y, xv, yv = randn(4, 3), randn(4, 2), randn(5, 3), randn(5, 2)
+        >>> loss_fn = nn.functional.mse_loss
+        >>> phi = ghost_values(model, loss_fn, (x, y), [(xv, yv)], -0.1)
+        >>> phi.shape, phi.dtype
+        (torch.Size([4, 1]), torch.float64)
+        >>> params = list(model.parameters())
+        >>> val_grad = dict(zip(params, torch.autograd.grad(loss_fn(model(xv), yv), params)))
+        >>> c = per_sample_grads(model, loss_fn, (x, y))
+        >>> ref = first_order_values(c, [{p: -0.1 * g for p, g in val_grad.items()}])
+        >>> torch.allclose(phi, ref)
+        True
     """
     if engine is not None and engine_options:
         raise ValueError(f"pass either engine= or engine options ({', '.join(engine_options)}), not both")

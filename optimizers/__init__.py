@@ -4,6 +4,14 @@
 :class:`OptimizerLinearization` with per-parameter ``update`` (Δ(g)), ``tangent`` (∂Δ/∂g) and
 ``secant`` ((Δ(g) − Δ(0)) ⊘ g). Add an optimizer by subclassing with
 ``optimizer=YourTorchOptimizer`` (see docs/extending.md) and run :mod:`optimizers.conformance`.
+
+Example (for SGD every slope is −η, the original In-Run Data Shapley preconditioning):
+    >>> import torch, optimizers
+    >>> w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    >>> w.grad = torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64)
+    >>> lin = optimizers.linearize(torch.optim.SGD([w], lr=0.1))
+    >>> torch.allclose(lin.tangent(w, w.grad), torch.full_like(w, -0.1))
+    True
 """
 
 from ._base import (

@@ -6,7 +6,14 @@ import torch
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den`` where ``den > 0``, else 0 (the 0/0 limits documented by each optimizer)."""
+    """``num / den`` where ``den > 0``, else 0 (the 0/0 limits documented by each optimizer).
+
+    ``num`` and ``den`` broadcast together; the result has their shape and dtype, never NaN.
+
+    Example:
+        >>> safe_div(torch.tensor([1.0, 0.0]), torch.tensor([4.0, 0.0])).tolist()
+        [0.25, 0.0]
+    """
     pos = den > 0
     return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(num))
 
@@ -17,6 +24,17 @@ def root_product_gap(w: torch.Tensor, kappa: float, ya: torch.Tensor, yb: torch.
     Where ya·yb > 0 the two terms nearly cancel when w is small; there the identity
     (√A√B − c)(√A√B + c) = AB − c² = w (w + κ ya² + κ yb²) gives the difference directly.
     Every chord (secant) of an update u(x) = x/(√(w + κ x²) + ε) reduces to this quantity.
+
+    Args:
+        w: non-negative tensor; ``ya``, ``yb`` broadcast with it; ``kappa`` ≥ 0 a float.
+    Returns:
+        Tensor of the broadcast shape, ≥ 0 (it equals w (w + κ ya² + κ yb²)/(√A√B + κ ya yb)).
+    Example (agrees with the naive formula where it has no cancellation to suffer from):
+        >>> w = torch.tensor([2.0], dtype=torch.float64)
+        >>> ya, yb = torch.tensor([1.0], dtype=torch.float64), torch.tensor([3.0], dtype=torch.float64)
+        >>> naive = torch.sqrt(w + 0.5 * ya**2) * torch.sqrt(w + 0.5 * yb**2) - 0.5 * ya * yb
+        >>> torch.allclose(root_product_gap(w, 0.5, ya, yb), naive)
+        True
     """
     ra = torch.sqrt(w + kappa * ya * ya)
     rb = torch.sqrt(w + kappa * yb * yb)

@@ -6,6 +6,15 @@ before ``optimizer.step()`` and exposes, per parameter, the update rule under th
     Δ(g) = the change ``step()`` would make to θ_t if ``param.grad`` were g,
 
 and two elementwise slopes of it: the tangent J = ∂Δ/∂g and the secant (Δ(g) − Δ(0)) ⊘ g.
+
+Example (plain SGD: Δ(g) = −η g, so both slopes are −η):
+    >>> import torch, optimizers
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    >>> opt = torch.optim.SGD([w], lr=0.1)
+    >>> w.grad = torch.tensor([0.5, 0.0], dtype=torch.float64)
+    >>> lin = optimizers.linearize(opt)
+    >>> lin.tangent(w, w.grad).tolist(), lin.secant(w, w.grad).tolist()
+    ([-0.1, -0.1], [-0.1, -0.1])
 """
 
 from __future__ import annotations
@@ -23,11 +32,37 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 class UnsupportedOptimizerError(TypeError):
-    """The optimizer class, or one of its settings, is not modelled by any registered linearization."""
+    """The optimizer class, or one of its settings, is not modelled by any registered linearization.
+
+    Raised by :func:`linearize` / :func:`linearization_class` (unregistered class; the message
+    lists the registered ones), by :meth:`OptimizerLinearization.check_group` (a refused flag,
+    named) and for sparse gradients.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.ones(2)
+        >>> linearize(torch.optim.Adam([w], capturable=True))
+        Traceback (most recent call last):
+        ...
+        optimizers._base.UnsupportedOptimizerError: Adam param group 0 has capturable=True, ...
+    """
 
 
 class StaleStateError(RuntimeError):
-    """The optimizer state changed after ``linearize`` read it (for example ``step()`` ran)."""
+    """The optimizer state changed after ``linearize`` read it (for example ``step()`` ran).
+
+    Detected from the version counters of the state tensors; ``linearize(..., copy_state=True)``
+    keeps a frozen copy instead and never raises it.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+        >>> w.grad = torch.ones(2, dtype=torch.float64); opt.step()   # creates momentum_buffer
+        >>> lin = linearize(opt); opt.step()                          # the buffer moves on
+        >>> lin.update(w, w.grad)
+        Traceback (most recent call last):
+        ...
+        optimizers._base.StaleStateError: optimizer state 'momentum_buffer' of a parameter of shape (2,) changed ...
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,16 +72,47 @@ class ParamState:
     Tensor fields hold references to the optimizer's own state tensors (or clones when
     ``linearize(..., copy_state=True)``); ``None`` means the state does not exist yet (the
     optimizer has not stepped this parameter), which torch treats as zeros or as "first step".
+
+    Attributes:
+        lr: η, the learning rate of the parameter's group (a Python float).
+
+    Example:
+        >>> from optimizers import AdamState
+        >>> st = AdamState(lr=0.1, step=1, exp_avg=torch.tensor([1.0, 2.0], dtype=torch.float64))
+        >>> sorted(st.tensors()), st.coordinate(1).exp_avg
+        (['exp_avg'], 2.0)
     """
 
     lr: float
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The tensor-valued fields, by name."""
+        """The tensor-valued fields, by name (fields that are ``None`` or scalars are left out).
+
+        Returns:
+            ``{field name: tensor}``; each tensor has the parameter's shape and dtype.
+        Example:
+            >>> from optimizers import SGDState
+            >>> SGDState(lr=0.1, momentum_buffer=torch.zeros(3)).tensors()
+            {'momentum_buffer': tensor([0., 0., 0.])}
+        """
         return {f.name: v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
 
     def coordinate(self, index: int) -> ParamState:
-        """This state with every tensor field replaced by its value at flat ``index`` (a float)."""
+        """This state with every tensor field replaced by its value at flat ``index`` (a float).
+
+        One coordinate of an elementwise rule, as the sympy model and the conformance check use it.
+
+        Args:
+            index: a flat index into the parameter, ``0 <= index < param.numel()``.
+        Returns:
+            A copy of the same :class:`ParamState` subclass; tensor fields become Python floats.
+        Raises:
+            IndexError: ``index`` is out of range for a tensor field.
+        Example:
+            >>> from optimizers import SGDState
+            >>> SGDState(lr=0.1, momentum_buffer=torch.tensor([[1.0, 2.0], [3.0, 4.0]])).coordinate(2)
+            SGDState(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, momentum_buffer=3.0)
+        """
         return dataclasses.replace(self, **{k: float(v.reshape(-1)[index]) for k, v in self.tensors().items()})
 
 
@@ -72,6 +138,24 @@ class OptimizerLinearization(abc.ABC):
       :meth:`sample_hyperparameters` for the conformance check.
 
     Settings a subclass does not model are listed in ``refused_flags`` (refused when truthy).
+
+    An instance (built by :func:`linearize`) maps each parameter with a gradient to its frozen
+    state and answers :meth:`update`, :meth:`tangent` and :meth:`secant`, whose values give the
+    preconditioned validation gradient P = J ⊙ ∇L_val and the values φ_z = −⟨P, c_z⟩.
+
+    Raises:
+        TypeError: ``optimizer=`` is not a ``torch.optim.Optimizer`` subclass.
+        ValueError: the optimizer is already registered and ``replace=True`` was not given.
+
+    Example (the registry; a full subclass is worked through in docs/extending.md):
+        >>> import optimizers
+        >>> optimizers.linearization_class(torch.optim.Adam).__name__
+        'AdamLinearization'
+        >>> class Again(OptimizerLinearization, optimizer=torch.optim.SGD):
+        ...     pass
+        Traceback (most recent call last):
+        ...
+        ValueError: torch.optim.sgd.SGD is already linearized by SGDLinearization; pass `replace=True` ...
     """
 
     optimizer_class: ClassVar[type[torch.optim.Optimizer]]
@@ -104,11 +188,41 @@ class OptimizerLinearization(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def read_state(cls, param: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> ParamState:
-        """Freeze the state of ``param`` (``optimizer.state[param]``) and its group's hyper-parameters."""
+        """Freeze the state of ``param`` (``optimizer.state[param]``) and its group's hyper-parameters.
+
+        Args:
+            param: the parameter, shape ``S``.
+            state: ``optimizer.state[param]`` as torch holds it (possibly empty before the first step).
+            group: the param group holding ``param`` (``lr``, ``betas``, ...).
+        Returns:
+            The subclass's :class:`ParamState`, tensor fields detached (shape ``S``) or ``None``.
+        Raises:
+            UnsupportedOptimizerError: a setting the subclass does not model.
+        Example:
+            >>> from optimizers import SGDLinearization
+            >>> w = torch.zeros(2)
+            >>> SGDLinearization.read_state(w, {}, {"lr": 0.1, "momentum": 0.9, "dampening": 0.0,
+            ...     "weight_decay": 0.0, "nesterov": False, "maximize": False}).momentum_buffer is None
+            True
+        """
 
     @classmethod
     def check_group(cls, group: Mapping[str, Any], index: int) -> None:
-        """Refuse param-group settings this linearization does not model, naming the flag."""
+        """Refuse param-group settings this linearization does not model, naming the flag.
+
+        Args:
+            group: a param group of the optimizer.
+            index: its position in ``optimizer.param_groups`` (for the message).
+        Raises:
+            UnsupportedOptimizerError: a flag of ``refused_flags`` is truthy in ``group``.
+        Example:
+            >>> from optimizers import AdamLinearization
+            >>> AdamLinearization.check_group({"capturable": False, "differentiable": False}, 0)  # fine
+            >>> AdamLinearization.check_group({"differentiable": True}, 0)
+            Traceback (most recent call last):
+            ...
+            optimizers._base.UnsupportedOptimizerError: Adam param group 0 has differentiable=True, ...
+        """
         for flag in cls.refused_flags:
             if group.get(flag):
                 raise UnsupportedOptimizerError(
@@ -120,7 +234,23 @@ class OptimizerLinearization(abc.ABC):
 
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer, *, copy_state: bool = False) -> OptimizerLinearization:
-        """Read every parameter that has a gradient; see :func:`linearize`."""
+        """Read every parameter that has a gradient; see :func:`linearize`.
+
+        Args:
+            optimizer: an instance of ``cls.optimizer_class``, after ``backward()``.
+            copy_state: keep clones of the state tensors instead of references.
+        Returns:
+            An instance of ``cls`` covering the parameters whose ``.grad`` is not ``None``.
+        Raises:
+            UnsupportedOptimizerError: a refused flag (:meth:`check_group`) or a sparse gradient.
+        Example:
+            >>> from optimizers import SGDLinearization
+            >>> a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+            >>> a.grad = torch.ones(2)                      # b has no gradient: not covered
+            >>> lin = SGDLinearization.from_optimizer(torch.optim.SGD([a, b], lr=0.1))
+            >>> len(lin), a in lin, b in lin
+            (1, True, False)
+        """
         states: dict[torch.Tensor, ParamState] = {}
         versions: dict[torch.Tensor, dict[str, int]] = {}
         for i, group in enumerate(optimizer.param_groups):
@@ -144,12 +274,34 @@ class OptimizerLinearization(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def update_rule(cls, theta: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
-        """Δ(g) under ``state``; ``theta`` is θ_t (needed for weight decay). Same shape as ``theta``."""
+        """Δ(g) under ``state``; ``theta`` is θ_t (needed for weight decay). Same shape as ``theta``.
+
+        A pure classmethod: ``theta``, ``grad`` and the state's tensors share one shape ``S`` and
+        dtype; the result has that shape and dtype. Subclasses implement it; :meth:`update` is the
+        checked per-parameter entry point.
+
+        Example:
+            >>> from optimizers import SGDLinearization, SGDState
+            >>> g = torch.tensor([1.0, -2.0], dtype=torch.float64)
+            >>> SGDLinearization.update_rule(torch.zeros(2, dtype=torch.float64), g, SGDState(lr=0.5)).tolist()
+            [-0.5, 1.0]
+        """
 
     @classmethod
     @abc.abstractmethod
     def tangent_rule(cls, theta: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
-        """∂Δ/∂g elementwise at ``grad``; finite for finite input."""
+        """J = ∂Δ/∂g elementwise at ``grad``; finite for finite input.
+
+        Shapes and dtypes as :meth:`update_rule`. Where the closed form is 0/0 (Adam with
+        v̂ = 0 and g = 0) the subclass returns the limit, never NaN.
+
+        Example:
+            >>> from optimizers import AdamLinearization, AdamState
+            >>> g = torch.tensor([1.0, 0.0], dtype=torch.float64)
+            >>> J = AdamLinearization.tangent_rule(torch.zeros(2, dtype=torch.float64), g, AdamState(lr=0.1))
+            >>> bool(torch.isfinite(J).all()), bool(J[0].abs() < 1e-6)   # step 1: sign descent, flat slope
+            (True, True)
+        """
 
     @classmethod
     def secant_rule(cls, theta: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
@@ -157,6 +309,17 @@ class OptimizerLinearization(abc.ABC):
 
         This default is the plain chord; its float rounding error is about
         eps·|Δ(0)|/|g|, so subclasses with momentum override it with a cancellation-free form.
+
+        By construction J_sec ⊙ g = Δ(g) − Δ(0), so Σ_z J_sec c_z = Δ(g_B) − Δ(0) (efficiency).
+        Shapes and dtypes as :meth:`update_rule`.
+
+        Example:
+            >>> from optimizers import AdamLinearization, AdamState
+            >>> th, g = torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, -3.0], dtype=torch.float64)
+            >>> st = AdamState(lr=0.1)
+            >>> chord = AdamLinearization.update_rule(th, g, st) - AdamLinearization.update_rule(th, 0 * g, st)
+            >>> torch.allclose(AdamLinearization.secant_rule(th, g, st) * g, chord)
+            True
         """
         chord = (cls.update_rule(theta, grad, state) - cls.update_rule(theta, torch.zeros_like(grad), state))
         zero = grad == 0
@@ -171,6 +334,13 @@ class OptimizerLinearization(abc.ABC):
         ``state`` is a :class:`ParamState` whose tensor fields were replaced by sympy symbols
         (or ``None`` where the state does not exist yet). Write it as a literal transcription
         of the torch algorithm; the conformance check differentiates it.
+
+        Example:
+            >>> import sympy
+            >>> from optimizers import SGDLinearization, SGDState
+            >>> g, theta = sympy.symbols("g theta")
+            >>> SGDLinearization.symbolic_update(g, theta, SGDState(lr=0.5, weight_decay=0.1))
+            -0.5*g - 0.05*theta
         """
 
     @classmethod
@@ -178,6 +348,12 @@ class OptimizerLinearization(abc.ABC):
         """Constructor keyword arguments for ``optimizer_class`` drawn from ``rng`` (a ``random.Random``).
 
         Used by the conformance check; override to cover every flag the subclass models.
+
+        Example:
+            >>> import random
+            >>> from optimizers import SGDLinearization
+            >>> "momentum" in SGDLinearization.sample_hyperparameters(random.Random(0))
+            True
         """
         return {"lr": rng.choice([1e-3, 0.05, 0.3])}
 
@@ -234,28 +410,108 @@ class OptimizerLinearization(abc.ABC):
         Returns:
             Tensor of shape ``S`` (decoupled weight decay included), in the dtype of ``grad`` and the
             state (float32 if any of them is half precision).
+        Raises:
+            ValueError: ``grad`` does not have ``param``'s shape.
+            KeyError: ``param`` is not covered (it had no ``.grad`` when :func:`linearize` ran).
+            StaleStateError: the optimizer state changed since :func:`linearize`.
+
+        Example (the update is exactly what ``step()`` does):
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+            >>> opt = torch.optim.Adam([w], lr=0.1)
+            >>> w.grad = torch.tensor([0.3, -0.1, 0.0], dtype=torch.float64)
+            >>> lin = linearize(opt, copy_state=True)
+            >>> expected = w.detach() + lin.update(w, w.grad)
+            >>> opt.step(); torch.allclose(w.detach(), expected)
+            True
         """
         return self.update_rule(*self._inputs(param, grad))
 
     def tangent(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """J = ∂Δ/∂g at ``grad``, elementwise (shape of ``param``); finite for finite input."""
+        """J = ∂Δ/∂g at ``grad``, elementwise (shape of ``param``); finite for finite input.
+
+        The tangent at the batch gradient g_B matches the leave-one-out marginal
+        U(B) − U(B∖z) ≈ −⟨J ⊙ ∇L_val, c_z⟩ to first order.
+
+        Args:
+            param: a covered parameter, shape ``S``.
+            grad: the point g, shape ``S`` (usually ``param.grad``).
+        Returns:
+            Tensor of shape ``S``, dtype as :meth:`update`.
+        Raises:
+            As :meth:`update`.
+        Example (agrees with a central finite difference of :meth:`update`):
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+            >>> opt = torch.optim.RMSprop([w], lr=0.01)
+            >>> w.grad = torch.tensor([0.3, -0.1], dtype=torch.float64)
+            >>> lin = linearize(opt)
+            >>> h = 1e-6
+            >>> fd = (lin.update(w, w.grad + h) - lin.update(w, w.grad - h)) / (2 * h)
+            >>> torch.allclose(lin.tangent(w, w.grad), fd, rtol=1e-6)
+            True
+        """
         return self.tangent_rule(*self._inputs(param, grad))
 
     def secant(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """(Δ(grad) − Δ(0)) ⊘ grad elementwise (shape of ``param``), the tangent where grad is 0."""
+        """(Δ(grad) − Δ(0)) ⊘ grad elementwise (shape of ``param``), the tangent where grad is 0.
+
+        With J = secant at g_B, Σ_z J ⊙ c_z = Δ(g_B) − Δ(0) exactly, so the values
+        φ_z = −⟨J ⊙ ∇L_val, c_z⟩ sum to the first-order game's U(B) − U(∅) (efficiency).
+
+        Args:
+            param: a covered parameter, shape ``S``.
+            grad: the point g, shape ``S`` (usually ``param.grad``).
+        Returns:
+            Tensor of shape ``S``, dtype as :meth:`update`.
+        Raises:
+            As :meth:`update`.
+        Example (the chord identity, under momentum where Δ(0) ≠ 0):
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+            >>> opt = torch.optim.Adam([w], lr=0.1)
+            >>> w.grad = torch.tensor([0.3, -0.1], dtype=torch.float64); opt.step()
+            >>> g = torch.tensor([0.2, 0.4], dtype=torch.float64); w.grad = g
+            >>> lin = linearize(opt)
+            >>> torch.allclose(lin.secant(w, g) * g, lin.update(w, g) - lin.update(w, torch.zeros_like(g)))
+            True
+        """
         return self.secant_rule(*self._inputs(param, grad))
 
     def learning_rate(self, param: torch.Tensor) -> float:
-        """The learning rate of ``param``'s group at linearization time (the SGD proxy is J = −lr)."""
+        """The learning rate of ``param``'s group at linearization time (the SGD proxy is J = −lr).
+
+        Returns:
+            η as a Python float.
+        Raises:
+            KeyError, StaleStateError: as :meth:`update`.
+        Example:
+            >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.ones(2)
+            >>> linearize(torch.optim.Adam([w], lr=0.003)).learning_rate(w)
+            0.003
+        """
         return self._state_of(param).lr
 
     def state(self, param: torch.Tensor) -> ParamState:
-        """The frozen :class:`ParamState` of ``param``."""
+        """The frozen :class:`ParamState` of ``param``.
+
+        Raises:
+            KeyError, StaleStateError: as :meth:`update`.
+        Example:
+            >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.ones(2)
+            >>> st = linearize(torch.optim.Adam([w], lr=0.1)).state(w)
+            >>> type(st).__name__, st.step, st.exp_avg is None    # before the first step
+            ('AdamState', 0, True)
+        """
         return self._state_of(param)
 
     @property
     def params(self) -> list[torch.Tensor]:
-        """The parameters this linearization covers (those that had a gradient)."""
+        """The parameters this linearization covers (those that had a gradient).
+
+        Example:
+            >>> a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+            >>> b.grad = torch.ones(3)
+            >>> [p is b for p in linearize(torch.optim.SGD([a, b], lr=0.1)).params]
+            [True]
+        """
         return list(self._states)
 
     def __contains__(self, param: object) -> bool:
@@ -272,12 +528,28 @@ class OptimizerLinearization(abc.ABC):
 
 
 def registered() -> dict[type[torch.optim.Optimizer], type[OptimizerLinearization]]:
-    """A copy of the registry: torch optimizer class -> linearization class."""
+    """A copy of the registry: torch optimizer class -> linearization class.
+
+    Example:
+        >>> sorted(c.__name__ for c in registered())
+        ['Adagrad', 'Adam', 'AdamW', 'RMSprop', 'SGD']
+    """
     return dict(_REGISTRY)
 
 
 def linearization_class(optimizer_class: type[torch.optim.Optimizer]) -> type[OptimizerLinearization]:
-    """The registered linearization class for ``optimizer_class`` (exact type match)."""
+    """The registered linearization class for ``optimizer_class`` (exact type match).
+
+    Raises:
+        UnsupportedOptimizerError: nothing is registered for it; the message lists what is.
+    Example:
+        >>> linearization_class(torch.optim.AdamW).__name__
+        'AdamWLinearization'
+        >>> linearization_class(torch.optim.Adamax)
+        Traceback (most recent call last):
+        ...
+        optimizers._base.UnsupportedOptimizerError: no linearization is registered for torch.optim.adamax.Adamax (supported: Adagrad, Adam, AdamW, RMSprop, SGD). ...
+    """
     try:
         return _REGISTRY[optimizer_class]
     except KeyError:
@@ -297,7 +569,13 @@ def linearize(optimizer: torch.optim.Optimizer, *, copy_state: bool = False) -> 
     references to the optimizer's state tensors (no memory cost) and raises
     :class:`StaleStateError` if they change before use; ``copy_state=True`` keeps a copy.
 
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` whose class is registered (see :func:`registered`).
+        copy_state: keep float copies of the state tensors (memory) instead of references.
+    Returns:
+        An :class:`OptimizerLinearization` covering every parameter with a ``.grad``.
     Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
         UnsupportedOptimizerError: the optimizer class is not registered, or a param group
             uses a setting the linearization does not model (e.g. ``capturable=True``).
 
@@ -315,5 +593,10 @@ def linearize(optimizer: torch.optim.Optimizer, *, copy_state: bool = False) -> 
 
 
 def as_float(x: Any) -> float:
-    """A hyper-parameter (float or 0-d tensor, as torch allows for lr and betas) as a Python float."""
+    """A hyper-parameter (float or 0-d tensor, as torch allows for lr and betas) as a Python float.
+
+    Example:
+        >>> as_float(torch.tensor(0.5)), as_float(2)
+        (0.5, 2.0)
+    """
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)

@@ -27,7 +27,17 @@ from ._base import OptimizerLinearization, ParamState, as_float
 
 @dataclasses.dataclass(frozen=True)
 class AdagradState(ParamState):
-    """Frozen state of one parameter under ``torch.optim.Adagrad``."""
+    """Frozen state of one parameter under ``torch.optim.Adagrad``.
+
+    Attributes:
+        lr, lr_decay, eps, weight_decay, maximize, initial_accumulator_value: the group's settings.
+        step: steps already taken (k in η_k = η/(1 + k·lr_decay)).
+        sum: the accumulator S, shape ``param.shape``, or ``None`` (then S = initial_accumulator_value).
+
+    Example:
+        >>> AdagradState(lr=0.1).sum is None
+        True
+    """
 
     lr_decay: float = 0.0
     eps: float = 1e-10
@@ -39,7 +49,22 @@ class AdagradState(ParamState):
 
 
 class AdagradLinearization(OptimizerLinearization, optimizer=torch.optim.Adagrad):
-    """Linearization of ``torch.optim.Adagrad`` (lr decay, L2 decay, maximize; dense gradients)."""
+    """Linearization of ``torch.optim.Adagrad`` (lr decay, L2 decay, maximize; dense gradients).
+
+    Δ = −η_k g̃/(√(S + g̃²) + ε); tangent −η_k (S + ε D)/(D (D + ε)²), secant as in the module doc.
+
+    Example (``update`` is exactly ``step()``; the secant satisfies J ⊙ g = Δ(g) − Δ(0)):
+        >>> import optimizers
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+        >>> opt = torch.optim.Adagrad([w], lr=0.1, initial_accumulator_value=0.5)
+        >>> g = torch.tensor([0.3, -0.1], dtype=torch.float64); w.grad = g
+        >>> lin = optimizers.linearize(opt, copy_state=True)
+        >>> torch.allclose(lin.secant(w, g) * g, lin.update(w, g) - lin.update(w, 0 * g))
+        True
+        >>> expected = w.detach() + lin.update(w, g)
+        >>> opt.step(); torch.allclose(w.detach(), expected)
+        True
+    """
 
     @classmethod
     def read_state(cls, param, state, group) -> AdagradState:

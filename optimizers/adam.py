@@ -40,7 +40,21 @@ from ._base import OptimizerLinearization, ParamState, UnsupportedOptimizerError
 
 @dataclasses.dataclass(frozen=True)
 class AdamState(ParamState):
-    """Frozen state of one parameter under Adam/AdamW; ``step`` counts steps already taken."""
+    """Frozen state of one parameter under Adam/AdamW; ``step`` counts steps already taken.
+
+    Attributes:
+        lr, beta1, beta2, eps, weight_decay: η, β1, β2, ε, λ (Python floats).
+        decoupled_weight_decay: True for AdamW (decay −ηλθ outside the moments).
+        amsgrad, maximize: the group's flags.
+        step: steps already taken (the update about to happen uses t = step + 1).
+        exp_avg, exp_avg_sq, max_exp_avg_sq: m, v and AMSGrad's running max of v, each of shape
+            ``param.shape``, or ``None`` before the first step (torch's zeros).
+
+    Example:
+        >>> st = AdamState(lr=1e-3)
+        >>> st.step, st.exp_avg is None, (st.beta1, st.beta2)
+        (0, True, (0.9, 0.999))
+    """
 
     beta1: float = 0.9
     beta2: float = 0.999
@@ -250,7 +264,26 @@ class _AdamFamily(OptimizerLinearization):
 
 
 class AdamLinearization(_AdamFamily, optimizer=torch.optim.Adam):
-    """Linearization of ``torch.optim.Adam`` (L2 weight decay, or decoupled with ``decoupled_weight_decay=True``)."""
+    """Linearization of ``torch.optim.Adam`` (L2 weight decay, or decoupled with ``decoupled_weight_decay=True``).
+
+    Δ = −(η/b1) m'/(√(v'/b2) + ε) (module doc), with ``maximize``, AMSGrad and both kinds of
+    weight decay. Tangent and secant are the closed forms of the module doc, finite everywhere
+    (the 0/0 limit at v = g = 0 is written out). At step 1, Δ ≈ −η sign(g): the tangent
+    collapses toward 0 where |g| ≫ ε while the secant stays ≈ −η/|g|.
+
+    Example (step 1: ``update`` is sign descent; tangent ≈ 0, secant ≈ −η/|g|):
+        >>> import optimizers
+        >>> w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        >>> opt = torch.optim.Adam([w], lr=0.1)
+        >>> w.grad = torch.tensor([0.5, -2.0], dtype=torch.float64)
+        >>> lin = optimizers.linearize(opt)
+        >>> [round(x, 6) for x in lin.update(w, w.grad).tolist()]
+        [-0.1, 0.1]
+        >>> [round(x, 6) for x in lin.tangent(w, w.grad).tolist()]
+        [-0.0, -0.0]
+        >>> [round(x, 6) for x in lin.secant(w, w.grad).tolist()]
+        [-0.2, -0.05]
+    """
 
     @classmethod
     def sample_hyperparameters(cls, rng) -> dict[str, Any]:
@@ -258,7 +291,23 @@ class AdamLinearization(_AdamFamily, optimizer=torch.optim.Adam):
 
 
 class AdamWLinearization(_AdamFamily, optimizer=torch.optim.AdamW):
-    """Linearization of ``torch.optim.AdamW``: Adam plus the decoupled decay −ηλθ (independent of g)."""
+    """Linearization of ``torch.optim.AdamW``: Adam plus the decoupled decay −ηλθ (independent of g).
+
+    The decay term is constant in g, so it is in Δ(0) (and in U(∅)) but not in J: tangent and
+    secant equal Adam's without weight decay.
+
+    Example (same slopes as Adam; ``update`` differs by exactly −ηλθ):
+        >>> import optimizers
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+        >>> g = torch.tensor([0.3, -0.1], dtype=torch.float64)
+        >>> w.grad = g
+        >>> adamw = optimizers.linearize(torch.optim.AdamW([w], lr=0.1, weight_decay=0.01))
+        >>> adam = optimizers.linearize(torch.optim.Adam([w], lr=0.1))
+        >>> torch.allclose(adamw.tangent(w, g), adam.tangent(w, g))
+        True
+        >>> torch.allclose(adamw.update(w, g) - adam.update(w, g), -0.1 * 0.01 * w.detach())
+        True
+    """
 
     @classmethod
     def _decoupled(cls, group) -> bool:

@@ -53,7 +53,20 @@ _DIGITS = 50
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One conformance case: hyper-parameters, past gradients (steps already taken), θ_t and g."""
+    """One conformance case: hyper-parameters, past gradients (steps already taken), θ_t and g.
+
+    Attributes:
+        hyperparameters: keyword arguments of ``cls.optimizer_class``.
+        history: gradients of the steps already taken, each float64 ``[n]``.
+        theta: θ_t, float64 ``[n]``.
+        grad: the gradient g of the step being linearized, float64 ``[n]``.
+
+    Example:
+        >>> from optimizers import SGDLinearization
+        >>> case = Case({"lr": 0.1}, (), torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+        >>> passes(check_case(SGDLinearization, case))
+        True
+    """
 
     hyperparameters: dict[str, Any]
     history: tuple[torch.Tensor, ...]
@@ -67,6 +80,19 @@ def draw_case(cls: type[OptimizerLinearization], rng: random.Random, n: int = 12
     Coordinates are of four kinds: always-zero gradients (so second moments stay exactly 0),
     tiny gradients (1e-12: the second moment is dominated by eps), ordinary and large ones.
     The current gradient is zero on some coordinates, including ones whose history is not.
+
+    Args:
+        cls: a registered linearization class (its ``sample_hyperparameters`` is used).
+        rng: a ``random.Random``; the case is a deterministic function of its state.
+        n: number of coordinates.
+    Returns:
+        A :class:`Case` with float64 tensors of shape ``[n]`` and 0 to 5 past steps.
+    Example:
+        >>> import random
+        >>> from optimizers import SGDLinearization
+        >>> case = draw_case(SGDLinearization, random.Random(0), n=4)
+        >>> case.theta.shape, case.grad.dtype, len(case.history) <= 5
+        (torch.Size([4]), torch.float64, True)
     """
     hp = cls.sample_hyperparameters(rng)
     steps = rng.choice([0, 0, 1, 2, 5])
@@ -161,7 +187,24 @@ class _SympyModel:
 
 
 def check_case(cls: type[OptimizerLinearization], case: Case) -> dict[str, float]:
-    """Worst relative error of each check (see module doc) for one case."""
+    """Worst relative error of each check (see module doc) for one case.
+
+    Builds the real optimizer in float64, steps it through ``case.history``, linearizes it and
+    compares ``update``/``tangent``/``secant`` with a real ``step()`` and with the sympy model.
+
+    Args:
+        cls: the linearization class under test.
+        case: see :class:`Case`.
+    Returns:
+        ``{check: worst relative error}`` for the four names in :data:`CHECKS` (Python floats;
+        ``inf`` for a non-finite output). Never raises on a large error: see :func:`passes`.
+    Example:
+        >>> import random
+        >>> from optimizers import AdamLinearization
+        >>> errors = check_case(AdamLinearization, draw_case(AdamLinearization, random.Random(0)))
+        >>> sorted(errors) == sorted(CHECKS), passes(errors)
+        (True, True)
+    """
     p, opt = _build(cls, case)
     lin = cls.from_optimizer(opt)
     ours = {"update": lin.update(p, p.grad), "tangent": lin.tangent(p, p.grad), "secant": lin.secant(p, p.grad)}
@@ -187,7 +230,12 @@ def check_case(cls: type[OptimizerLinearization], case: Case) -> dict[str, float
 
 
 def passes(errors: dict[str, float]) -> bool:
-    """True if every error of :func:`check_case` is within its tolerance (:data:`TOLERANCES`)."""
+    """True if every error of :func:`check_case` is within its tolerance (:data:`TOLERANCES`).
+
+    Example:
+        >>> passes({"update_vs_torch": 1e-16, "tangent_vs_sympy": 1e-9}), passes({"update_vs_sympy": 1e-6})
+        (True, False)
+    """
     return all(err <= TOLERANCES[name] for name, err in errors.items())
 
 
@@ -223,7 +271,18 @@ def check_linearization(cls: type[OptimizerLinearization], *, cases: int = 20, s
 
 
 def report(cases: int = 30, seed: int = 0) -> list[tuple[str, str, float, bool]]:
-    """Rows (optimizer, check, worst error, passed) for every registered linearization."""
+    """Rows (optimizer, check, worst error, passed) for every registered linearization.
+
+    Args:
+        cases: random cases per optimizer.
+        seed: seed of each optimizer's ``random.Random``.
+    Returns:
+        One row per (registered optimizer, check), sorted by optimizer name.
+    Example:
+        >>> rows = report(cases=1)
+        >>> rows[0][:2], all(ok for *_, ok in rows)
+        (('Adagrad', 'update_vs_torch'), True)
+    """
     rows = []
     for opt_cls, lin_cls in sorted(registered().items(), key=lambda kv: kv[0].__name__):
         rng = random.Random(seed)
@@ -236,7 +295,19 @@ def report(cases: int = 30, seed: int = 0) -> list[tuple[str, str, float, bool]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the conformance report; exit status 1 if any check fails."""
+    """Print the conformance report; exit status 1 if any check fails.
+
+    Args:
+        argv: command-line arguments (``--cases``, ``--seed``); ``None`` reads ``sys.argv``.
+    Returns:
+        0 if every check passes, else 1.
+    Example:
+        >>> main(["--cases", "1"])
+        Conformance of every registered linearization (1 random cases each, float64)
+        optimizer  check ...
+        20 passed, 0 failed
+        0
+    """
     parser = argparse.ArgumentParser(prog="python -m optimizers.conformance", description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=int, default=30, help="random cases per optimizer (default 30)")
     parser.add_argument("--seed", type=int, default=0)

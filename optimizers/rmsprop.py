@@ -36,7 +36,17 @@ from ._base import OptimizerLinearization, ParamState, as_float
 
 @dataclasses.dataclass(frozen=True)
 class RMSpropState(ParamState):
-    """Frozen state of one parameter under ``torch.optim.RMSprop``."""
+    """Frozen state of one parameter under ``torch.optim.RMSprop``.
+
+    Attributes:
+        lr, alpha, eps, weight_decay, momentum, centered, maximize: the group's settings.
+        square_avg, grad_avg, momentum_buffer: q, a (centered only) and buf, each of shape
+            ``param.shape``, or ``None`` before the first step.
+
+    Example:
+        >>> RMSpropState(lr=0.01).alpha
+        0.99
+    """
 
     alpha: float = 0.99
     eps: float = 1e-8
@@ -54,7 +64,26 @@ def _or_zeros(x, like):
 
 
 class RMSpropLinearization(OptimizerLinearization, optimizer=torch.optim.RMSprop):
-    """Linearization of ``torch.optim.RMSprop`` (momentum, centered, L2 decay, maximize)."""
+    """Linearization of ``torch.optim.RMSprop`` (momentum, centered, L2 decay, maximize).
+
+    Δ = −η u (or −η(μ buf + u)) with u = g̃/(D + ε); the momentum term μ·buf does not depend on g,
+    so the slopes are −η s ∂u/∂g̃ (tangent) and the chord of u (secant), module doc.
+
+    Example (centered with momentum: ``update`` is exactly ``step()``; momentum is in Δ(0) only):
+        >>> import optimizers
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+        >>> opt = torch.optim.RMSprop([w], lr=0.01, momentum=0.9, centered=True)
+        >>> w.grad = torch.tensor([0.3, -0.1], dtype=torch.float64); opt.step()
+        >>> g = torch.tensor([0.2, 0.4], dtype=torch.float64); w.grad = g
+        >>> lin = optimizers.linearize(opt, copy_state=True)
+        >>> bool((lin.update(w, 0 * g) != 0).all())            # momentum keeps moving
+        True
+        >>> torch.allclose(lin.secant(w, g) * g, lin.update(w, g) - lin.update(w, 0 * g))
+        True
+        >>> expected = w.detach() + lin.update(w, g)
+        >>> opt.step(); torch.allclose(w.detach(), expected)
+        True
+    """
 
     @classmethod
     def read_state(cls, param, state, group) -> RMSpropState:

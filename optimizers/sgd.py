@@ -25,7 +25,18 @@ from ._base import OptimizerLinearization, ParamState, as_float
 
 @dataclasses.dataclass(frozen=True)
 class SGDState(ParamState):
-    """Frozen state of one parameter under ``torch.optim.SGD``."""
+    """Frozen state of one parameter under ``torch.optim.SGD``.
+
+    Attributes:
+        lr, momentum, dampening, weight_decay, nesterov, maximize: η, μ, d, λ and the flags of
+            the parameter's group (Python scalars).
+        momentum_buffer: ``buf`` of shape ``param.shape`` (the optimizer's dtype), or ``None``
+            before the first step with momentum.
+
+    Example:
+        >>> SGDState(lr=0.1, momentum=0.9).momentum_buffer is None
+        True
+    """
 
     momentum: float = 0.0
     dampening: float = 0.0
@@ -36,7 +47,26 @@ class SGDState(ParamState):
 
 
 class SGDLinearization(OptimizerLinearization, optimizer=torch.optim.SGD):
-    """Linearization of ``torch.optim.SGD`` (affine in g: tangent and secant coincide)."""
+    """Linearization of ``torch.optim.SGD`` (affine in g: tangent and secant coincide).
+
+    Δ(g) = −η·direction(g̃) (module doc); J = ∂Δ/∂g = −η·s·k is a scalar per parameter, with
+    k = 1 (no momentum), 1 − d (plain momentum after the first step), 1 + μ(1 − d) (Nesterov),
+    so φ_z = −⟨J ∇L_val, c_z⟩ = η·s·k ⟨∇L_val, c_z⟩, the original In-Run Data Shapley form
+    scaled by the momentum factor. ``tangent``/``secant`` return J broadcast to ``param.shape``.
+
+    Example (Nesterov momentum after one step: J = −η(1 + μ), and ``update`` matches ``step()``):
+        >>> import optimizers
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+        >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9, nesterov=True)
+        >>> w.grad = torch.tensor([0.3, -0.1], dtype=torch.float64); opt.step()
+        >>> w.grad = torch.tensor([0.2, 0.4], dtype=torch.float64)
+        >>> lin = optimizers.linearize(opt, copy_state=True)
+        >>> [round(j, 6) for j in lin.tangent(w, w.grad).tolist()]
+        [-0.19, -0.19]
+        >>> expected = w.detach() + lin.update(w, w.grad)
+        >>> opt.step(); torch.allclose(w.detach(), expected)
+        True
+    """
 
     @classmethod
     def read_state(cls, param, state, group) -> SGDState:

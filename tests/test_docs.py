@@ -44,13 +44,38 @@ def test_doc_example_runs(code, tmp_path, monkeypatch, isolated_registries):
 
 
 DOCTEST_MODULES = [
+    "optimizers",
+    "optimizers._algebra",
     "optimizers._base",
+    "optimizers.adagrad",
+    "optimizers.adam",
     "optimizers.conformance",
+    "optimizers.rmsprop",
+    "optimizers.sgd",
+    "attribution",
     "attribution._config",
+    "attribution._ledger",
     "attribution._step",
     "attribution._tracker",
+    "attribution.hf",
+    "estimators",
     "estimators._checks",
+    "estimators._config",
     "estimators._engine",
+    "estimators._factorize",
+    "estimators._factors",
+    "estimators._ghost",
+    "estimators._rules",
+    "estimators._rules._base",
+    "estimators._rules.conv",
+    "estimators._rules.embedding",
+    "estimators._rules.layernorm",
+    "estimators._rules.linear",
+    "estimators._rules.rmsnorm",
+    "validation",
+    "validation._fidelity",
+    "validation._game",
+    "validation._shapley",
 ]
 
 

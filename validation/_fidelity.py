@@ -71,6 +71,16 @@ def fidelity(estimate: Any, truth: Any, *, k: int | None = None, efficiency_targ
     Example:
         >>> fidelity(torch.tensor([0.1, 0.3, -0.2]), torch.tensor([0.2, 0.5, -0.1]), k=1)["spearman"]
         1.0
+        >>> f = fidelity([1.0, 2.0, -1.0, 0.5], [1.0, 2.0, 1.0, 0.5], k=2, efficiency_target=4.5)
+        >>> f["top_k_overlap"], f["sign_agreement"], round(f["efficiency_gap"], 12), f["undefined"]
+        (1.0, 0.75, -2.0, {})
+        >>> f = fidelity([1.0, 1.0], [0.0, 1.0])             # a constant estimate: correlations undefined
+        >>> f["pearson"], f["undefined"]["pearson"]
+        (nan, 'estimate constant: correlation is 0/0')
+        >>> fidelity([1.0, 2.0], [1.0, 2.0, 3.0])
+        Traceback (most recent call last):
+        ...
+        ValueError: estimate and truth must have the same shape, got (2,) and (3,). ...
     """
     e = _as_vector(estimate, "estimate")
     t = _as_vector(truth, "truth")

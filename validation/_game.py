@@ -33,6 +33,21 @@ class StepPath(str, enum.Enum):
     ``AUTO``: ``STACKED`` for optimizers in :data:`STACKABLE_OPTIMIZERS` (and whose state has
     the expected layout), ``LOOP`` otherwise. ``STACKED``: always stacked, error if not
     possible. ``LOOP``: deep copy and step per coalition (the reference path).
+
+    Example (the two paths agree):
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> def randn(*shape): return torch.randn(*shape, generator=gen, dtype=torch.float64)
+        >>> model = nn.Linear(3, 1).double()
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(randn(1, 3)), model.bias.zero_()
+        >>> opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        >>> loss_fn = nn.functional.mse_loss
+        >>> x, y, xv, yv = randn(4, 3), randn(4, 1), randn(6, 3), randn(6, 1)
+        >>> masks = torch.tensor([[True, True, False, True], [False, False, False, False]])
+        >>> stacked = utility(model, opt, loss_fn, (x, y), (xv, yv), masks, path="stacked")
+        >>> loop = utility(model, opt, loss_fn, (x, y), (xv, yv), masks, path=StepPath.LOOP)
+        >>> torch.allclose(stacked, loop), torch.optim.Adam in STACKABLE_OPTIMIZERS
+        (True, True)
     """
 
     AUTO = "auto"
@@ -340,9 +355,25 @@ def utility(
         :func:`per_sample_grads`), or ``path="stacked"`` with an optimizer outside
         :data:`STACKABLE_OPTIMIZERS`.
 
-    Example:
-        >>> full = torch.ones(1, n, dtype=torch.bool)
-        >>> utility(model, opt, loss_fn, (x, y), (xv, yv), full)  # U(B), shape [1]
+    Example (U(B) is the validation-loss drop of the real step; U(∅) = 0 at Adam's first step):
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> def randn(*shape): return torch.randn(*shape, generator=gen, dtype=torch.float64)
+        >>> model = nn.Linear(3, 1).double()
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(randn(1, 3)), model.bias.zero_()
+        >>> opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        >>> loss_fn = nn.functional.mse_loss
+        >>> x, y, xv, yv = randn(4, 3), randn(4, 1), randn(6, 3), randn(6, 1)
+        >>> masks = torch.tensor([[True] * 4, [False] * 4])                 # B and ∅
+        >>> u = utility(model, opt, loss_fn, (x, y), (xv, yv), masks)
+        >>> u.shape, u.dtype, abs(float(u[1])) < 1e-12
+        (torch.Size([2]), torch.float64, True)
+        >>> before = loss_fn(model(xv), yv).item()
+        >>> loss_fn(model(x), y).backward(); opt.step()                     # the real step
+        >>> abs(u[0].item() - (before - loss_fn(model(xv), yv).item())) < 1e-12
+        True
+        >>> utility(model, opt, loss_fn, (x, y), [(xv, yv), (xv[:2], yv[:2])], masks).shape   # K = 2
+        torch.Size([2, 2])
     """
     values, single = _evaluate(
         model, optimizer, loss_fn, batch, val_batch, subsets, path=path, chunk_size=chunk_size, progress=progress
@@ -373,10 +404,22 @@ def leave_one_out(
     Raises:
         As :func:`utility`.
 
-    Example:
-        >>> loo = leave_one_out(model, opt, nn.functional.cross_entropy, (x, y), (xv, yv))
-        >>> loo.shape
-        torch.Size([8])
+    Example (the same as U(B) − U(B∖z) from :func:`utility`):
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> def randn(*shape): return torch.randn(*shape, generator=gen, dtype=torch.float64)
+        >>> model = nn.Linear(3, 1).double()
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(randn(1, 3)), model.bias.zero_()
+        >>> opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        >>> loss_fn = nn.functional.mse_loss
+        >>> x, y, xv, yv = randn(4, 3), randn(4, 1), randn(6, 3), randn(6, 1)
+        >>> loo = leave_one_out(model, opt, loss_fn, (x, y), (xv, yv))
+        >>> loo.shape, loo.dtype
+        (torch.Size([4]), torch.float64)
+        >>> masks = torch.ones(5, 4, dtype=torch.bool); _ = masks[1:].fill_diagonal_(False)
+        >>> u = utility(model, opt, loss_fn, (x, y), (xv, yv), masks)
+        >>> torch.allclose(loo, u[0] - u[1:])
+        True
     """
     inputs, targets = _unpack_batch(batch, "batch")
     n = _batch_size(inputs, targets, "batch")

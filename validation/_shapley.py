@@ -29,6 +29,13 @@ class ShapleyEstimate:
 
     ``values.sum(0)`` equals :attr:`efficiency_target` ``= U(B) − U(∅)`` in both cases (every
     sampled permutation telescopes to it), up to rounding.
+
+    Example:
+        >>> f64 = dict(dtype=torch.float64)
+        >>> est = ShapleyEstimate(torch.tensor([0.1, 0.2], **f64), torch.zeros(2, **f64),
+        ...                       torch.tensor(0.05, **f64), torch.tensor(0.35, **f64))
+        >>> est.exact, round(est.efficiency_target.item(), 12), torch.isclose(est.values.sum(), est.efficiency_target).item()
+        (True, 0.3, True)
     """
 
     values: Tensor
@@ -39,12 +46,24 @@ class ShapleyEstimate:
 
     @property
     def exact(self) -> bool:
-        """True when computed by enumerating every coalition."""
+        """True when computed by enumerating every coalition (``num_permutations is None``).
+
+        Example:
+            >>> z = torch.zeros(1, dtype=torch.float64)
+            >>> ShapleyEstimate(z, z, z[0], z[0], num_permutations=100).exact
+            False
+        """
         return self.num_permutations is None
 
     @property
     def efficiency_target(self) -> Tensor:
-        """``U(B) − U(∅)``, what the values sum to."""
+        """``U(B) − U(∅)``, what the values sum to (float64 scalar, or ``[K]``).
+
+        Example:
+            >>> z = torch.zeros(1, dtype=torch.float64)
+            >>> ShapleyEstimate(z, z, torch.tensor(1.0), torch.tensor(3.0)).efficiency_target.item()
+            2.0
+        """
         return self.utility_full - self.utility_empty
 
 
@@ -107,10 +126,30 @@ def shapley_values(
         ValueError: ``exact`` with ``n > 16``, both or neither mode chosen, ``samples < 2``, and
             every error of :func:`utility`.
 
-    Example:
-        >>> est = shapley_values(model, opt, loss_fn, (x, y), (xv, yv))            # exact
-        >>> est = shapley_values(model, opt, loss_fn, (x, y), (xv, yv), samples=200, seed=0)
-        >>> est.values, est.std_errors
+    Example (momentum: U(∅) ≠ 0; both modes are efficient, Σ_z φ_z = U(B) − U(∅)):
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> def randn(*shape): return torch.randn(*shape, generator=gen, dtype=torch.float64)
+        >>> model = nn.Linear(3, 1).double()
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(randn(1, 3)), model.bias.zero_()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> loss_fn = nn.functional.mse_loss
+        >>> loss_fn(model(randn(4, 3)), randn(4, 1)).backward(); opt.step()   # a first step fills the buffer
+        >>> x, y, xv, yv = randn(4, 3), randn(4, 1), randn(6, 3), randn(6, 1)
+        >>> est = shapley_values(model, opt, loss_fn, (x, y), (xv, yv))                # exact, 2^4 coalitions
+        >>> est.exact, est.values.shape, bool(est.utility_empty != 0)
+        (True, torch.Size([4]), True)
+        >>> torch.allclose(est.values.sum(), est.efficiency_target)
+        True
+        >>> mc = shapley_values(model, opt, loss_fn, (x, y), (xv, yv), samples=50, seed=0)
+        >>> mc.num_permutations, torch.allclose(mc.values.sum(), mc.efficiency_target)
+        (50, True)
+        >>> bool(((mc.values - est.values).abs() <= 5 * mc.std_errors + 1e-12).all())
+        True
+        >>> shapley_values(model, opt, loss_fn, (x, y), (xv, yv), samples=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: samples must be an int >= 2 (permutations; two or more give a standard error), got 1.
     """
     if samples is not None and exact:
         raise ValueError(

@@ -2,6 +2,12 @@
 
 One small module per layer type; each defines a final :class:`LayerRule` subclass registered
 for exactly that type (subclasses of the layer type are NOT matched: their forward may differ).
+
+Example:
+    >>> from torch import nn
+    >>> from estimators._rules import rule_for
+    >>> rule_for(nn.Conv2d).__name__, rule_for(nn.BatchNorm1d)
+    ('Conv2dRule', None)
 """
 
 from ._base import LayerRule, registered_rules, rule_for

@@ -26,6 +26,39 @@ class LayerRule(abc.ABC):
 
     A rule is pure: it reads the module's configuration (stride, eps, ...) and the captured
     tensors, never optimizer state, and it must not modify anything.
+
+    Raises:
+        TypeError: ``layer=`` is not an ``nn.Module`` subclass.
+        ValueError: ``layer`` already has a rule and ``replace=True`` was not given.
+
+    Example (a per-feature gain y = x ⊙ w: c_z(w) = Σ_t x_t ⊙ b_t; registered only inside the
+    ``with`` block so that this example leaves the registry as it found it):
+        >>> from unittest import mock
+        >>> from estimators import PerSample
+        >>> class Gain(nn.Module):
+        ...     def __init__(self, d):
+        ...         super().__init__()
+        ...         self.weight = nn.Parameter(torch.ones(d))
+        ...     def forward(self, x):
+        ...         return x * self.weight
+        >>> with mock.patch.dict(_REGISTRY):
+        ...     class GainRule(LayerRule, layer=Gain):
+        ...         @classmethod
+        ...         def params(cls, module):
+        ...             return ("weight",)
+        ...         @classmethod
+        ...         def terms(cls, module, x, grad_output):
+        ...             n = x.shape[0]
+        ...             return {"weight": PerSample((x * grad_output).reshape(n, -1, x.shape[-1]).sum(1))}
+        ...     print(rule_for(Gain) is GainRule)
+        True
+        >>> rule_for(Gain) is None
+        True
+        >>> class Again(LayerRule, layer=nn.Linear):
+        ...     pass
+        Traceback (most recent call last):
+        ...
+        ValueError: torch.nn.modules.linear.Linear already has the rule LinearRule; pass replace=True ...
     """
 
     layer_type: ClassVar[type[nn.Module]]
@@ -47,7 +80,14 @@ class LayerRule(abc.ABC):
 
     @classmethod
     def params(cls, module: nn.Module) -> tuple[str, ...]:
-        """Names of the module's own parameters this rule covers (default ``weight`` and ``bias``)."""
+        """Names of the module's own parameters this rule covers (default ``weight`` and ``bias``).
+
+        A name whose parameter is ``None`` on the module (``bias=False``) is simply skipped.
+
+        Example:
+            >>> rule_for(nn.Linear).params(nn.Linear(2, 2)), rule_for(nn.Embedding).params(nn.Embedding(3, 2))
+            (('weight', 'bias'), ('weight',))
+        """
         return ("weight", "bias")
 
     @classmethod
@@ -56,6 +96,14 @@ class LayerRule(abc.ABC):
 
         Raise instead (e.g. :class:`SampleInteractionError`) for configurations that no path,
         the fallback included, can value correctly.
+
+        Example:
+            >>> rule_for(nn.Linear).unsupported(nn.Linear(2, 2)) is None
+            True
+            >>> rule_for(nn.Embedding).unsupported(nn.Embedding(5, 2, scale_grad_by_freq=True))
+            Traceback (most recent call last):
+            ...
+            estimators._checks.SampleInteractionError: nn.Embedding with scale_grad_by_freq=True ...
         """
         return None
 
@@ -68,21 +116,59 @@ class LayerRule(abc.ABC):
             module: the layer (read its configuration only).
             x: the call's first positional input, batch-first ``[n, ...]``.
             grad_output: ∂L/∂output of the call, the output's shape.
+        Returns:
+            ``{name: Term}`` for the names of :meth:`params` the module has; summing each term
+            over samples (``Term.total``) gives that call's share of ``param.grad``.
+        Raises:
+            ValueError: ``x`` has no batch axis.
+
+        Example (the Linear rule reproduces autograd's gradient):
+            >>> gen = torch.Generator().manual_seed(0)
+            >>> def randn(*shape): return torch.randn(*shape, generator=gen, dtype=torch.float64)
+            >>> lin = nn.Linear(3, 2).double()
+            >>> x, b = randn(4, 3), randn(4, 2)
+            >>> terms = rule_for(nn.Linear).terms(lin, x, b)
+            >>> grad_w, = torch.autograd.grad(lin(x), lin.weight, b)
+            >>> sorted(terms), torch.allclose(terms["weight"].total(lin.weight.shape), grad_w)
+            (['bias', 'weight'], True)
         """
 
 
 def registered_rules() -> dict[type[nn.Module], type[LayerRule]]:
-    """A copy of the registry: layer type -> rule class."""
+    """A copy of the registry: layer type -> rule class.
+
+    Example:
+        >>> sorted(t.__name__ for t in registered_rules())
+        ['Conv1d', 'Conv2d', 'Embedding', 'LayerNorm', 'Linear', 'RMSNorm']
+    """
     return dict(_REGISTRY)
 
 
 def rule_for(layer_type: type[nn.Module]) -> type[LayerRule] | None:
-    """The rule registered for exactly ``layer_type``, or ``None``."""
+    """The rule registered for exactly ``layer_type``, or ``None``.
+
+    Subclasses of a registered type are not matched (their forward may differ).
+
+    Example:
+        >>> class MyLinear(nn.Linear):
+        ...     pass
+        >>> rule_for(nn.Linear).__name__, rule_for(MyLinear)
+        ('LinearRule', None)
+    """
     return _REGISTRY.get(layer_type)
 
 
 def batch_first(module_name: str, x: torch.Tensor, min_dim: int) -> None:
-    """Refuse inputs without a batch axis (the rules need [n, ...])."""
+    """Refuse inputs without a batch axis (the rules need [n, ...]).
+
+    Raises:
+        ValueError: ``x.dim() < min_dim``, naming the module and the shape.
+    Example:
+        >>> batch_first("nn.Linear", torch.zeros(3), 2)
+        Traceback (most recent call last):
+        ...
+        ValueError: nn.Linear received an input of shape (3,) without a batch axis; ...
+    """
     if x.dim() < min_dim:
         raise ValueError(
             f"{module_name} received an input of shape {tuple(x.shape)} without a batch axis; the ghost "

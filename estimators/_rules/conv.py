@@ -55,7 +55,21 @@ def _conv_terms(module, x, grad_output, spatial: int):
 
 
 class Conv1dRule(LayerRule, layer=nn.Conv1d):
-    """Rule for ``nn.Conv1d``; dense cost n·L·G·C_out·C_in/G·k."""
+    """Rule for ``nn.Conv1d``; dense cost n·L·G·C_out·C_in/G·k.
+
+    ``terms(module, x, grad_output)``: x ``[n, C_in, length]``, grad_output ``[n, C_out, L]`` ->
+    ``{"weight": Bilinear(b [n, G·L, C_out], a [n, G·L, C_in/G·k]), "bias": PerSample([n, C_out])}``.
+    Raises ValueError without a batch axis, RuntimeError if unfold and the output disagree.
+
+    Example (padding "same", stride 1):
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> def randn(*shape): return torch.randn(*shape, generator=gen, dtype=torch.float64)
+        >>> conv = nn.Conv1d(2, 3, 3, padding="same").double()
+        >>> x, b = randn(2, 2, 7), randn(2, 3, 7)
+        >>> c = Conv1dRule.terms(conv, x, b)["weight"].materialize(conv.weight.shape)
+        >>> torch.allclose(c[1], torch.autograd.grad(conv(x[1:]), conv.weight, b[1:])[0])
+        True
+    """
 
     @classmethod
     def terms(cls, module, x, grad_output):
@@ -63,7 +77,24 @@ class Conv1dRule(LayerRule, layer=nn.Conv1d):
 
 
 class Conv2dRule(LayerRule, layer=nn.Conv2d):
-    """Rule for ``nn.Conv2d``; dense cost n·L·G·C_out·C_in/G·kh·kw."""
+    """Rule for ``nn.Conv2d``; dense cost n·L·G·C_out·C_in/G·kh·kw.
+
+    ``terms(module, x, grad_output)``: x ``[n, C_in, H, W]``, grad_output ``[n, C_out, H', W']``
+    -> ``{"weight": Bilinear(b [n, G·L, C_out], a [n, G·L, C_in/G·kh·kw]), "bias": PerSample([n, C_out])}``
+    with L = H'·W' output locations; ⟨P, c_z(W)⟩ = Σ_t b_tᵀ P a_t on the view [C_out, C_in/G·kh·kw].
+
+    Example (groups, stride and padding; per-sample terms equal autograd on one sample):
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> def randn(*shape): return torch.randn(*shape, generator=gen, dtype=torch.float64)
+        >>> conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).double()
+        >>> x = randn(3, 4, 5, 5)
+        >>> b = randn(*conv(x).shape)
+        >>> terms = Conv2dRule.terms(conv, x, b)
+        >>> c = terms["weight"].materialize(conv.weight.shape)
+        >>> gw, gb = torch.autograd.grad(conv(x[2:]), [conv.weight, conv.bias], b[2:])
+        >>> torch.allclose(c[2], gw), torch.allclose(terms["bias"].c[2], gb)
+        (True, True)
+    """
 
     @classmethod
     def terms(cls, module, x, grad_output):

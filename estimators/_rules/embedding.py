@@ -15,7 +15,24 @@ from ._base import LayerRule, batch_first
 
 
 class EmbeddingRule(LayerRule, layer=nn.Embedding):
-    """Rule for ``nn.Embedding``; dense cost n·T·d, pairwise n·T·m·S·(1 + d)."""
+    """Rule for ``nn.Embedding``; dense cost n·T·d, pairwise n·T·m·S·(1 + d).
+
+    ``terms(module, x, grad_output)``: indices x ``[n, *mid]``, grad_output ``[n, *mid, d]`` ->
+    ``{"weight": Bilinear(OneHotFactor(x [n, T], num_embeddings, weight), DenseFactor(b [n, T, d]))}``.
+    ``unsupported`` raises :class:`SampleInteractionError` for ``scale_grad_by_freq=True``.
+
+    Example (padding positions get no gradient, as in torch):
+        >>> import torch
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> emb = nn.Embedding(6, 3, padding_idx=0).double()
+        >>> idx = torch.tensor([[1, 0, 1], [2, 3, 0]])
+        >>> b = torch.randn(2, 3, 3, generator=gen, dtype=torch.float64)
+        >>> c = EmbeddingRule.terms(emb, idx, b)["weight"].materialize(emb.weight.shape)    # [n, 6, 3]
+        >>> torch.allclose(c[0], torch.autograd.grad(emb(idx[:1]), emb.weight, b[:1])[0])
+        True
+        >>> torch.allclose(c.sum(0), torch.autograd.grad(emb(idx), emb.weight, b)[0])
+        True
+    """
 
     @classmethod
     def params(cls, module):

@@ -13,7 +13,25 @@ from ._base import LayerRule, batch_first
 
 
 class LinearRule(LayerRule, layer=nn.Linear):
-    """Rule for ``nn.Linear``; dense cost n·T·d_in·d_out, pairwise n·T·m·S·(d_in + d_out)."""
+    """Rule for ``nn.Linear``; dense cost n·T·d_in·d_out, pairwise n·T·m·S·(d_in + d_out).
+
+    ``terms(module, x, grad_output)``: x ``[n, *mid, d_in]``, grad_output ``[n, *mid, d_out]``
+    -> ``{"weight": Bilinear(rows=b [n, T, d_out], cols=a [n, T, d_in]), "bias": PerSample([n, d_out])}``
+    (no ``"bias"`` when the layer has none). Raises ValueError for an input without a batch axis.
+
+    Example (with a sequence axis, T = 5: sample 1's term equals the gradient of sample 1 alone):
+        >>> import torch
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> def randn(*shape): return torch.randn(*shape, generator=gen, dtype=torch.float64)
+        >>> lin = nn.Linear(3, 2).double()
+        >>> x, b = randn(4, 5, 3), randn(4, 5, 2)
+        >>> terms = LinearRule.terms(lin, x, b)
+        >>> c1 = terms["weight"].materialize(lin.weight.shape)[1]
+        >>> torch.allclose(c1, torch.autograd.grad(lin(x[1:2]), lin.weight, b[1:2])[0])
+        True
+        >>> terms["bias"].c.shape
+        torch.Size([4, 2])
+    """
 
     @classmethod
     def terms(cls, module, x, grad_output):

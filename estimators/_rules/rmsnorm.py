@@ -14,7 +14,20 @@ from .layernorm import sum_positions
 
 
 class RMSNormRule(LayerRule, layer=nn.RMSNorm):
-    """Rule for ``nn.RMSNorm`` (weight); cost n·T·d on every path."""
+    """Rule for ``nn.RMSNorm`` (weight); cost n·T·d on every path.
+
+    ``terms(module, x, grad_output)``: x and grad_output ``[n, *mid, *normalized_shape]`` ->
+    ``{"weight": PerSample(Σ_t x̂_t ⊙ b_t)}``, ``[n, *normalized_shape]``.
+
+    Example:
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> def randn(*shape): return torch.randn(*shape, generator=gen, dtype=torch.float64)
+        >>> rms = nn.RMSNorm(4, eps=1e-6).double()
+        >>> x, b = randn(2, 3, 4), randn(2, 3, 4)
+        >>> c = RMSNormRule.terms(rms, x, b)["weight"].c
+        >>> torch.allclose(c[1], torch.autograd.grad(rms(x[1:]), rms.weight, b[1:])[0])
+        True
+    """
 
     @classmethod
     def params(cls, module):
