@@ -136,12 +136,13 @@ class _AdamFamily(OptimizerLinearization):
         g = cls._effective_grad(theta, grad, st)
         t = st.step + 1
         b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
-        m_new = torch.mul(_zeros_or(st.exp_avg, g), st.beta1).add_(g, alpha=1 - st.beta1)
-        v_new = torch.mul(_zeros_or(st.exp_avg_sq, g), st.beta2).addcmul_(g, g, value=1 - st.beta2)
+        # Out of place first, so that a stack of gradients [m, *shape] broadcasts against the state.
+        m_new = torch.add(torch.mul(_zeros_or(st.exp_avg, g), st.beta1), g, alpha=1 - st.beta1)
+        v_new = torch.addcmul(torch.mul(_zeros_or(st.exp_avg_sq, g), st.beta2), g, g, value=1 - st.beta2)
         denom = cls._second_moment(v_new, st).div_(b2).sqrt_().add_(st.eps)
         delta = m_new.div_(denom).mul_(-(st.lr / b1))
         if st.weight_decay != 0 and st.decoupled_weight_decay:
-            delta.add_(theta, alpha=-st.lr * st.weight_decay)
+            delta = delta - st.lr * st.weight_decay * theta
         return delta
 
     @classmethod
@@ -152,9 +153,9 @@ class _AdamFamily(OptimizerLinearization):
         t = st.step + 1
         b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
         m, v = _zeros_or(st.exp_avg, g), _zeros_or(st.exp_avg_sq, g)
-        v_new = torch.mul(v, st.beta2).addcmul_(g, g, value=1 - st.beta2)
+        v_new = torch.addcmul(torch.mul(v, st.beta2), g, g, value=1 - st.beta2)
         d = torch.div(cls._second_moment(v_new, st), b2).sqrt_()
-        numer = torch.mul(v, (1 - st.beta1) * st.beta2).addcmul_(m, g, value=-(1 - st.beta2) * st.beta1)
+        numer = torch.addcmul(torch.mul(v, (1 - st.beta1) * st.beta2), m, g, value=-(1 - st.beta2) * st.beta1)
         # D = 0 only where v = 0 and g = 0: the numerator is 0 too and the limit is 0 (module doc).
         den = d * b2
         frac = numer.div_(den).masked_fill_(den == 0, 0.0)
@@ -227,7 +228,7 @@ class _AdamFamily(OptimizerLinearization):
         den = torch.add(da, db).mul_(b2)
         # safe_div: where D0 = Dg = 0 (v = 0 and g = 0) N is 0 too, and the limit is 0.
         bracket = n.div_(den).masked_fill_(den == 0, 0.0).add_((1 - st.beta1) * st.eps)
-        return bracket.div_(da.add_(st.eps).mul_(db.add_(st.eps))).mul_(-(st.lr / b1) * sign)
+        return bracket.div_(torch.mul(da.add_(st.eps), db.add_(st.eps))).mul_(-(st.lr / b1) * sign)
 
     @classmethod
     def symbolic_update(cls, g, theta, st: AdamState) -> sympy.Expr:
