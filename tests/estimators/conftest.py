@@ -1,13 +1,3 @@
-"""Estimator tests run tiny models: one intra-op thread avoids thread hand-off costs that
-dominate at this size (measured 50x slower backward passes with two threads on a busy machine)."""
+"""Estimator tests run tiny models on one intra-op thread (see ``tests._helpers.one_torch_thread``)."""
 
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests._helpers import one_torch_thread  # noqa: F401  (an autouse fixture)

@@ -14,7 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import estimators as E
-from tests._helpers import assert_close
+from tests._helpers import assert_close, rank_one_slope
 
 from ._models import CASES, DT, Case, lm_cases
 
@@ -25,15 +25,11 @@ def make_J(model, path, g):
     """J per parameter suited to ``path``: scalar for pairwise, rank-one matrices for factored."""
     if path == "pairwise":
         return -0.37
-    J = {}
-    for p in model.parameters():
-        if path == "factored" and p.dim() >= 2:
-            r = 0.1 + torch.rand(p.shape[0], generator=g, dtype=DT)
-            s = 0.1 + torch.rand(p.numel() // p.shape[0], generator=g, dtype=DT)
-            J[p] = -torch.outer(r, s).reshape(p.shape)
-        else:
-            J[p] = -(0.1 + torch.rand(p.shape, generator=g, dtype=DT))
-    return J
+    # A rank-one matrix J on the factored path; otherwise an elementwise one (vectors are the same either way).
+    return {
+        p: rank_one_slope(p.shape, g, DT) if path == "factored" else -(0.1 + torch.rand(p.shape, generator=g, dtype=DT))
+        for p in model.parameters()
+    }
 
 
 def reference(case: Case, micro_batches, val_grads, J):

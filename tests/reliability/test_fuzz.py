@@ -50,7 +50,7 @@ import estimators as E
 import optimizers
 import validation
 from attribution import InRunShapley, step_values
-from tests._helpers import assert_close
+from tests._helpers import assert_close, one_torch_thread, rank_one_slope  # noqa: F401  (autouse fixture)
 
 from ._fuzz_models import DT, ArchSpec, FuzzCase, assemble, fuzz_cases
 
@@ -73,15 +73,6 @@ GRAD_FLOOR = 1e-3
 
 #: Worst relative error max|a − e| / max|e| seen per check (inspected by long runs, FUZZ_REPORT=1).
 WORST: dict[str, float] = {}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids hand-off costs that dominate at this size."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -322,15 +313,7 @@ def _make_J(case: FuzzCase, model, opt, path: str, g: torch.Generator) -> dict:
     if path == "pairwise":
         return {p: -float(lin.learning_rate(p)) for p in lin.params}
     if path == "factored":
-        J = {}
-        for p in lin.params:
-            if p.dim() >= 2:
-                r = 0.1 + torch.rand(p.shape[0], generator=g, dtype=DT)
-                s = 0.1 + torch.rand(p.numel() // p.shape[0], generator=g, dtype=DT)
-                J[p] = -torch.outer(r, s).reshape(p.shape)
-            else:
-                J[p] = -(0.1 + torch.rand(p.shape, generator=g, dtype=DT))
-        return J
+        return {p: rank_one_slope(p.shape, g, DT) for p in lin.params}
     return {p: lin.tangent(p, p.grad) for p in lin.params}
 
 
