@@ -67,6 +67,9 @@ class StepComputer:
         half = {p.dtype for p in model.parameters() if p.requires_grad} & {torch.float16, torch.bfloat16}
         self.compute_dtype = torch.float32 if half else None
         self.engine = estimators.GhostEngine(model, path=_PATH_OF[config.estimator], dtype=self.compute_dtype)
+        # Set by begin_stream() for one step: J of a parameter at its .grad, and ∇L_val(θ_t).
+        self._stream_slope: Callable[[torch.Tensor], torch.Tensor | float] | None = None
+        self._stream_val_grads: list[dict[torch.Tensor, torch.Tensor]] | None = None
 
     def params(self) -> list[torch.Tensor]:
         """Trainable parameters of the model."""
@@ -80,8 +83,34 @@ class StepComputer:
             yield
 
     def reset(self) -> None:
-        """Drop captured tensors (after the step, successful or not)."""
+        """Drop captured tensors and the streaming set-up (after the step, successful or not)."""
         self.engine.clear()
+        self._stream_slope = self._stream_val_grads = None
+
+    def begin_stream(self, optimizer: torch.optim.Optimizer) -> None:
+        """Prepare the coming step's in-backward contraction (``val_point="current"`` only).
+
+        Before the training forward, θ_t and the optimizer's state are those of the step, so
+        ∇L_val(θ_t) is taken now and J of each parameter is evaluated by the engine's
+        post-accumulate-grad hook at the parameter's final gradient (see ``GhostEngine.stream``).
+        """
+        if self.config.val_point is not ValPoint.CURRENT:
+            raise ValueError(f"streaming needs val_point='current', not {self.config.val_point.value!r}")
+        stepped = {p for group in optimizer.param_groups for p in group["params"]}
+        params = [p for p in self.params() if p in stepped]
+        lin = optimizers.linearize(optimizer, params=params)
+        kind = self.config.linearization
+        val_grads = estimators.validation_gradients(self.model, self.loss_fn, self.val_batches, params=params)
+        # Trainable parameters outside the optimizer do not move: J = 0, and no validation gradient.
+        val_grads = [{**g, **{p: torch.zeros_like(p) for p in self.params() if p not in stepped}} for g in val_grads]
+
+        def slope(p: torch.Tensor) -> torch.Tensor | float:
+            if p not in lin or p.grad is None:
+                return 0.0
+            return estimators.preconditioning(lin, p, p.grad if self.compute_dtype is None else p.grad.to(self.compute_dtype), kind)
+
+        self.engine.stream(val_grads, slope)
+        self._stream_slope, self._stream_val_grads = slope, val_grads
 
     def step_values(self, optimizer: torch.optim.Optimizer, *, grad_scale: float = 1.0) -> torch.Tensor:
         """Values ``[n, K]`` (float64) of the captured samples for the step ``optimizer`` is about to take.
@@ -89,6 +118,13 @@ class StepComputer:
         ``param.grad`` must hold the gradient the optimizer will use; ``grad_scale`` is c in
         param.grad = c · Σ_z c_z (1 for no clipping).
         """
+        if self._stream_slope is not None:
+            if grad_scale != 1.0:
+                raise ValueError(f"a streamed step cannot be rescaled after the backward pass (grad_scale={grad_scale})")
+            # Parameters the backward hooks did not contract (fallback, materialized path, unused).
+            streamed = self.engine.streamed_params
+            slopes = {p: self._stream_slope(p) for p in self.params() if p not in streamed}
+            return self.engine.values(slopes, self._stream_val_grads).to(torch.float64)
         lin = optimizers.linearize(optimizer)
         params = [p for p in self.params() if p in lin]
         grads = {p: p.grad if self.compute_dtype is None else p.grad.to(self.compute_dtype) for p in params}
@@ -96,6 +132,8 @@ class StepComputer:
         slopes = {p: estimators.preconditioning(lin, p, grads[p], kind) for p in params}
         if grad_scale != 1.0:
             slopes = {p: j * grad_scale for p, j in slopes.items()}
+        # A trainable parameter the optimizer does not step (or that got no gradient) does not move: J = 0.
+        slopes.update({p: 0.0 for p in self.params() if p not in slopes})
         shift = estimators.val_point_shift(lin, params, grads, self.config.val_point)
         with self.engine.capture_val() if self._val_capture_used(slopes) else contextlib.nullcontext():
             val_grads = estimators.validation_gradients(self.model, self.loss_fn, self.val_batches, params=params, shift=shift)
@@ -112,7 +150,10 @@ class StepComputer:
             return False
         if self.config.estimator is not EstimatorKind.GHOST:
             return True
-        return any(not isinstance(j, torch.Tensor) or j.numel() <= 1 or bool((j == j.reshape(-1)[0]).all()) for j in slopes.values())
+        return any(
+            (not isinstance(j, torch.Tensor) and j != 0.0) or (isinstance(j, torch.Tensor) and (j.numel() <= 1 or bool((j == j.reshape(-1)[0]).all())))
+            for j in slopes.values()
+        )
 
 
 def step_values(

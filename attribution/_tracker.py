@@ -13,7 +13,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ._config import AttributionConfig
+from estimators import ValPoint
+
+from ._config import AttributionConfig, EstimatorKind
 from ._ledger import Ledger, atomic_save, load_checked, normalize_ids
 from ._step import StepComputer, as_val_batches
 
@@ -51,6 +53,12 @@ class InRunShapley:
         val_batch: ``(inputs, targets)`` or a list of K such batches (K value columns).
         linearization, val_point, estimator: see :class:`AttributionConfig`.
         record_steps: keep every step's per-sample values (``history()``).
+        stream: contract each layer during the backward pass, as soon as its gradient is final,
+            and release its captured activations there: peak memory as in plain training. The
+            values are the same as without it. Needs ``val_point="current"`` (∇L_val(θ_t) is
+            taken when ``batch()`` is entered, before the forward), one ``batch`` context per
+            step (no gradient accumulation), no gradient clipping, a single process, and an
+            estimator other than ``"materialized"``; each is checked with a clear error.
 
     Gradient accumulation: several ``batch`` contexts before one ``step()`` are one step; their
     samples are valued together. Gradient clipping: ``clip_grad_norm_`` between backward and
@@ -86,14 +94,28 @@ class InRunShapley:
         val_point="midpoint",
         estimator="ghost",
         record_steps: bool = False,
+        stream: bool = False,
     ):
         self.config = AttributionConfig(linearization, val_point, estimator)
+        self.stream = bool(stream)
+        if self.stream and self.config.val_point is not ValPoint.CURRENT:
+            raise ValueError(
+                f"stream=True contracts during the backward pass, before the step's update is known, so it needs "
+                f"val_point='current' (got {self.config.val_point.value!r}); pass val_point='current' or stream=False"
+            )
+        if self.stream and self.config.estimator is EstimatorKind.MATERIALIZED:
+            raise ValueError("stream=True needs estimator='ghost' or 'ghost-factored'; 'materialized' builds per-sample gradients after the backward")
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.val_batches, self._single_target = as_val_batches(val_batch)
         _check_optimizer_owns_model(model, optimizer)
         module, self._world_size = _unwrap_distributed(model)
+        if self.stream and self._world_size > 1:
+            raise ValueError(
+                "stream=True is not available under DistributedDataParallel: the gradient is averaged over ranks "
+                "after the layer hooks run, so J cannot be evaluated there; use stream=False"
+            )
         self._computer = StepComputer(module, loss_fn, self.val_batches, self.config)
         _check_val_batches_fit(module, loss_fn, self.val_batches)
         self._ledger = Ledger(len(self.val_batches), record_steps)
@@ -121,10 +143,21 @@ class InRunShapley:
             raise TrackerUsageError("tracker.batch() contexts cannot be nested")
         ids = normalize_ids(ids)
         self._check_no_missed_step()
+        if self.stream:
+            if self._pending_ids:
+                raise TrackerUsageError(
+                    "stream=True values one batch context per optimizer step, but this step already has "
+                    f"{len(self._pending_ids)} samples (gradient accumulation); use stream=False to accumulate"
+                )
+            self._computer.begin_stream(self.optimizer)
         self._in_batch = True
         try:
             with self._computer.capture():
                 yield self
+        except BaseException:
+            if self.stream:
+                self._computer.reset()
+            raise
         finally:
             self._in_batch = False
         self._pending_ids.extend(ids)
@@ -179,6 +212,13 @@ class InRunShapley:
             self._skip("non-finite gradients (NaN/inf)")
             return
         scale = self._clip_factor()
+        if self.stream and not math.isclose(scale, 1.0, rel_tol=1e-6):
+            self._computer.reset()
+            raise TrackerUsageError(
+                f"the gradients were rescaled by {scale:.6g} between the end of tracker.batch() and optimizer.step() "
+                "(clip_grad_norm_ clipped them); stream=True evaluated J during the backward at the unclipped "
+                "gradient. Use stream=False to value clipped steps"
+            )
         try:
             values = self._computer.step_values(optimizer, grad_scale=scale)
         finally:
@@ -327,10 +367,11 @@ class InRunShapley:
         atomic_save(self._ledger.state_dict(self.config.as_dict()), path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model, optimizer, loss_fn, val_batch) -> InRunShapley:
+    def load(cls, path: str | os.PathLike, model, optimizer, loss_fn, val_batch, *, stream: bool = False) -> InRunShapley:
         """A tracker for ``model``/``optimizer`` that continues the totals saved at ``path``.
 
-        The configuration (linearization, val_point, estimator, record_steps) is the saved one.
+        The configuration (linearization, val_point, estimator, record_steps) is the saved one;
+        ``stream`` (which does not change the values) is chosen anew.
 
         Raises:
             FileNotFoundError: nothing at ``path``.
@@ -338,7 +379,7 @@ class InRunShapley:
             ValueError: ``val_batch`` has a different number of targets than the saved run.
         """
         state = load_checked(path)
-        tracker = cls(model, optimizer, loss_fn, val_batch, **state["config"], record_steps=state["record_steps"])
+        tracker = cls(model, optimizer, loss_fn, val_batch, **state["config"], record_steps=state["record_steps"], stream=stream)
         if state["num_targets"] is not None and state["num_targets"] != len(tracker.val_batches):
             tracker.close()
             raise ValueError(

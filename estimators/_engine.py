@@ -57,6 +57,9 @@ class _Call:
     #: computed as soon as the output gradient arrives, and the gradient itself is not kept.
     eager: type[LayerRule] | None = None
     terms: dict[str, Term] | None = None
+    #: Every covered parameter was contracted during the backward pass (streaming); the
+    #: captured input and output gradient were released.
+    streamed: bool = False
 
     def add_grad(self, g: torch.Tensor) -> None:
         g = g.detach()
@@ -86,6 +89,20 @@ class _Pass:
     @property
     def has_grad(self) -> bool:
         return any(c.grad is not None for c in self.calls)
+
+
+@dataclasses.dataclass
+class _Stream:
+    """One step's in-backward contraction (see :meth:`GhostEngine.stream`)."""
+
+    val_grads: list[Mapping[torch.Tensor, torch.Tensor]]
+    slope: Callable[[torch.Tensor], torch.Tensor | float]
+    dtype: torch.dtype
+    #: φ[z, k] of the parameters contracted so far, ``[n, K]``.
+    out: torch.Tensor | None = None
+    #: parameter -> the ``.grad`` tensor its J was evaluated at.
+    done: dict[torch.Tensor, torch.Tensor | None] = dataclasses.field(default_factory=dict)
+    error: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +250,7 @@ class GhostEngine:
         self._handles: list[Any] = []
         self._stack: list[nn.Module] = []
         self._mode: _ParamUseMode | None = None
+        self._stream: _Stream | None = None
         #: parameter name -> path ("dense", "pairwise", "factored", "materialized", "fallback"),
         #: set by values().
         self.paths_taken: dict[str, str] = {}
@@ -290,9 +308,147 @@ class GhostEngine:
         return _Capture(self, "val")
 
     def clear(self) -> None:
-        """Forget every captured pass (call it after each optimizer step)."""
+        """Forget every captured pass and any :meth:`stream` set-up (call it after each optimizer step)."""
         self._train.clear()
         self._val.clear()
+        self._stream = None
+
+    # ------------------------------------------------------------------ streaming
+    def stream(
+        self,
+        val_grads: Sequence[Mapping[torch.Tensor, torch.Tensor]],
+        slope: Callable[[torch.Tensor], torch.Tensor | float],
+    ) -> None:
+        """Contract each weight during the next training backward, as soon as its gradient is final.
+
+        :meth:`values` normally contracts after the backward pass, so every layer's input A and
+        output gradient B stay in memory until then. When ∇L_val is known before the backward
+        (validation point ``current``) and J of a parameter depends only on that parameter's own
+        gradient (every diagonal optimizer), the contraction −⟨J ⊙ ∇L_val, c_z⟩ of a parameter
+        can run the moment autograd has accumulated its gradient (a post-accumulate-grad hook);
+        a layer's A and B are released once all its parameters are done. Peak memory is then
+        that of plain training. Weights use the dense order (P = J ⊙ ∇L_val), or P̃ = σ r sᵀ ⊙
+        ∇L_val on the ``factored`` path; parameters forced to ``materialized`` and fallback
+        parameters are left to :meth:`values`, which adds both parts.
+
+        Conditions, checked by :meth:`values`: one micro-batch (one backward) per step, and
+        ``param.grad`` not replaced after the backward. A rescaling after the backward (gradient
+        clipping) changes J and cannot be checked here: the caller must refuse it
+        (``InRunShapley(stream=True)`` does).
+
+        Args:
+            val_grads: K dicts parameter -> ∇L_val^k (from :func:`validation_gradients`, taken
+                before the training forward).
+            slope: ``slope(param)`` -> J of ``param`` at its current ``param.grad`` (a tensor
+                broadcastable to the parameter, or a float; exactly ``0.0`` skips the parameter).
+        Raises:
+            GhostEngineError: a capture is active, or training passes were already captured.
+            ValueError: ``val_grads`` is not a non-empty list.
+        Example:
+            Streaming gives the same values as contracting after the backward:
+
+            >>> torch.manual_seed(0) and None
+            >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+            >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+            >>> G = [{p: torch.randn_like(p) for p in model.parameters()}]
+            >>> J = {p: torch.rand_like(p) for p in model.parameters()}
+            >>> engine = GhostEngine(model)
+            >>> engine.stream(G, lambda p: J[p])
+            >>> with engine.capture_train():
+            ...     ((model(x) - y) ** 2).sum().backward()
+            >>> len(engine.streamed_params)
+            4
+            >>> streamed = engine.values({}); engine.clear()
+            >>> with engine.capture_train():
+            ...     ((model(x) - y) ** 2).sum().backward()
+            >>> torch.allclose(streamed, engine.values(J, G))
+            True
+        """
+        if self._active is not None:
+            raise GhostEngineError(f"stream() was called inside a {self._active} capture; call it before capture_train()")
+        if any(p.calls for p in self._train):
+            raise GhostEngineError("stream() must be called before the step's training capture; call clear() after each step")
+        if not isinstance(val_grads, (list, tuple)) or not val_grads:
+            raise ValueError("val_grads must be a non-empty list of K dicts parameter -> validation gradient")
+        self._stream = _Stream(list(val_grads), slope, self._compute_dtype(list(self._names)))
+        self.paths_taken, self.factored_errors = {}, {}
+
+    @property
+    def streamed_params(self) -> set[torch.Tensor]:
+        """Parameters already contracted during the backward pass of this step (see :meth:`stream`)."""
+        return set() if self._stream is None else set(self._stream.done)
+
+    def _streamable(self) -> list[torch.Tensor]:
+        """Parameters every owner of which covers them with a rule, on a path other than materialized."""
+        out = []
+        for p, owners in self._owners.items():
+            if self._forced_path(self._names[p]) is GhostPath.MATERIALIZED:
+                continue
+            if all(any(q is p for q in self._tracked[m].covered.values()) and not self._tracked[m].uncovered for m in owners):
+                out.append(p)
+        return out
+
+    def _contract_in_backward(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of ``p``: −⟨J ⊙ ∇L_val, c_z⟩ of ``p`` now; release finished layers."""
+        s = self._stream
+        if s is None or s.error is not None:
+            return
+        name = self._names[p]
+        if p in s.done:
+            s.error = (
+                f"parameter {name!r} received a second gradient in one step (gradient accumulation over several "
+                "backward passes, or retain_graph); the streamed contraction needs its final gradient from one "
+                "backward pass. Contract after the step instead (InRunShapley(stream=False))"
+            )
+            return
+        passes = [q for q in self._train if q.calls]
+        if len(passes) != 1:
+            s.error = (
+                f"{len(passes)} model calls were captured in one step; the streamed contraction values one "
+                "micro-batch per step. Contract after the step instead (InRunShapley(stream=False))"
+            )
+            return
+        pas = passes[0]
+        with torch.no_grad():
+            J = s.slope(p)
+            s.done[p] = p.grad
+            if not isinstance(J, torch.Tensor) and float(J) == 0.0:
+                return  # the step does not move p: no contribution
+            calls = [c for c in pas.calls if c.grad is not None and any(q is p for q in self._tracked[c.module].covered.values())]
+            terms = []
+            for c in calls:
+                tracked = self._tracked[c.module]
+                if c.terms is None:
+                    c.terms = tracked.rule.terms(c.module, c.args[0], c.grad)
+                terms.extend(c.terms[a].to(s.dtype) for a, q in tracked.covered.items() if q is p)
+            if terms:
+                n = self._pass_n(pas)
+                if s.out is None:
+                    s.out = torch.zeros(n, len(s.val_grads), dtype=s.dtype, device=p.device)
+                J = J.detach().to(s.dtype) if isinstance(J, torch.Tensor) else float(J)
+                factored = self._forced_path(name) is GhostPath.FACTORED and all(isinstance(t, Bilinear) for t in terms)
+                for k, G in enumerate(s.val_grads):
+                    if p not in G:
+                        raise ValueError(
+                            f"val_grads[{k}] has no gradient for parameter {name!r}; give every trained parameter a "
+                            "validation gradient (zeros if the validation loss does not use it)"
+                        )
+                    g = G[p].to(s.dtype)
+                    if factored:
+                        R, C = terms[0].rows.size, terms[0].cols.size
+                        sigma, r, sv = rank_one(_as_tensor(J, p, s.dtype).reshape(R, C), self.factorization)
+                        P = sigma * (r.unsqueeze(1) * g.reshape(R, C) * sv.unsqueeze(0))
+                        self.factored_errors[name] = factored_error(_as_tensor(J, p, s.dtype).reshape(R, C), self.factorization)
+                    else:
+                        P = _precondition(J, g, p.shape)
+                    s.out[:, k] -= sum(t.dense_values(P) for t in terms)
+                self.paths_taken[name] = "factored" if factored else "dense"
+            for c in calls:
+                tracked = self._tracked[c.module]
+                if all(q in s.done for q in tracked.covered.values()):
+                    # Every parameter of this call is contracted: drop its input and output gradient.
+                    c.streamed, c.terms, c.args, c.kwargs = True, None, (), {}
+                    c.grad = c.grad.new_zeros(()).expand(c.grad.shape)
 
     def _start(self, kind: str) -> None:
         if self._active is not None:
@@ -306,6 +462,9 @@ class GhostEngine:
                 if module in self._tracked:
                     self._handles.append(module.register_forward_hook(self._record, with_kwargs=True))
             self._handles.extend(_broadcast_index_hooks(self.model, self._tracked))
+            if kind == "train" and self._stream is not None:
+                for p in self._streamable():
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._contract_in_backward))
             self._mode = _ParamUseMode(self)
             self._mode.__enter__()
         except BaseException:
@@ -396,14 +555,15 @@ class GhostEngine:
         n = self._pass_n(pas)
         terms: dict[torch.Tensor, list[Term]] = {}
         fallback: set[torch.Tensor] = set()
+        streamed = self.streamed_params
         for call in pas.calls:
-            if call.grad is None:
-                continue  # this call's output did not reach the loss: zero contribution
+            if call.grad is None or call.streamed:
+                continue  # output did not reach the loss (zero contribution), or contracted in the backward
             tracked = self._tracked[call.module]
-            if tracked.covered:
+            if tracked.covered and not all(q in streamed for q in tracked.covered.values()):
                 computed = call.terms if call.terms is not None else tracked.rule.terms(call.module, call.args[0], call.grad)
                 for attr, term in computed.items():
-                    if attr in tracked.covered:
+                    if attr in tracked.covered and tracked.covered[attr] not in streamed:
                         terms.setdefault(tracked.covered[attr], []).append(term)
             if tracked.uncovered:
                 for attr, c in _fallback_grads(call, tracked, n).items():
@@ -487,6 +647,19 @@ class GhostEngine:
         """
         if self._active is not None:
             raise GhostEngineError(f"values() was called inside a {self._active} capture; exit the capture first")
+        stream = self._stream
+        if stream is not None:
+            if stream.error is not None:
+                raise GhostEngineError(stream.error)
+            for p, g in stream.done.items():
+                if p.grad is not g:
+                    raise GhostEngineError(
+                        f"the gradient of parameter {self._names[p]!r} was replaced after the backward pass; the streamed "
+                        "contraction evaluated J at the gradient of the backward pass. Edit gradients in place before "
+                        "the backward ends, or contract after the step (InRunShapley(stream=False))"
+                    )
+            if val_grads is None:
+                val_grads = stream.val_grads
         train = [p for p in self._train if p.has_grad]
         if not train:
             raise GhostEngineError(
@@ -517,15 +690,19 @@ class GhostEngine:
         val_terms = [self._pass_terms(p)[1] if use_val else {} for p in val_passes]
         params = [p for p in self._names if any(p in t for _, t, _ in train_terms)]
         fallback = set().union(*(f for _, _, f in train_terms))
-        dtype = self._compute_dtype(params)
+        dtype = stream.dtype if stream is not None else self._compute_dtype(params or list(self._names))
         Js = {p: self._J_of(J, p, dtype) for p in params}
+        # J = 0 exactly (a trainable parameter the optimizer does not step): no contribution.
+        params = [p for p in params if isinstance(Js[p], torch.Tensor) or Js[p] != 0.0]
+        device = params[0].device if params else next(iter(self._names)).device
 
         paths: dict[torch.Tensor, GhostPath | str] = {}
         for p in params:
             all_terms = [t for _, ts, _ in train_terms for t in ts.get(p, [])]
             paths[p] = self._choose_path(p, Js[p], all_terms, val_terms, bool(val_passes))
-        self.paths_taken = {self._names[p]: ("fallback" if p in fallback else str(paths[p].value)) for p in params}
-        self.factored_errors = {}
+        if stream is None:
+            self.paths_taken, self.factored_errors = {}, {}
+        self.paths_taken.update({self._names[p]: ("fallback" if p in fallback else str(paths[p].value)) for p in params})
 
         # Exact paths need P = J ⊙ ∇L_val; rebuild ∇L_val from the capture when not given.
         dense_params = [p for p in params if paths[p] in (GhostPath.DENSE, GhostPath.MATERIALIZED)]
@@ -548,8 +725,10 @@ class GhostEngine:
         blocks = []
         for n, terms, _ in train_terms:
             materialized: dict[torch.Tensor, torch.Tensor] = {}
-            out = torch.zeros(n, K, dtype=dtype, device=params[0].device)
+            out = torch.zeros(n, K, dtype=dtype, device=device)
             for p, ts in terms.items():
+                if p not in paths:
+                    continue
                 ts = [t.to(dtype) for t in ts]
                 path = paths[p]
                 for k in range(K):
@@ -568,7 +747,12 @@ class GhostEngine:
                     for t in ts:
                         out[:, k] -= self._ghost_dot(p, t, vs, k, path, Js[p], val_grads, dtype, factors, ptilde)
             blocks.append(out)
-        return torch.cat(blocks, dim=0)
+        out = torch.cat(blocks, dim=0)
+        if stream is not None and stream.out is not None:
+            if stream.out.shape != out.shape:
+                raise GhostEngineError(f"streamed values have shape {tuple(stream.out.shape)} but the step captured {tuple(out.shape)}")
+            out = out + stream.out
+        return out
 
     def _ghost_dot(self, p, t: Term, vs: list[Term], k: int, path: GhostPath, Jp, val_grads, dtype, factors, cache) -> torch.Tensor:
         """Σ_v ⟨J̃ ⊙ c_v, c_z⟩ for one training term ``t`` of ``p`` on the pairwise or factored path: ``[n]``.
@@ -644,9 +828,13 @@ class GhostEngine:
             return float(value)
         raise TypeError(f"J must be a float or a mapping parameter -> tensor/float, got {type(J).__name__}")
 
+    def _forced_path(self, name: str) -> GhostPath:
+        """The path asked for parameter ``name``: its own ``layer_paths`` entry, its module's, or ``path``."""
+        return self.layer_paths.get(name, self.layer_paths.get(name.rpartition(".")[0], self.path))
+
     def _choose_path(self, p, Jp, terms: list[Term], val_terms, have_val: bool) -> GhostPath:
         name = self._names[p]
-        forced = self.layer_paths.get(name, self.layer_paths.get(name.rpartition(".")[0], self.path))
+        forced = self._forced_path(name)
         if forced is GhostPath.MATERIALIZED:
             return forced
         if not terms or not all(isinstance(t, Bilinear) for t in terms) or any(

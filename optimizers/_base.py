@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import sympy
@@ -233,16 +233,22 @@ class OptimizerLinearization(abc.ABC):
                 )
 
     @classmethod
-    def from_optimizer(cls, optimizer: torch.optim.Optimizer, *, copy_state: bool = False) -> OptimizerLinearization:
-        """Read every parameter that has a gradient; see :func:`linearize`.
+    def from_optimizer(
+        cls, optimizer: torch.optim.Optimizer, *, copy_state: bool = False, params: Iterable[torch.Tensor] | None = None
+    ) -> OptimizerLinearization:
+        """Read every parameter that has a gradient (or exactly ``params``); see :func:`linearize`.
 
         Args:
             optimizer: an instance of ``cls.optimizer_class``, after ``backward()``.
             copy_state: keep clones of the state tensors instead of references.
+            params: read these parameters whether or not they have a gradient yet (the state
+                only is read; the gradient is passed to :meth:`update`, :meth:`tangent`,
+                :meth:`secant` later). Each must be in one of the optimizer's param groups.
         Returns:
-            An instance of ``cls`` covering the parameters whose ``.grad`` is not ``None``.
+            An instance of ``cls`` covering the parameters whose ``.grad`` is not ``None``, or ``params``.
         Raises:
             UnsupportedOptimizerError: a refused flag (:meth:`check_group`) or a sparse gradient.
+            ValueError: a tensor of ``params`` is not in the optimizer.
         Example:
             >>> from optimizers import SGDLinearization
             >>> a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
@@ -251,14 +257,15 @@ class OptimizerLinearization(abc.ABC):
             >>> len(lin), a in lin, b in lin
             (1, True, False)
         """
+        wanted = None if params is None else set(params)
         states: dict[torch.Tensor, ParamState] = {}
         versions: dict[torch.Tensor, dict[str, int]] = {}
         for i, group in enumerate(optimizer.param_groups):
             cls.check_group(group, i)
             for p in group["params"]:
-                if p.grad is None:
+                if (p.grad is None) if wanted is None else (p not in wanted):
                     continue
-                if p.grad.is_sparse:
+                if p.grad is not None and p.grad.is_sparse:
                     raise UnsupportedOptimizerError(
                         f"parameter of shape {tuple(p.shape)} in group {i} has a sparse gradient; "
                         "linearizations model dense gradients only (use nn.Embedding(sparse=False))"
@@ -268,6 +275,9 @@ class OptimizerLinearization(abc.ABC):
                     st = dataclasses.replace(st, **{k: v.detach().clone() for k, v in st.tensors().items()})
                 states[p] = st
                 versions[p] = {k: v._version for k, v in st.tensors().items()}
+        if wanted is not None and len(states) != len(wanted):
+            shapes = sorted(str(tuple(p.shape)) for p in wanted if p not in states)
+            raise ValueError(f"params: {len(shapes)} tensor(s) of shape {', '.join(shapes)} are not in any param group of the optimizer")
         return cls(states, versions)
 
     # ------------------------------------------------------------------ the maths
@@ -562,7 +572,9 @@ def linearization_class(optimizer_class: type[torch.optim.Optimizer]) -> type[Op
         ) from None
 
 
-def linearize(optimizer: torch.optim.Optimizer, *, copy_state: bool = False) -> OptimizerLinearization:
+def linearize(
+    optimizer: torch.optim.Optimizer, *, copy_state: bool = False, params: Iterable[torch.Tensor] | None = None
+) -> OptimizerLinearization:
     """The linearization of ``optimizer``'s CURRENT state, for every parameter that has a gradient.
 
     Call it after ``backward()`` and before ``optimizer.step()``. By default it keeps
@@ -572,8 +584,10 @@ def linearize(optimizer: torch.optim.Optimizer, *, copy_state: bool = False) -> 
     Args:
         optimizer: a ``torch.optim.Optimizer`` whose class is registered (see :func:`registered`).
         copy_state: keep float copies of the state tensors (memory) instead of references.
+        params: cover exactly these parameters, with or without a ``.grad`` (e.g. before
+            ``backward()``, when the gradient is evaluated later, during the backward pass).
     Returns:
-        An :class:`OptimizerLinearization` covering every parameter with a ``.grad``.
+        An :class:`OptimizerLinearization` covering every parameter with a ``.grad`` (or ``params``).
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
         UnsupportedOptimizerError: the optimizer class is not registered, or a param group
@@ -589,7 +603,7 @@ def linearize(optimizer: torch.optim.Optimizer, *, copy_state: bool = False) -> 
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"linearize() expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return linearization_class(type(optimizer)).from_optimizer(optimizer, copy_state=copy_state)
+    return linearization_class(type(optimizer)).from_optimizer(optimizer, copy_state=copy_state, params=params)
 
 
 def as_float(x: Any) -> float:

@@ -447,19 +447,57 @@ def test_tracker_totals_equal_step_values_on_a_twin(case, linearization, val_poi
         assert torch.equal(p.detach(), q.detach()), f"the tracker changed the training trajectory of {nm}"
 
 
-# ---------------------------------------------------------------------------------- known bugs
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="BUG: step_values/InRunShapley fail ('J has no entry for parameter ...') when a parameter with "
-    "requires_grad=True is not in the optimizer; it does not move in the step, so its J should be 0",
-)
-def test_trainable_parameter_outside_the_optimizer_contributes_nothing():
+# ---------------------------------------------------------------------------------- 5 (streaming)
+@FUZZ
+@given(case=fuzz_cases(), linearization=LINEARIZATIONS, estimator=st.sampled_from(["ghost", "ghost-factored"]))
+@example(case=tied_tokens(), linearization="secant", estimator="ghost")
+@example(case=step_one_adam(), linearization="tangent", estimator="ghost-factored")
+def test_streamed_contraction_equals_contraction_after_the_backward(case, linearization, estimator):
+    """``InRunShapley(stream=True)`` (J and the contraction inside the backward) = ``stream=False``."""
+    _events(case)
+    twin_model, twin_opt = _twin(case)
+    kw = dict(linearization=linearization, val_point="current", estimator=estimator)
+    val = list(case.val_batches)
+    n = case.batch[0].shape[0]
+    batches = [case.batch, case.make_batch(n, case.generator)]
+    totals = []
+    for model, opt, stream in ((twin_model, twin_opt, False), (case.model, case.optimizer, True)):
+        with InRunShapley(model, opt, case.loss_fn, val, **kw, stream=stream, record_steps=True) as tracker:
+            for b in batches:
+                opt.zero_grad()
+                with tracker.batch(list(range(n))):
+                    case.loss_fn(model(b[0]), b[1]).backward()
+                if stream:  # every layer a rule covers released its captured tensors in the backward
+                    engine = tracker._computer.engine
+                    covered = [c for pas in engine._train for c in pas.calls if c.grad is not None
+                               and engine._tracked[c.module].rule is not None and not engine._tracked[c.module].uncovered
+                               and all(p.grad is not None for p in engine._tracked[c.module].covered.values())]
+                    assert all(c.streamed and c.args == () for c in covered)
+                opt.step()
+            totals.append(tracker.history())
+    expected, got = (torch.tensor(h.filter(like="value").to_numpy(), dtype=DT) for h in totals)
+    check(got, expected, rtol=1e-9, atol_rel=1e-12, name="streamed vs after-backward")
+    for (nm, p), q in zip(case.model.named_parameters(), twin_model.parameters()):
+        assert torch.equal(p.detach(), q.detach()), f"streaming changed the training trajectory of {nm}"
+
+
+# ---------------------------------------------------------------------------------- found by fuzzing
+@pytest.mark.parametrize("stream", [False, True])
+def test_trainable_parameter_outside_the_optimizer_contributes_nothing(stream):
+    """A parameter with requires_grad=True that no param group holds does not move: J = 0 (was an error)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    opt = torch.optim.SGD(model[2].parameters(), lr=0.1)  # model[0] is trainable but never stepped
+    opt = torch.optim.Adam(model[2].parameters(), lr=0.1)  # model[0] is trainable but never stepped
     x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
-    phi = step_values(model, opt, nn.functional.mse_loss, (x, y), (x[:2], y[:2]), linearization="sgd", val_point="current")
-    model[0].requires_grad_(False)  # the same step with the unused parameter frozen
-    ref = step_values(model, opt, nn.functional.mse_loss, (x, y), (x[:2], y[:2]), linearization="sgd", val_point="current")
+    kw = dict(linearization="secant", val_point="current")
+    frozen_model, frozen_opt = copy.deepcopy((model, opt))
+    frozen_model[0].requires_grad_(False)  # the same step with the unused parameter frozen
+    ref = step_values(frozen_model, frozen_opt, nn.functional.mse_loss, (x, y), (x[:2], y[:2]), **kw)
+    phi = step_values(model, opt, nn.functional.mse_loss, (x, y), (x[:2], y[:2]), **kw)
+    with InRunShapley(model, opt, nn.functional.mse_loss, (x[:2], y[:2]), **kw, stream=stream, record_steps=True) as tracker:
+        with tracker.batch(list(range(5))):
+            nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
     assert_close(phi, ref, rtol=1e-12)
+    assert_close(torch.tensor(tracker.history()["value"].to_numpy()), ref, rtol=1e-12)
+    assert float(ref.abs().max()) > 1e-6

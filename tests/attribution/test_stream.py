@@ -1,0 +1,218 @@
+"""InRunShapley(stream=True): the in-backward contraction gives the same values and frees memory.
+
+Equality with ``stream=False`` over random architectures and optimizers is fuzzed in
+``tests/reliability/test_fuzz.py``; here: transformer layers, the release of captured tensors,
+the fallback mixed with streamed layers, half precision, and every refused use.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import estimators as E
+from attribution import InRunShapley, TrackerUsageError
+from attribution.experiments.models import TinyLM
+from tests._helpers import assert_close
+
+LOSS = nn.functional.cross_entropy
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 3)).double()
+
+
+def _data(seed=0, n=30):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+X, Y = _data()
+VAL = (X[-8:], Y[-8:])
+
+
+def _train(model, opt, loss_fn, batches, val, *, stream, **kw):
+    with InRunShapley(model, opt, loss_fn, val, val_point="current", stream=stream, record_steps=True, **kw) as tracker:
+        for ids, (x, y) in batches:
+            opt.zero_grad()
+            with tracker.batch(ids):
+                loss_fn(model(x), y).backward()
+            opt.step()
+        return tracker.history()
+
+
+def _lm_loss(logits, y):
+    return LOSS(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@pytest.mark.parametrize("estimator", ["ghost", "ghost-factored"])
+@pytest.mark.parametrize("linearization", ["secant", "tangent", "sgd"])
+def test_streamed_values_equal_values_after_the_step_on_a_tied_decoder(estimator, linearization):
+    torch.manual_seed(0)
+    model = TinyLM(vocab=40, width=16, depth=2, heads=2, max_len=8, tied=True).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 40, (20, 9), generator=g)
+    batches = [(list(range(5 * s, 5 * s + 5)), (tokens[5 * s:5 * s + 5, :-1], tokens[5 * s:5 * s + 5, 1:])) for s in range(3)]
+    val = (tokens[15:, :-1], tokens[15:, 1:])
+    kw = dict(linearization=linearization, estimator=estimator)
+    streamed = _train(model, opt, _lm_loss, batches, val, stream=True, **kw)
+    after = _train(twin_model, twin_opt, _lm_loss, batches, val, stream=False, **kw)
+    assert_close(torch.tensor(streamed["value"].to_numpy()), torch.tensor(after["value"].to_numpy()), rtol=1e-10, atol=1e-14)
+    assert float(after["value"].abs().max()) > 1e-6
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_captured_tensors_are_released_during_the_backward():
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    engine = E.GhostEngine(model)
+    released_at_hook = []
+
+    def slope(p):
+        # Called from the post-accumulate-grad hook: the first layer's gradient is the last to arrive,
+        # by then the output layer (contracted first) must already be released.
+        released_at_hook.append([c.streamed for pas in engine._train for c in pas.calls])
+        return torch.ones_like(p)
+
+    engine.stream([{p: torch.randn_like(p) for p in model.parameters()}], slope)
+    with engine.capture_train():
+        LOSS(model(X[:6]), Y[:6]).backward()
+    calls = [c for pas in engine._train for c in pas.calls]
+    assert [c.streamed for c in calls] == [True, True]
+    assert all(c.args == () and c.terms is None and c.grad.stride() == (0, 0) for c in calls)
+    assert released_at_hook[-1] == [False, True]  # layer 0's own hook ran while layer 2 was released
+    assert engine.values({}).shape == (6, 1)
+    del opt
+
+
+class Scale(nn.Module):
+    """A layer no rule covers: its parameter takes the per-parameter fallback after the step."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.s
+
+
+def test_fallback_parameters_are_added_after_the_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), Scale(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    batches = [(list(range(6 * s, 6 * s + 6)), (X[6 * s:6 * s + 6], Y[6 * s:6 * s + 6])) for s in range(3)]
+    streamed = _train(model, opt, LOSS, batches, VAL, stream=True)
+    after = _train(twin_model, twin_opt, LOSS, batches, VAL, stream=False)
+    assert_close(torch.tensor(streamed["value"].to_numpy()), torch.tensor(after["value"].to_numpy()), rtol=1e-10, atol=1e-14)
+
+
+def test_half_precision_parameters_stream_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 3)).to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    x, y = X.to(torch.bfloat16), Y
+    batches = [(list(range(6 * s, 6 * s + 6)), (x[6 * s:6 * s + 6], y[6 * s:6 * s + 6])) for s in range(2)]
+    val = (x[-8:], y[-8:])
+    streamed = _train(model, opt, LOSS, batches, val, stream=True)
+    after = _train(twin_model, twin_opt, LOSS, batches, val, stream=False)
+    assert_close(torch.tensor(streamed["value"].to_numpy()), torch.tensor(after["value"].to_numpy()), rtol=1e-5, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------ refused uses
+@pytest.mark.parametrize("kw,match", [
+    (dict(val_point="midpoint"), "val_point='current'"),
+    (dict(val_point="lookahead"), "val_point='current'"),
+    (dict(val_point="current", estimator="materialized"), "materialized"),
+])
+def test_stream_refuses_settings_it_cannot_honour(kw, match):
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=match):
+        InRunShapley(model, opt, LOSS, VAL, stream=True, **kw)
+
+
+def test_gradient_accumulation_is_refused():
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = InRunShapley(model, opt, LOSS, VAL, val_point="current", stream=True)
+    with tracker.batch([0, 1]):
+        LOSS(model(X[:2]), Y[:2]).backward()
+    with pytest.raises(TrackerUsageError, match="gradient accumulation"):
+        with tracker.batch([2, 3]):
+            pass
+    tracker.close()
+
+
+def test_clipping_is_refused_but_a_clip_that_does_not_clip_is_not():
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = InRunShapley(model, opt, LOSS, VAL, val_point="current", stream=True)
+    with tracker.batch([0, 1, 2]):
+        LOSS(model(X[:3]), Y[:3]).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e6)  # multiplies by 1: fine
+    opt.step()
+    opt.zero_grad()
+    with tracker.batch([3, 4, 5]):
+        LOSS(model(X[3:6]), Y[3:6]).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)
+    with pytest.raises(TrackerUsageError, match="stream=False to value clipped steps"):
+        opt.step()
+    assert tracker.steps == 1
+    tracker.close()
+
+
+def test_a_second_backward_in_one_step_is_refused():
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = InRunShapley(model, opt, LOSS, VAL, val_point="current", stream=True)
+    with tracker.batch([0, 1, 2]):
+        loss = LOSS(model(X[:3]), Y[:3])
+        loss.backward(retain_graph=True)
+        loss.backward()
+    with pytest.raises(E.GhostEngineError, match="second gradient"):
+        opt.step()
+    tracker.close()
+
+
+def test_a_replaced_gradient_is_refused():
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = InRunShapley(model, opt, LOSS, VAL, val_point="current", stream=True)
+    with tracker.batch([0, 1, 2]):
+        LOSS(model(X[:3]), Y[:3]).backward()
+        model[0].weight.grad = model[0].weight.grad.clone()
+    with pytest.raises(E.GhostEngineError, match="was replaced"):
+        opt.step()
+    tracker.close()
+
+
+def test_an_error_inside_the_batch_context_leaves_the_tracker_usable():
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = InRunShapley(model, opt, LOSS, VAL, val_point="current", stream=True)
+    with pytest.raises(RuntimeError):
+        with tracker.batch([0, 1]):
+            model(torch.ones(2, 7, dtype=torch.float64))  # wrong width
+    with tracker.batch([0, 1]):
+        LOSS(model(X[:2]), Y[:2]).backward()
+    opt.step()
+    assert tracker.steps == 1
+    tracker.close()
+
+
+def test_engine_stream_argument_errors():
+    model = _mlp()
+    engine = E.GhostEngine(model)
+    with pytest.raises(ValueError, match="non-empty list"):
+        engine.stream({}, lambda p: 1.0)
+    with engine.capture_train():
+        LOSS(model(X[:2]), Y[:2]).backward()
+    with pytest.raises(E.GhostEngineError, match="before the step's training capture"):
+        engine.stream([{}], lambda p: 1.0)
