@@ -5,7 +5,11 @@ the same model (same initial weights, same batches, same number of steps) in eac
 
 * ``plain`` -- AdamW without attribution (the baseline);
 * ``ghost-factored``, ``ghost``, ``materialized`` -- ``InRunShapley(..., estimator=mode)``
-  with the tracker's defaults (tangent linearization, lookahead validation point).
+  with the tracker's defaults (secant linearization, midpoint validation point);
+* ``ghost-factored-streamed``, ``ghost-streamed`` -- the same estimators with
+  ``InRunShapley(..., val_point="current", stream=True)``: the validation gradient is taken
+  before the forward and each layer is contracted inside the backward pass, so the captured
+  activations are released there (the paper's first-order form, ∇L_val at θ_t).
 
 Throughput: the modes are interleaved in one process, round by round (A B C D, then D C B A,
 ...), so that machine noise hits every mode alike; samples/s is the total over the timed
@@ -42,11 +46,12 @@ from torch import nn
 from attribution import InRunShapley
 from attribution.experiments.models import TinyLM, lm_loss, mlp
 
-#: Baseline first; then the tracker's estimators.
-MODES = ("plain", "ghost-factored", "ghost", "materialized")
+#: Baseline first; then the tracker's estimators; then the streamed variants.
+MODES = ("plain", "ghost-factored", "ghost", "materialized", "ghost-factored-streamed", "ghost-streamed")
 BASELINE = "plain"
+STREAMED = "-streamed"
 #: (min throughput ratio, max memory ratio) targets of the issue on the default transformer.
-TARGETS = {"ghost-factored": (0.95, 1.05), "ghost": (0.75, 1.10)}
+TARGETS = {"ghost-factored": (0.95, 1.05), "ghost": (0.75, 1.10), "ghost-factored-streamed": (0.95, 1.05), "ghost-streamed": (0.75, 1.10)}
 
 #: Default sizes per model kind, and the ``--quick`` overrides.
 DEFAULTS = {
@@ -133,7 +138,9 @@ class Workload:
         val = [(x.to(device), y.to(device)) for x, y in data["val"]]
         self.tracker = None
         if mode != BASELINE:
-            self.tracker = InRunShapley(self.model, self.opt, self.loss_fn, val if len(val) > 1 else val[0], estimator=mode)
+            stream = mode.endswith(STREAMED)
+            kw = dict(val_point="current", stream=True) if stream else {}
+            self.tracker = InRunShapley(self.model, self.opt, self.loss_fn, val if len(val) > 1 else val[0], estimator=mode.removesuffix(STREAMED), **kw)
         self.step = 0
         self.losses: list[float] = []
 
@@ -309,7 +316,9 @@ def profile(cfg: BenchConfig, steps: int = 2, top: int = 12) -> dict[str, dict[s
     """Per mode: seconds per step in forward+backward (with capture), attribution (the tracker's
     values: linearization, validation pass, contraction) and the rest of ``optimizer.step()`` (the
     AdamW update and the tracker's bookkeeping); then print torch.profiler's heaviest operators
-    of one step of each mode. Returns the phase table."""
+    of one step of each mode. Returns the phase table. (Streamed modes do their validation pass
+    when the batch context is entered and their contraction inside the backward: both count as
+    forward+backward there.)"""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     _set_threads(cfg)
