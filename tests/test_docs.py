@@ -58,6 +58,7 @@ DOCTEST_MODULES = [
     "attribution._step",
     "attribution._tracker",
     "attribution.hf",
+    "attribution.experiments._report",
     "estimators",
     "estimators._checks",
     "estimators._config",

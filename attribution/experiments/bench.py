@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from attribution import InRunShapley
+from attribution.experiments._report import markdown_table
 from attribution.experiments.models import TinyLM, lm_loss, mlp
 
 #: Baseline first; then the tracker's estimators; then the streamed variants.
@@ -434,7 +435,7 @@ def run(cfg: BenchConfig, *, memory: bool = True, progress: bool = True) -> dict
 
 def format_table(result: dict) -> str:
     """The per-mode table printed by the command (and pasted into docs/performance.md)."""
-    lines = ["| mode | samples/s | throughput ratio | peak MB | memory ratio | target |", "|---|---|---|---|---|---|"]
+    rows = []
     for mode, r in result["modes"].items():
         peak = "–" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
         ratio = "–" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}"
@@ -444,8 +445,8 @@ def format_table(result: dict) -> str:
             ok_tp = r["throughput_ratio"] >= tp
             ok_mem = r["memory_ratio"] is not None and r["memory_ratio"] <= mr
             target = f"≥ {tp} {'met' if ok_tp else 'NOT met'}; ≤ {mr} {'met' if ok_mem else 'NOT met' if r['memory_ratio'] is not None else 'not measured'}"
-        lines.append(f"| {mode} | {r['samples_per_s']:.2f} | {r['throughput_ratio']:.3f} | {peak} | {ratio} | {target} |")
-    return "\n".join(lines)
+        rows.append([mode, f"{r['samples_per_s']:.2f}", f"{r['throughput_ratio']:.3f}", peak, ratio, target])
+    return markdown_table(["mode", "samples/s", "throughput ratio", "peak MB", "memory ratio", "target"], rows)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:

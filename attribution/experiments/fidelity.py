@@ -49,6 +49,7 @@ import validation
 from attribution import step_values
 from attribution.experiments.data import Split, WordVocabulary, load_digits, load_rotten_tomatoes
 from attribution.experiments.models import TinyLM, lm_loss, mlp, small_cnn
+from attribution.experiments._report import frame_table
 
 #: name -> (torch.optim class, keyword arguments). Learning rates typical for each optimizer on
 #: these small models, plus Adam at a 10× larger lr, where the validation loss's curvature along
@@ -480,14 +481,6 @@ def summary_table(cells: pd.DataFrame, config: FidelityConfig, truth: str, metri
     return table[variants]
 
 
-def _md(table: pd.DataFrame) -> str:
-    table = table.reset_index()
-    head = "| " + " | ".join(map(str, table.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    body = ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([head, rule, *body])
-
-
 def markdown(cells: pd.DataFrame, config: FidelityConfig, info: dict) -> str:
     """The study's tables as markdown (``results.md``)."""
     m = info["machine"]
@@ -502,18 +495,18 @@ def markdown(cells: pd.DataFrame, config: FidelityConfig, info: dict) -> str:
     ]
     for truth in config.truths:
         parts += ["", f"## Mean over models: Pearson R against {truth_name[truth]}", "",
-                  _md(summary_table(cells, config, truth, by=("optimizer", "phase")))]
+                  frame_table(summary_table(cells, config, truth, by=("optimizer", "phase")))]
     for truth in config.truths:
         parts += ["", f"## Every cell: Pearson R against {truth_name[truth]}", "",
-                  _md(summary_table(cells, config, truth, variants=KEY_VARIANTS))]
+                  frame_table(summary_table(cells, config, truth, variants=KEY_VARIANTS))]
     if "factored" in config.estimators and "tangent" in config.estimators:
         fac = cells[cells.estimator == "factored"]
         if not fac.empty:
             parts += ["", "## Factored against dense: Pearson R of factored vs dense tangent values (same cells, same val point), mean over models", "",
-                      _md(summary_table(fac, config, config.truths[0], metric="pearson_vs_tangent", by=("optimizer", "phase")))]
+                      frame_table(summary_table(fac, config, config.truths[0], metric="pearson_vs_tangent", by=("optimizer", "phase")))]
     if "shapley" in config.truths:
         parts += ["", "## Efficiency: (Σ estimate − (U(B) − U(∅))) / |U(B) − U(∅)| against exact Shapley, mean over models", "",
-                  _md(summary_table(cells, config, "shapley", metric="relative_efficiency_gap", by=("optimizer", "phase"),
+                  frame_table(summary_table(cells, config, "shapley", metric="relative_efficiency_gap", by=("optimizer", "phase"),
                                     variants=["sgd/current", "tangent/lookahead", "secant/current", "secant/midpoint"]))]
     return "\n".join(parts) + "\n"
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from attribution import InRunShapley
 from attribution.experiments.data import load_digits
+from attribution.experiments._report import frame_table
 from attribution.experiments.models import mlp
 
 #: Tracked value variants (name -> InRunShapley keyword arguments).
@@ -115,18 +116,10 @@ def run(config: MislabelConfig, out: str | Path = "results/mislabel", progress: 
     summary = table.groupby("method")[["precision_at_k", "auroc"]].agg(["mean", "std"]).round(4)
     (out / "summary.md").write_text(
         f"Mislabel detection on digits, {config.flip:.0%} labels flipped, {config.seeds} seeds "
-        f"(mean and std over seeds)\n\n{summary.to_markdown() if _has_tabulate() else summary.to_string()}\n"
+        f"(mean and std over seeds)\n\n{frame_table(summary)}\n"
     )
     _plot(out, table)
     return table, summary
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _plot(out: Path, table: pd.DataFrame) -> None:

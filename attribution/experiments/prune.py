@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from attribution import InRunShapley
 from attribution.experiments.data import load_rotten_tomatoes
+from attribution.experiments._report import markdown_table, mean_std
 from attribution.experiments.models import mlp
 
 #: Tracked value variants (name -> InRunShapley keyword arguments).
@@ -501,21 +502,13 @@ def run(config: PruneConfig, out: str | Path = "results/prune", progress: bool =
 
 
 # ---------------------------------------------------------------------------- reporting
-def _cell(values: pd.Series) -> str:
-    """``mean ± std`` (just the mean for a single seed)."""
-    if len(values) < 2:
-        return f"{values.mean():.4f}"
-    return f"{values.mean():.4f} ± {values.std():.4f}"
-
-
 def _markdown(table: pd.DataFrame, metric: str) -> str:
     """Fractions as rows, rankings as columns, ``mean ± std`` over seeds."""
-    fractions = sorted(table["fraction"].unique())
-    lines = ["| removed | " + " | ".join(RANKINGS) + " |", "|---|" + "---|" * len(RANKINGS)]
-    for p in fractions:
-        cells = [_cell(table[(table["ranking"] == r) & (table["fraction"] == p)][metric]) for r in RANKINGS]
-        lines.append(f"| {p:.0%} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [f"{p:.0%}", *(mean_std(table[(table["ranking"] == r) & (table["fraction"] == p)][metric]) for r in RANKINGS)]
+        for p in sorted(table["fraction"].unique())
+    ]
+    return markdown_table(["removed", *RANKINGS], rows)
 
 
 def _write_summary(out: Path, config: PruneConfig, table: pd.DataFrame, vtable: pd.DataFrame, tracked: dict) -> None:

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from attribution import InRunShapley
 from attribution.experiments import bible
+from attribution.experiments._report import markdown_table
 from attribution.experiments.data import WordVocabulary
 from attribution.experiments.models import TinyLM, lm_loss
 
@@ -269,14 +270,14 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
 
 def _markdown(summary: pd.DataFrame) -> str:
     """The summary as a markdown table of "mean ± std" cells."""
-    lines = ["| method | query kind | mean rank | top-1 | top-5 |", "|---|---|---|---|---|"]
+    rows = []
     for (method, kind), row in summary.iterrows():
         cells = [
             f"{row[(m, 'mean')]:{fmt}} ± {0.0 if np.isnan(row[(m, 'std')]) else row[(m, 'std')]:{fmt}}"
             for m, fmt in (("rank", ".2f"), ("top1", ".3f"), ("top5", ".3f"))
         ]
-        lines.append(f"| {method} | {kind} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([method, kind, *cells])
+    return markdown_table(["method", "query kind", "mean rank", "top-1", "top-5"], rows)
 
 
 def run(config: SourceIdConfig, out: str | Path = "results/source_id", progress: bool = True):
