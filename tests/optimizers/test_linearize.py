@@ -246,3 +246,28 @@ def test_half_precision_is_computed_in_float32(dtype):
         assert out.dtype == torch.float32 and torch.isfinite(out).all(), method
     # step 1 of Adam at g = 0: the tangent is -lr/eps, representable only because of float32
     assert lin.tangent(p, p.grad)[1].item() == pytest.approx(-1e-2 / 1e-8, rel=1e-6)
+
+
+def test_linearize_given_params_before_backward_equals_linearize_after():
+    """``params=`` reads the state only: built before the gradient exists, it gives the same J."""
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(4, 3, dtype=torch.float64)), nn.Parameter(torch.randn(4, dtype=torch.float64))
+    opt = torch.optim.AdamW([{"params": [w], "lr": 1e-2}, {"params": [b], "lr": 3e-2, "weight_decay": 0.0}])
+    for _ in range(2):  # real state
+        opt.zero_grad()
+        (w.sin().sum() + (b ** 2).sum()).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    early = linearize(opt, params=[w, b])
+    assert w in early and b in early and w.grad is None
+    (w.cos().sum() + b.sum()).backward()
+    late = linearize(opt)
+    for p in (w, b):
+        for method in ("update", "tangent", "secant"):
+            assert torch.equal(getattr(early, method)(p, p.grad), getattr(late, method)(p, p.grad)), method
+
+
+def test_linearize_refuses_params_outside_the_optimizer():
+    w, other = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"shape \(2,\) are not in any param group"):
+        linearize(torch.optim.SGD([w], lr=0.1), params=[w, other])
