@@ -409,7 +409,9 @@ class GhostEngine:
             )
             return
         pas = passes[0]
-        with torch.no_grad():
+        # No parameter-use checks here (nothing is differentiated): skip the capture's
+        # TorchFunctionMode, whose Python dispatch would otherwise wrap every elementwise op of J.
+        with torch.no_grad(), torch._C.DisableTorchFunction():
             J = s.slope(p)
             s.done[p] = p.grad
             if not isinstance(J, torch.Tensor) and float(J) == 0.0:
