@@ -4,6 +4,7 @@ So the examples cannot rot.
 """
 
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -19,7 +20,7 @@ BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 def _blocks():
     for path in DOCS:
         for k, code in enumerate(BLOCK.findall(path.read_text())):
-            yield pytest.param(code, id=f"{path.name}[{k}]")
+            yield pytest.param(textwrap.dedent(code), id=f"{path.name}[{k}]")  # blocks inside list items are indented
 
 
 @pytest.fixture
