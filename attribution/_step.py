@@ -130,11 +130,14 @@ class StepComputer:
         grads = {p: p.grad if self.compute_dtype is None else p.grad.to(self.compute_dtype) for p in params}
         kind = self.config.linearization
         slopes = {p: estimators.preconditioning(lin, p, grads[p], kind) for p in params}
+        # The secant already holds Δ(g_B) − Δ(0): the shift then needs only Δ(0).
+        shift = estimators.val_point_shift(
+            lin, params, grads, self.config.val_point, secant=slopes if kind is LinearizationKind.SECANT else None
+        )
         if grad_scale != 1.0:
             slopes = {p: j * grad_scale for p, j in slopes.items()}
         # A trainable parameter the optimizer does not step (or that got no gradient) does not move: J = 0.
         slopes.update({p: 0.0 for p in self.params() if p not in slopes})
-        shift = estimators.val_point_shift(lin, params, grads, self.config.val_point)
         with self.engine.capture_val() if self._val_capture_used(slopes) else contextlib.nullcontext():
             val_grads = estimators.validation_gradients(self.model, self.loss_fn, self.val_batches, params=params, shift=shift)
         return self.engine.values(slopes, val_grads).to(torch.float64)

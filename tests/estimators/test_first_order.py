@@ -113,6 +113,34 @@ def test_val_point_shift_matches_the_real_step_and_restores_exactly(val_point):
     assert_close({n: got[p] for n, p in model.named_parameters()}, {n: g for (n, _), g in zip(moved.named_parameters(), ref)}, rtol=1e-9)
 
 
+@pytest.mark.parametrize("opt_cls,kw", [
+    (torch.optim.Adam, dict(lr=5e-2, weight_decay=0.1)),           # L2: the general secant
+    (torch.optim.AdamW, dict(lr=5e-2, weight_decay=0.1)),          # the closed-form secant
+    (torch.optim.Adam, dict(lr=5e-2, amsgrad=True)),
+    (torch.optim.SGD, dict(lr=5e-2, momentum=0.9, nesterov=True)),
+    (torch.optim.RMSprop, dict(lr=1e-2, centered=True)),
+])
+@pytest.mark.parametrize("val_point", ["lookahead", "midpoint"])
+@pytest.mark.parametrize("warm", [0, 2])
+def test_val_point_shift_from_the_secant_equals_two_updates(opt_cls, kw, val_point, warm):
+    """Δ(0) + J_sec ⊙ g_B (scaled by ½ for the midpoint) is the same shift as from Δ(g_B) and Δ(0)."""
+    model, make = _lm()
+    opt = opt_cls(model.parameters(), **kw)
+    _train_steps(model, opt, token_ce, [make(3) for _ in range(warm)])
+    opt.zero_grad()
+    x, y = make(4)
+    token_ce(model(x), y).backward()
+    with torch.no_grad():
+        model.mix.weight.grad[:3] = 0.0  # entries without gradient: the secant is the tangent there
+    lin = optimizers.linearize(opt)
+    secant = {p: E.preconditioning(lin, p, p.grad, "secant") for p in lin.params}
+    fast = E.val_point_shift(lin, lin.params, None, val_point, secant=secant)
+    slow = E.val_point_shift(lin, lin.params, None, val_point)
+    scale = max(float(s.abs().max()) for s in slow.values())
+    assert_close(fast, slow, rtol=1e-10, atol=1e-14 * scale)
+    assert scale > 0
+
+
 def test_current_val_point_is_no_shift():
     assert E.val_point_shift(None, [], None, "current") is None
 
