@@ -101,13 +101,13 @@ class StepComputer:
         lin = optimizers.linearize(optimizer, params=params)
         kind = self.config.linearization
         val_grads = estimators.validation_gradients(self.model, self.loss_fn, self.val_batches, params=params)
-        # Trainable parameters outside the optimizer do not move: J = 0, and no validation gradient.
-        val_grads = [{**g, **{p: torch.zeros_like(p) for p in self.params() if p not in stepped}} for g in val_grads]
 
         def slope(p: torch.Tensor) -> torch.Tensor | float:
+            # Trainable parameters outside the optimizer do not move: J = 0 (the engine then
+            # needs no validation gradient for them).
             if p not in lin or p.grad is None:
                 return 0.0
-            return estimators.preconditioning(lin, p, p.grad if self.compute_dtype is None else p.grad.to(self.compute_dtype), kind)
+            return estimators.preconditioning(lin, p, self._batch_grad(p), kind)
 
         self.engine.stream(val_grads, slope)
         self._stream_slope, self._stream_val_grads = slope, val_grads
@@ -127,7 +127,7 @@ class StepComputer:
             return self.engine.values(slopes, self._stream_val_grads).to(torch.float64)
         lin = optimizers.linearize(optimizer)
         params = [p for p in self.params() if p in lin]
-        grads = {p: p.grad if self.compute_dtype is None else p.grad.to(self.compute_dtype) for p in params}
+        grads = {p: self._batch_grad(p) for p in params}
         kind = self.config.linearization
         slopes = {p: estimators.preconditioning(lin, p, grads[p], kind) for p in params}
         # The secant already holds Δ(g_B) − Δ(0): the shift then needs only Δ(0).
@@ -141,6 +141,10 @@ class StepComputer:
         with self.engine.capture_val() if self._val_capture_used(slopes) else contextlib.nullcontext():
             val_grads = estimators.validation_gradients(self.model, self.loss_fn, self.val_batches, params=params, shift=shift)
         return self.engine.values(slopes, val_grads).to(torch.float64)
+
+    def _batch_grad(self, p: torch.Tensor) -> torch.Tensor:
+        """``p.grad`` in the computation dtype (float32 for half-precision parameters)."""
+        return p.grad if self.compute_dtype is None else p.grad.to(self.compute_dtype)
 
     def _val_capture_used(self, slopes) -> bool:
         """Whether the engine may read a captured validation pass for these slopes.

@@ -212,7 +212,7 @@ class InRunShapley:
             self._skip("non-finite gradients (NaN/inf)")
             return
         scale = self._clip_factor()
-        if self.stream and not math.isclose(scale, 1.0, rel_tol=1e-6):
+        if self.stream and scale != 1.0:
             self._computer.reset()
             raise TrackerUsageError(
                 f"the gradients were rescaled by {scale:.6g} between the end of tracker.batch() and optimizer.step() "

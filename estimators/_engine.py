@@ -416,7 +416,8 @@ class GhostEngine:
             s.done[p] = p.grad
             if not isinstance(J, torch.Tensor) and float(J) == 0.0:
                 return  # the step does not move p: no contribution
-            calls = [c for c in pas.calls if c.grad is not None and any(q is p for q in self._tracked[c.module].covered.values())]
+            # Every owner of a streamed parameter covers it (see _streamable).
+            calls = [c for c in pas.calls if c.grad is not None and c.module in self._owners[p]]
             terms = []
             for c in calls:
                 tracked = self._tracked[c.module]
@@ -429,6 +430,11 @@ class GhostEngine:
                     s.out = torch.zeros(n, len(s.val_grads), dtype=s.dtype, device=p.device)
                 J = J.detach().to(s.dtype) if isinstance(J, torch.Tensor) else float(J)
                 factored = self._forced_path(name) is GhostPath.FACTORED and all(isinstance(t, Bilinear) for t in terms)
+                if factored:
+                    R, C = terms[0].rows.size, terms[0].cols.size
+                    Jm = _as_tensor(J, p, s.dtype).reshape(R, C)
+                    sigma, r, sv = rank_one(Jm, self.factorization)
+                    self.factored_errors[name] = factored_error(Jm, self.factorization)
                 for k, G in enumerate(s.val_grads):
                     if p not in G:
                         raise ValueError(
@@ -437,10 +443,7 @@ class GhostEngine:
                         )
                     g = G[p].to(s.dtype)
                     if factored:
-                        R, C = terms[0].rows.size, terms[0].cols.size
-                        sigma, r, sv = rank_one(_as_tensor(J, p, s.dtype).reshape(R, C), self.factorization)
                         P = sigma * (r.unsqueeze(1) * g.reshape(R, C) * sv.unsqueeze(0))
-                        self.factored_errors[name] = factored_error(_as_tensor(J, p, s.dtype).reshape(R, C), self.factorization)
                     else:
                         P = _precondition(J, g, p.shape)
                     s.out[:, k] -= sum(t.dense_values(P) for t in terms)

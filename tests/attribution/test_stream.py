@@ -16,21 +16,15 @@ from attribution import InRunShapley, TrackerUsageError
 from attribution.experiments.models import TinyLM
 from tests._helpers import assert_close
 
-LOSS = nn.functional.cross_entropy
+from .test_tracker import LOSS, VAL, X, Y
+from .test_tracker import _model as _mlp
 
 
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 3)).double()
-
-
-def _data(seed=0, n=30):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
-
-
-X, Y = _data()
-VAL = (X[-8:], Y[-8:])
+def _streamed():
+    """A small MLP, its Adam, and a streamed tracker on it."""
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return model, opt, InRunShapley(model, opt, LOSS, VAL, val_point="current", stream=True)
 
 
 def _train(model, opt, loss_fn, batches, val, *, stream, **kw):
@@ -139,9 +133,7 @@ def test_stream_refuses_settings_it_cannot_honour(kw, match):
 
 
 def test_gradient_accumulation_is_refused():
-    model = _mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    tracker = InRunShapley(model, opt, LOSS, VAL, val_point="current", stream=True)
+    model, opt, tracker = _streamed()
     with tracker.batch([0, 1]):
         LOSS(model(X[:2]), Y[:2]).backward()
     with pytest.raises(TrackerUsageError, match="gradient accumulation"):
@@ -151,9 +143,7 @@ def test_gradient_accumulation_is_refused():
 
 
 def test_clipping_is_refused_but_a_clip_that_does_not_clip_is_not():
-    model = _mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    tracker = InRunShapley(model, opt, LOSS, VAL, val_point="current", stream=True)
+    model, opt, tracker = _streamed()
     with tracker.batch([0, 1, 2]):
         LOSS(model(X[:3]), Y[:3]).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e6)  # multiplies by 1: fine
@@ -169,9 +159,7 @@ def test_clipping_is_refused_but_a_clip_that_does_not_clip_is_not():
 
 
 def test_a_second_backward_in_one_step_is_refused():
-    model = _mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    tracker = InRunShapley(model, opt, LOSS, VAL, val_point="current", stream=True)
+    model, opt, tracker = _streamed()
     with tracker.batch([0, 1, 2]):
         loss = LOSS(model(X[:3]), Y[:3])
         loss.backward(retain_graph=True)
@@ -182,9 +170,7 @@ def test_a_second_backward_in_one_step_is_refused():
 
 
 def test_a_replaced_gradient_is_refused():
-    model = _mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    tracker = InRunShapley(model, opt, LOSS, VAL, val_point="current", stream=True)
+    model, opt, tracker = _streamed()
     with tracker.batch([0, 1, 2]):
         LOSS(model(X[:3]), Y[:3]).backward()
         model[0].weight.grad = model[0].weight.grad.clone()
@@ -194,9 +180,7 @@ def test_a_replaced_gradient_is_refused():
 
 
 def test_an_error_inside_the_batch_context_leaves_the_tracker_usable():
-    model = _mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    tracker = InRunShapley(model, opt, LOSS, VAL, val_point="current", stream=True)
+    model, opt, tracker = _streamed()
     with pytest.raises(RuntimeError):
         with tracker.batch([0, 1]):
             model(torch.ones(2, 7, dtype=torch.float64))  # wrong width
