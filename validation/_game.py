@@ -10,6 +10,10 @@ Two ways to take the step, which must agree:
 * ``stacked``: optimizers whose ``step()`` is elementwise (allow-list below) are rebuilt over
   parameters stacked to ``[m, *shape]``, with the state expanded the same way and the
   coalition gradients as ``.grad``: one real ``step()`` moves all ``m`` coalitions at once.
+
+``L_val`` is measured with every module in eval mode (the tracker's convention; ``val_train_mode``
+keeps the modules' own flags), ``c_z`` with the model's own modes; every evaluation runs inside
+:func:`estimators.isolated_pass`, so none consumes the global RNG or changes a buffer.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from ._per_sample import LossFn, _batch_size, _contributions, _frozen_tensors, _scalar_loss, _unpack_batch, _vmap_error
+from estimators import isolated_pass
+
+from ._per_sample import LossFn, _batch_size, _contributions, _scalar_loss, _unpack_batch, _vmap_error
 
 
 class StepPath(str, enum.Enum):
@@ -183,28 +189,47 @@ def _stacked_step(
     return out
 
 
+def _val_losses(model: nn.Module, loss_fn: LossFn, val_batches: Sequence[tuple[Any, Any]], val_train_mode: bool) -> Tensor:
+    """``L_val`` of ``model`` as it is, one per validation batch: ``[K]`` (eval mode unless asked)."""
+    with torch.no_grad(), isolated_pass(model, train_mode=val_train_mode):
+        return torch.stack([_scalar_loss(loss_fn(model(x), y), "validation") for x, y in val_batches])
+
+
 def _functional_val_losses(
-    model: nn.Module, loss_fn: LossFn, frozen: Mapping[str, Tensor], params: Mapping[str, Tensor],
-    val_batches: Sequence[tuple[Any, Any]],
+    model: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], val_batches: Sequence[tuple[Any, Any]],
+    val_train_mode: bool,
 ) -> Tensor:
-    """``L_val`` for ``m`` stacked parameter sets: ``[m, K]``."""
+    """``L_val`` for ``m`` stacked parameter sets: ``[m, K]`` (eval mode unless asked).
+
+    Buffers and frozen parameters are the model's own; the isolated pass puts back anything the
+    forward writes to them, so every evaluation starts from the caller's values.
+    """
 
     def val_loss(p: dict[str, Tensor], x: Any, y: Any) -> Tensor:
-        return _scalar_loss(loss_fn(functional_call(model, (p, dict(frozen)), (x,)), y), "validation")
+        # functional_call keeps each module's training flag, which isolated_pass has set.
+        return _scalar_loss(loss_fn(functional_call(model, p, (x,)), y), "validation")
 
     batched = vmap(val_loss, in_dims=(0, None, None))
     cols = []
-    try:
-        for x, y in val_batches:
-            cols.append(batched(dict(params), x, y))
-    except RuntimeError as err:
-        raise _vmap_error(err) from err
+    with torch.no_grad(), isolated_pass(model, train_mode=val_train_mode):
+        try:
+            for x, y in val_batches:
+                cols.append(batched(dict(params), x, y))
+        except RuntimeError as err:
+            if val_train_mode and "randomness" in str(err):
+                raise ValueError(
+                    "val_train_mode=True: the validation forward pass draws random numbers with the modules' "
+                    "own training flags, which the stacked path (torch.func.vmap) cannot evaluate. Fix: "
+                    "val_train_mode=False (the default: validation in eval mode), or path='loop', where every "
+                    "coalition's validation pass starts from the same global RNG state."
+                ) from err
+            raise _vmap_error(err) from err
     return torch.stack(cols, dim=-1)
 
 
 def _loop_utilities(
     model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, grads: Mapping[str, Tensor],
-    m: int, val_batches: Sequence[tuple[Any, Any]], base: Tensor, bar: Any,
+    m: int, val_batches: Sequence[tuple[Any, Any]], base: Tensor, bar: Any, val_train_mode: bool,
 ) -> Tensor:
     """Reference path: a fresh deep copy of (model, optimizer) per coalition, one real step."""
     rows = []
@@ -218,8 +243,7 @@ def _loop_utilities(
         for name, g in grads.items():
             named[name].grad = g[i].clone()
         opt2.step()
-        with torch.no_grad():
-            losses = torch.stack([_scalar_loss(loss_fn(model2(x), y), "validation") for x, y in val_batches])
+        losses = _val_losses(model2, loss_fn, val_batches, val_train_mode)
         rows.append(base - losses.double())
         if bar is not None:
             bar.update(1)
@@ -243,15 +267,27 @@ def _chunks(m: int, size: int) -> Iterator[slice]:
 def _evaluate(
     model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: Any, val_batch: Any,
     subsets: Tensor, *, path: StepPath | str, chunk_size: int | None, progress: bool | None,
+    val_train_mode: bool = False,
 ) -> tuple[Tensor, bool]:
-    """``U(S)`` for each row of ``subsets``: ``[m, K]`` float64, and whether val_batch was single."""
+    """``U(S)`` for each row of ``subsets``: ``[m, K]`` float64, and whether val_batch was single.
+
+    Validation losses in eval mode unless ``val_train_mode``; the training batch's ``c_z`` in the
+    model's own mode. Neither leaves a trace on the model or the global RNG.
+    """
     path = _as_path(path)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+    if not isinstance(val_train_mode, bool):
+        raise TypeError(
+            f"val_train_mode must be a bool, got {val_train_mode!r}. Fix: False (default: the validation loss "
+            "in eval mode, as the tracker measures it) or True (each module's own training flag)."
+        )
     val_batches, single = _val_batches(val_batch)
     for k, (x, y) in enumerate(val_batches):
         _batch_size(x, y, "val_batch" if single else f"val_batch[{k}]")
-    contribs, _ = _contributions(model, loss_fn, batch)
+    # The training side keeps the model's own mode; the isolated pass only undoes side effects.
+    with isolated_pass(model, train_mode=True):
+        contribs, _ = _contributions(model, loss_fn, batch)
     n = next(iter(contribs.values())).shape[0]
     if not isinstance(subsets, Tensor) or subsets.dtype != torch.bool or subsets.dim() != 2 or subsets.shape[1] != n:
         shape = (tuple(subsets.shape), subsets.dtype) if isinstance(subsets, Tensor) else type(subsets).__name__
@@ -264,7 +300,6 @@ def _evaluate(
 
     live = {name: p for name, p in model.named_parameters() if p.requires_grad}
     params = {name: p.detach() for name, p in live.items()}
-    frozen = _frozen_tensors(model)
     m = subsets.shape[0]
 
     stackable = type(optimizer) in _STACKABLE
@@ -296,27 +331,23 @@ def _evaluate(
     out = []
     try:
         if use_stacked:
-            with torch.no_grad():
-                base = _functional_val_losses(
-                    model, loss_fn, frozen, {k: v.unsqueeze(0) for k, v in params.items()}, val_batches
-                )[0].double()
+            base = _functional_val_losses(
+                model, loss_fn, {k: v.unsqueeze(0) for k, v in params.items()}, val_batches, val_train_mode
+            )[0].double()
             for sl in _chunks(m, max(chunk_size, 1)):
                 size = sl.stop - sl.start
                 new = _stacked_step(params, live, optimizer, _subset_grads(contribs, subsets[sl]), size)
-                with torch.no_grad():
-                    losses = _functional_val_losses(model, loss_fn, frozen, new, val_batches)
+                losses = _functional_val_losses(model, loss_fn, new, val_batches, val_train_mode)
                 out.append(base - losses.double())
                 if bar is not None:
                     bar.update(size)
         else:
-            model0 = copy.deepcopy(model)
-            with torch.no_grad():
-                base = torch.stack(
-                    [_scalar_loss(loss_fn(model0(x), y), "validation") for x, y in val_batches]
-                ).double()
+            base = _val_losses(copy.deepcopy(model), loss_fn, val_batches, val_train_mode).double()
             for sl in _chunks(m, max(chunk_size, 1)):
                 grads = _subset_grads(contribs, subsets[sl])
-                out.append(_loop_utilities(model, optimizer, loss_fn, grads, sl.stop - sl.start, val_batches, base, bar))
+                out.append(_loop_utilities(
+                    model, optimizer, loss_fn, grads, sl.stop - sl.start, val_batches, base, bar, val_train_mode
+                ))
     finally:
         if bar is not None:
             bar.close()
@@ -327,7 +358,7 @@ def _evaluate(
 def utility(
     model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: Any, val_batch: Any,
     subsets: Tensor, *, path: StepPath | str = StepPath.AUTO, chunk_size: int | None = None,
-    progress: bool | None = None,
+    progress: bool | None = None, val_train_mode: bool = False,
 ) -> Tensor:
     """Per-step utility ``U(S)`` of many coalitions, with the real optimizer.
 
@@ -336,6 +367,11 @@ def utility(
     with a copy of its state and hyper-parameters, does to the parameters when ``param.grad = g``.
     Positive = the coalition's step lowers the validation loss. ``U(∅)`` is generally not 0
     (momentum, weight decay keep moving).
+
+    ``L_val`` is measured with every module in eval mode (deterministic, as users measure a
+    validation loss, and the tracker's convention); ``c_z`` of the training batch with the
+    model's own modes, as in training. No evaluation consumes the global RNG or changes the
+    model's buffers (see :func:`estimators.isolated_pass`).
 
     Args:
         model, optimizer: as in training, just before ``optimizer.step()``; never modified.
@@ -346,14 +382,18 @@ def utility(
         path: ``"auto"`` | ``"stacked"`` | ``"loop"`` (see :class:`StepPath`).
         chunk_size: coalitions per stacked step (bounds memory); default from a ~2^25-element budget.
         progress: tqdm bar; ``None`` shows it above 1000 coalitions.
+        val_train_mode: ``False`` (default): ``L_val`` in eval mode. ``True``: ``L_val`` with each
+            module's own training flag (the tracker's train-mode option). A forward pass that is
+            random in train mode (dropout) is refused on the training side either way.
 
     Returns:
         float64 ``[m]`` for a single validation batch, ``[m, K]`` for a list.
 
     Raises:
-        ValueError/TypeError: bad ``subsets``, ``path``, ``chunk_size``, batch or loss (see
-        :func:`per_sample_grads`), or ``path="stacked"`` with an optimizer outside
-        :data:`STACKABLE_OPTIMIZERS`.
+        ValueError/TypeError: bad ``subsets``, ``path``, ``chunk_size``, ``val_train_mode``, batch
+        or loss (see :func:`per_sample_grads`), ``path="stacked"`` with an optimizer outside
+        :data:`STACKABLE_OPTIMIZERS`, or a random validation pass on the stacked path
+        (``val_train_mode=True`` with dropout).
 
     Example (U(B) is the validation-loss drop of the real step; U(∅) = 0 at Adam's first step):
         >>> gen = torch.Generator().manual_seed(0)
@@ -376,7 +416,8 @@ def utility(
         torch.Size([2, 2])
     """
     values, single = _evaluate(
-        model, optimizer, loss_fn, batch, val_batch, subsets, path=path, chunk_size=chunk_size, progress=progress
+        model, optimizer, loss_fn, batch, val_batch, subsets, path=path, chunk_size=chunk_size, progress=progress,
+        val_train_mode=val_train_mode,
     )
     return values[:, 0] if single else values
 
@@ -384,6 +425,7 @@ def utility(
 def leave_one_out(
     model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: Any, val_batch: Any, *,
     path: StepPath | str = StepPath.AUTO, chunk_size: int | None = None, progress: bool | None = None,
+    val_train_mode: bool = False,
 ) -> Tensor:
     """Leave-one-out value of each sample in the per-step game, with the real optimizer.
 
@@ -397,6 +439,7 @@ def leave_one_out(
         batch: the training batch ``(inputs, targets)`` with ``n`` samples.
         val_batch: ``(inputs, targets)``, or a list of K such batches.
         path, chunk_size, progress: as in :func:`utility` (``n + 1`` coalitions are evaluated).
+        val_train_mode: as in :func:`utility`; default ``False``: ``L_val`` in eval mode.
 
     Returns:
         float64 ``[n]`` for a single validation batch, ``[n, K]`` for a list of K.
@@ -426,7 +469,8 @@ def leave_one_out(
     masks = torch.ones(n + 1, n, dtype=torch.bool)
     masks[1:].fill_diagonal_(False)
     values, single = _evaluate(
-        model, optimizer, loss_fn, batch, val_batch, masks, path=path, chunk_size=chunk_size, progress=progress
+        model, optimizer, loss_fn, batch, val_batch, masks, path=path, chunk_size=chunk_size, progress=progress,
+        val_train_mode=val_train_mode,
     )
     loo = values[:1] - values[1:]
     return loo[:, 0] if single else loo

@@ -98,6 +98,7 @@ def shapley_values(
     model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: Any, val_batch: Any, *,
     exact: bool | None = None, samples: int | None = None, seed: int | None = None,
     path: StepPath | str = StepPath.AUTO, chunk_size: int | None = None, progress: bool | None = None,
+    val_train_mode: bool = False,
 ) -> ShapleyEstimate:
     """Shapley values of the per-step game ``U`` (real optimizer, fixed state).
 
@@ -112,8 +113,9 @@ def shapley_values(
       estimate is efficient too. Coalitions shared by several permutations are evaluated once.
 
     Args:
-        model, optimizer, loss_fn, batch, val_batch, path, chunk_size, progress: as in
-            :func:`utility`; nothing passed in is modified.
+        model, optimizer, loss_fn, batch, val_batch, path, chunk_size, progress, val_train_mode: as
+            in :func:`utility`; nothing passed in is modified. ``L_val`` is taken in eval mode unless
+            ``val_train_mode=True``.
         exact: enumerate every coalition. Mutually exclusive with ``samples``.
         samples: number of permutations (>= 2, for a standard error).
         seed: seed of the permutation generator (``None``: drawn from torch's global generator).
@@ -160,7 +162,7 @@ def shapley_values(
         raise ValueError("exact=False needs `samples=k` (number of permutations to sample), e.g. samples=200.")
     inputs, targets = _unpack_batch(batch, "batch")
     n = _batch_size(inputs, targets, "batch")
-    kwargs = dict(path=path, chunk_size=chunk_size, progress=progress)
+    kwargs = dict(path=path, chunk_size=chunk_size, progress=progress, val_train_mode=val_train_mode)
 
     if samples is None:
         if n > MAX_EXACT_PLAYERS:
