@@ -1,22 +1,24 @@
 """Per-sample contributions to the batch gradient, computed with ``torch.func``.
 
-This module is the oracle's own, deliberately plain, route to ``c_z``: it shares no code with
-the hook-based (ghost) estimators, so that it can certify them. Only the mapping of a
-per-sample ``torch.func.grad`` over the batch (``vmap``, or a plain loop for models vmap
-cannot trace) is shared with the materialized estimator, ``estimators.per_sample_map``.
+This module is the oracle's deliberately plain route to ``c_z``: it shares no code with the
+hook-based (ghost) estimators, so that it can certify them. The per-sample rule itself (one
+vector-Jacobian product per sample with the batch loss's output gradient, see
+``estimators._per_sample.sample_contributions``) and its mapping over the batch (``vmap``, or a
+plain loop for models vmap cannot trace) are shared with the materialized estimator,
+``estimators.per_sample_grads``: one implementation, one rule, so the two cannot disagree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
-from estimators import PerSampleGrads, PerSampleMethod, check_samples_independent, parse_enum, per_sample_map
+from estimators import PerSampleGrads, PerSampleMethod, check_samples_independent, parse_enum
+from estimators._per_sample import sample_contributions
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -89,122 +91,51 @@ def _vmap_error(err: RuntimeError) -> Exception:
     return err
 
 
-def _per_sample_losses_and_grads(
-    model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, params: Mapping[str, Tensor],
-    frozen: Mapping[str, Tensor], chunk_size: int | None, method: PerSampleMethod = PerSampleMethod.AUTO,
-) -> tuple[Tensor, dict[str, Tensor], PerSampleMethod, str | None]:
-    """``ℓ_z`` and ``∇ℓ_z`` where ``ℓ_z = loss_fn`` applied to the batch of one ``{z}``, the
-    method that ran and, after an automatic fallback to the loop, vmap's error."""
-
-    def one_sample(p: dict[str, Tensor], x: Any, y: Any) -> Tensor:
-        x1 = tree_map(lambda t: t.unsqueeze(0), x)
-        y1 = tree_map(lambda t: t.unsqueeze(0), y)
-        out = functional_call(model, (p, dict(frozen)), (x1,))
-        return _scalar_loss(loss_fn(out, y1), "training")
-
-    try:
-        (grads, losses), ran, reason = per_sample_map(
-            grad_and_value(one_sample), dict(params), (inputs, targets), method=method, chunk_size=chunk_size,
-            stacklevel=4,  # the caller of per_sample_grads
-        )
-    except RuntimeError as err:
-        converted = _vmap_error(err)
-        if converted is err and method is PerSampleMethod.VMAP:
-            converted = RuntimeError(
-                f"torch.func.vmap failed on the per-sample gradients: {err}. If the model has data-dependent "
-                "control flow (e.g. transformers' attention-mask code), use method='loop' (exact, one "
-                "forward and backward per sample) or method='auto'."
-            )
-        if converted is err:
-            raise
-        raise converted from err
-    return losses, grads, ran, reason
-
-
-def _reduction_factor(
-    n: int, batch_loss: Tensor, batch_grad: Mapping[str, Tensor], losses: Tensor, grads: Mapping[str, Tensor]
-) -> float:
-    """The factor f with ``L_B = f Σ_z ℓ_z`` and ``g_B = f Σ_z ∇ℓ_z``: 1/n for a mean, 1 for a sum.
-
-    Both the losses and the gradients must agree, so a loss that is neither (a mean over
-    tokens of unequal length, a weighted loss, a regulariser added to the batch loss) is refused
-    instead of silently rescaled.
-    """
-    if n == 1:
-        return 1.0
-    eps = torch.finfo(batch_loss.dtype).eps
-    tol = eps ** 0.5  # generous enough for float32 summation order, tight enough to tell 1 from 1/n
-
-    def fits(f: float) -> bool:
-        pred_loss = f * losses.sum()
-        if (pred_loss - batch_loss).abs() > tol * (batch_loss.abs() + losses.abs().sum() * f + eps):
-            return False
-        # One scale over all parameters: a parameter whose gradient is zero up to rounding (an
-        # attention key bias, which softmax ignores) must not be judged against its own noise.
-        scale = max(float(g.abs().max() + f * grads[name].abs().sum(0).max()) for name, g in batch_grad.items()) + eps
-        return all(float((f * grads[name].sum(0) - g).abs().max()) <= tol * scale for name, g in batch_grad.items())
-
-    # Mean first: when both fit (all losses and gradients summing to zero) mean is the common case.
-    for factor in (1.0 / n, 1.0):
-        if fits(factor):
-            return factor
-    raise ValueError(
-        f"loss_fn is neither a mean nor a sum over the {n} samples of the batch: full-batch loss "
-        f"{batch_loss.item():.6g}, mean of per-sample losses {losses.mean().item():.6g}, sum "
-        f"{losses.sum().item():.6g}. The oracle needs the batch loss to be the mean or the sum of "
-        "`loss_fn` applied to each sample alone, so that each sample's share of the gradient is defined. "
-        "Fix: use reduction='mean' or 'sum' with equally sized samples (no per-token masks or "
-        "weights across the batch, no extra regularisation terms inside loss_fn)."
-    )
-
-
 def _contributions(
     model: nn.Module, loss_fn: LossFn, batch: Sequence[Any], chunk_size: int | None = None,
     method: PerSampleMethod | str = PerSampleMethod.AUTO,
 ) -> tuple[PerSampleGrads, Tensor]:
-    """``c_z`` per parameter (batch dimension first) and the full-batch loss."""
+    """``c_z`` per parameter name (batch dimension first) and the full-batch loss ``L_B``."""
     method = parse_enum(PerSampleMethod, method, "method")
     check_samples_independent(model)
     inputs, targets = _unpack_batch(batch, "batch")
-    n = _batch_size(inputs, targets, "batch")
+    _batch_size(inputs, targets, "batch")
     params = _trainable_params(model)
-    frozen = _frozen_tensors(model)
-
-    def batch_loss_fn(p: dict[str, Tensor]) -> Tensor:
-        out = functional_call(model, (p, dict(frozen)), (inputs,))
-        return _scalar_loss(loss_fn(out, targets), "training")
-
-    batch_grad, batch_loss = grad_and_value(batch_loss_fn)(dict(params))
-    losses, grads, ran, reason = _per_sample_losses_and_grads(
-        model, loss_fn, inputs, targets, params, frozen, chunk_size, method
+    # stacklevel 3: the caller of per_sample_grads (through _contributions).
+    return sample_contributions(
+        model, loss_fn, inputs, targets, params, method=method, chunk_size=chunk_size, what="the batch", stacklevel=3
     )
-    factor = _reduction_factor(n, batch_loss, batch_grad, losses, grads)
-    if factor != 1.0:
-        grads = {name: g * factor for name, g in grads.items()}
-    return PerSampleGrads(grads, ran, reason), batch_loss
 
 
 def per_sample_grads(
     model: nn.Module, loss_fn: LossFn, batch: Sequence[Any], *, chunk_size: int | None = None,
     method: PerSampleMethod | str = "auto",
 ) -> PerSampleGrads:
-    """Each sample's share ``c_z`` of the batch gradient, by ``torch.func`` (vmap of grad).
+    """Each sample's share ``c_z`` of the batch gradient, by ``torch.func`` (vmap of a VJP).
 
-    ``c_z = f · ∇_θ loss_fn(model(x_z[None]), y_z[None])`` with ``f = 1/n`` when ``loss_fn``
-    is a mean over the batch and ``f = 1`` when it is a sum, so that ``Σ_z c_z = g_B``, the
-    gradient ``loss_fn(model(inputs), targets).backward()`` would store in ``param.grad``.
-    The reduction is detected by comparing the full-batch loss and gradient with the
-    per-sample ones; anything else is refused.
+        c_z = ∂/∂θ ⟨model(x_z), G_z⟩,   G = stopgrad(∂L_B/∂outputs),  L_B = loss_fn(model(inputs), targets):
+
+    sample z's share of the batch gradient through its own outputs with every normaliser of
+    the loss held fixed, so that ``Σ_z c_z = g_B``, the gradient
+    ``loss_fn(model(inputs), targets).backward()`` stores in ``param.grad``. For a mean this is
+    ``∇ℓ_z / n`` (ℓ_z = ``loss_fn`` on the batch of one ``{z}``), for a sum ``∇ℓ_z``. Class
+    weights, label smoothing and token means with ``ignore_index`` are additive over samples
+    and supported; their normaliser is a constant of the batch and is held fixed (the game the
+    toolkit values): with a token mean, sample z's contribution is the gradient of its counted
+    tokens' loss divided by the batch's token count, not by its own. A loss that couples samples
+    (in-batch negatives, normalising outputs over the batch) is refused. The rule is shared with
+    the materialized estimator ``estimators.per_sample_grads`` (one implementation).
 
     ``torch.func.vmap`` cannot trace every model (transformers' BERT branches on the attention
-    mask's values). ``method="auto"`` then runs the same ``grad`` once per sample (exact, one
-    forward and backward each) and warns with :class:`estimators.PerSampleFallbackWarning`;
+    mask's values). ``method="auto"`` then runs the same computation once per sample (exact,
+    one forward and backward each) and warns with :class:`estimators.PerSampleFallbackWarning`;
     the returned dict's ``method`` attribute says which path ran.
 
     Args:
         model: the network; parameters with ``requires_grad`` are differentiated, buffers
             and frozen parameters are held fixed. Never modified.
-        loss_fn: ``loss_fn(model(inputs), targets)`` -> scalar, a mean or sum over samples.
+        loss_fn: ``loss_fn(model(inputs), targets)`` -> scalar, additive over samples (a mean, a sum,
+            weighted, label-smoothed, a token mean with ``ignore_index``, ...).
         batch: ``(inputs, targets)``, batch dimension first (``n`` samples); either may be a
             tensor or a nested tuple/dict of tensors.
         chunk_size: samples per vmap chunk, to bound memory (``None``: all at once).
@@ -217,10 +148,13 @@ def per_sample_grads(
         with ``.method`` (``PerSampleMethod.VMAP`` or ``LOOP``) and ``.fallback_reason``.
 
     Raises:
-        SampleInteractionError: a BatchNorm layer is in train mode (samples interact).
-        ValueError: empty batch, inconsistent batch dimensions, a non-scalar loss, a loss that
-            is neither a mean nor a sum, a random forward pass, no trainable parameter, or an
-            unknown ``method``.
+        SampleInteractionError: a normalisation layer uses batch statistics (BatchNorm in train
+            mode, or without running statistics); ``loss_fn`` uses an output with no batch
+            dimension; or Σ_z c_z ≠ g_B (the forward pass mixes samples, or ``loss_fn`` depends on
+            the parameters other than through the outputs, e.g. a weight penalty).
+        LossCouplingError: ``loss_fn`` couples samples (see ``estimators.check_loss_additive``).
+        ValueError: empty batch, inconsistent batch dimensions, a non-scalar loss, a random
+            forward pass, no trainable parameter, or an unknown ``method``.
         TypeError: ``batch`` is not a pair.
         RuntimeError: ``method="vmap"`` on a model vmap cannot trace (the message suggests
             ``method="loop"``), or the model's own error on a single sample.
@@ -231,6 +165,13 @@ def per_sample_grads(
         >>> c = per_sample_grads(model, nn.functional.mse_loss, (x, y))
         >>> c["weight"].shape, c.method.value
         (torch.Size([4, 1, 3]), 'vmap')
+        >>> tokens = nn.Linear(3, 5)                                     # [n, T, 3] -> [n, T, 5] logits
+        >>> x, y = torch.randn(2, 4, 3), torch.tensor([[1, 2, -100, -100], [0, 1, 2, 3]])
+        >>> token_mean = lambda out, t: nn.functional.cross_entropy(out.flatten(0, 1), t.flatten(), ignore_index=-100)
+        >>> c = per_sample_grads(tokens, token_mean, (x, y))            # shares of the 6 counted tokens' mean
+        >>> tokens.zero_grad(); token_mean(tokens(x), y).backward()
+        >>> torch.allclose(c["weight"].sum(0), tokens.weight.grad, atol=1e-6)
+        True
     """
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from estimators import SampleInteractionError
+from estimators import LossCouplingError, SampleInteractionError
+from tests._helpers import assert_close
 from tests.validation._models import loss_for, make_batch, make_model
 from validation import fidelity, leave_one_out, per_sample_grads, shapley_values, utility
 
@@ -44,9 +45,20 @@ def test_batchnorm_in_train_mode_is_refused():
     ],
     ids=["sum-over-n+1", "position-weighted", "max"],
 )
-def test_loss_that_is_neither_mean_nor_sum(loss_fn):
-    with pytest.raises(ValueError, match="neither a mean nor a sum over the 4 samples.*reduction='mean' or 'sum'"):
-        per_sample_grads(make_model("mlp", 0), loss_fn, make_batch("mlp", 4, 0))
+def test_loss_that_is_neither_mean_nor_sum_is_valued_with_its_normaliser_held_fixed(loss_fn):
+    # Formerly refused ("neither a mean nor a sum"): these losses have no cross-sample output
+    # terms, so c_z = sample z's share of g_B with the normaliser (weights, argmax) held fixed.
+    model, batch = make_model("mlp", 0), make_batch("mlp", 4, 0)
+    c = per_sample_grads(model, loss_fn, batch)
+    model.zero_grad()
+    loss_fn(model(batch[0]), batch[1]).backward()
+    assert_close({k: v.sum(0) for k, v in c.items()}, {k: p.grad for k, p in model.named_parameters()}, atol=1e-15)
+
+
+def test_loss_that_couples_samples_is_refused():
+    in_batch_negatives = lambda out, y: F.cross_entropy(out @ out.T, torch.arange(len(out)))  # noqa: E731
+    with pytest.raises(LossCouplingError, match="couples the samples of the batch.*per-sample loss"):
+        per_sample_grads(make_model("mlp", 0), in_batch_negatives, make_batch("mlp", 4, 0))
 
 
 def test_non_scalar_loss():
