@@ -57,16 +57,22 @@ def _refuse_compiled(model: nn.Module) -> None:
 class StepComputer:
     """Owns the capture engine for one model and turns captured batches into one step's values."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, val_batches: list[tuple], config: AttributionConfig):
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable, val_batches: list[tuple], config: AttributionConfig, *, val_train_mode: bool = False
+    ):
         _refuse_compiled(model)
         self.model = model
         self.loss_fn = loss_fn
         self.val_batches = val_batches
         self.config = config
-        # Half-precision parameters (fp16/bf16): values are computed in float32, never in half.
-        half = {p.dtype for p in model.parameters() if p.requires_grad} & {torch.float16, torch.bfloat16}
-        self.compute_dtype = torch.float32 if half else None
-        self.engine = estimators.GhostEngine(model, path=_PATH_OF[config.estimator], dtype=self.compute_dtype)
+        #: Validation passes run with the model in train mode (default: eval mode, a deterministic loss).
+        self.val_train_mode = bool(val_train_mode)
+        self.engine = estimators.GhostEngine(model, path=_PATH_OF[config.estimator], dtype=compute_dtype(model))
+        #: c of the last step: param.grad = c · Σ_z c_z (clipping, loss-scale unscaling), 1.0 otherwise.
+        self.grad_scale = 1.0
+        #: Under DDP (set by the tracker): sums a float64 tensor over ranks, and the world size.
+        self.all_reduce: Callable | None = None
+        self.world_size = 1
         # Set by begin_stream() for one step: J of a parameter at its .grad, and ∇L_val(θ_t).
         self._stream_slope: Callable[[torch.Tensor], torch.Tensor | float] | None = None
         self._stream_val_grads: list[dict[torch.Tensor, torch.Tensor]] | None = None
@@ -75,12 +81,43 @@ class StepComputer:
         """Trainable parameters of the model."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype slopes and contractions are computed in (see :func:`compute_dtype`)."""
+        return self.engine.dtype
+
+    def isolated(self):
+        """Context for an extra pass on the model: eval mode (unless ``val_train_mode``), RNG and buffers restored."""
+        return estimators.isolated_pass(self.model, train_mode=self.val_train_mode)
+
+    def validation_gradients(self, params, shift=None):
+        """∇L_val for each validation batch (K dicts), in an isolated pass; the K losses go to ``val_losses``."""
+        self.val_losses: list[float] = []
+        with self.isolated():
+            return estimators.validation_gradients(
+                self.model, self.loss_fn, self.val_batches, params=params, shift=shift, losses=self.val_losses
+            )
+
     @contextlib.contextmanager
     def capture(self):
         """Capture one (micro-)batch's forward and backward."""
         estimators.check_samples_independent(self.model)
+        if self.engine.refresh():  # a layer was unfrozen or added: it is captured from this step on
+            self.engine.dtype = compute_dtype(self.model)
         with self.engine.capture_train():
             yield
+
+    def passes_captured(self) -> int:
+        """A mark of the training passes captured so far (see :meth:`drop_passes`)."""
+        return self.engine.train_passes()
+
+    def drop_passes(self, start: int) -> None:
+        """Forget the passes captured after mark ``start``."""
+        self.engine.drop_train_passes(start)
+
+    def pass_sizes(self, start: int, end: int) -> list[int | None]:
+        """Samples per model call captured between two marks (``None``: no backward reached it)."""
+        return self.engine.pass_sizes(start, end)
 
     def reset(self) -> None:
         """Drop captured tensors and the streaming set-up (after the step, successful or not)."""
@@ -100,7 +137,7 @@ class StepComputer:
         params = [p for p in self.params() if p in stepped]
         lin = optimizers.linearize(optimizer, params=params)
         kind = self.config.linearization
-        val_grads = estimators.validation_gradients(self.model, self.loss_fn, self.val_batches, params=params)
+        val_grads = self.validation_gradients(params)
 
         def slope(p: torch.Tensor) -> torch.Tensor | float:
             # Trainable parameters outside the optimizer do not move: J = 0 (the engine then
@@ -112,35 +149,44 @@ class StepComputer:
         self.engine.stream(val_grads, slope)
         self._stream_slope, self._stream_val_grads = slope, val_grads
 
-    def step_values(self, optimizer: torch.optim.Optimizer, *, grad_scale: float = 1.0) -> torch.Tensor:
+    def step_values(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """Values ``[n, K]`` (float64) of the captured samples for the step ``optimizer`` is about to take.
 
-        ``param.grad`` must hold the gradient the optimizer will use; ``grad_scale`` is c in
-        param.grad = c · Σ_z c_z (1 for no clipping).
+        ``param.grad`` must hold the gradient the optimizer will use. The completeness identity
+        (``GhostEngine.values(..., grads=...)``) is checked for every stepped parameter: a
+        uniform rescale c (param.grad = c · Σ_z c_z: clipping, loss-scale unscaling, wherever it
+        happened) is valued as part of the step, φ_z = −c ⟨J(param.grad) ⊙ ∇L_val, c_z⟩, and
+        stored in :attr:`grad_scale`; anything else raises ``IncompleteGradientError``.
         """
+        self.nonfinite_cause = None
+        stepped = {p for group in optimizer.param_groups for p in group["params"]}
+        grads = {p: p.grad for p in stepped if p.grad is not None}
         if self._stream_slope is not None:
-            if grad_scale != 1.0:
-                raise ValueError(f"a streamed step cannot be rescaled after the backward pass (grad_scale={grad_scale})")
             # Parameters the backward hooks did not contract (fallback, materialized path, unused).
             streamed = self.engine.streamed_params
             slopes = {p: self._stream_slope(p) for p in self.params() if p not in streamed}
-            return self.engine.values(slopes, self._stream_val_grads).to(torch.float64)
+            values = self.engine.values(slopes, self._stream_val_grads, grads=grads, val_losses=self.val_losses, all_reduce=self.all_reduce, world_size=self.world_size)
+            self.grad_scale = self.engine.grad_scale
+            return values.to(torch.float64)
         lin = optimizers.linearize(optimizer)
         params = [p for p in self.params() if p in lin]
-        grads = {p: self._batch_grad(p) for p in params}
+        batch_grads = {p: self._batch_grad(p) for p in params}
         kind = self.config.linearization
-        slopes = {p: estimators.preconditioning(lin, p, grads[p], kind) for p in params}
+        slopes = {p: estimators.preconditioning(lin, p, batch_grads[p], kind) for p in params}
         # The secant already holds Δ(g_B) − Δ(0): the shift then needs only Δ(0).
         shift = estimators.val_point_shift(
-            lin, params, grads, self.config.val_point, secant=slopes if kind is LinearizationKind.SECANT else None
+            lin, params, batch_grads, self.config.val_point, secant=slopes if kind is LinearizationKind.SECANT else None
         )
-        if grad_scale != 1.0:
-            slopes = {p: j * grad_scale for p, j in slopes.items()}
         # A trainable parameter the optimizer does not step (or that got no gradient) does not move: J = 0.
         slopes.update({p: 0.0 for p in self.params() if p not in slopes})
+        self.engine.clear_val()  # a repeated call on one capture takes the validation passes anew
         with self.engine.capture_val() if self._val_capture_used(slopes) else contextlib.nullcontext():
-            val_grads = estimators.validation_gradients(self.model, self.loss_fn, self.val_batches, params=params, shift=shift)
-        return self.engine.values(slopes, val_grads).to(torch.float64)
+            val_grads = self.validation_gradients(params, shift)
+        values = self.engine.values(slopes, val_grads, grads=grads, val_losses=self.val_losses, all_reduce=self.all_reduce, world_size=self.world_size)
+        self.grad_scale = self.engine.grad_scale
+        if not torch.isfinite(values).all():
+            self.nonfinite_cause = _nonfinite_cause(slopes, val_grads, self.engine)
+        return values.to(torch.float64)
 
     def _batch_grad(self, p: torch.Tensor) -> torch.Tensor:
         """``p.grad`` in the computation dtype (float32 for half-precision parameters)."""
@@ -161,6 +207,36 @@ class StepComputer:
             (not isinstance(j, torch.Tensor) and j != 0.0) or (isinstance(j, torch.Tensor) and (j.numel() <= 1 or bool((j == j.reshape(-1)[0]).all())))
             for j in slopes.values()
         )
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of slopes and contractions: the widest of the trainable parameters' dtypes, at least float32.
+
+    Half-precision parameters (fp16/bf16) are valued in float32, never in half; a model mixing
+    float32 and float64 parameters is valued in float64.
+
+    Example:
+        >>> compute_dtype(nn.Linear(2, 2).bfloat16()), compute_dtype(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).double()))
+        (torch.float32, torch.float64)
+    """
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()}
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _nonfinite_cause(slopes, val_grads, engine) -> str:
+    """Which input of φ = −⟨J ⊙ ∇L_val, c_z⟩ is not finite, for the skipped-step warning."""
+    names = engine._names
+    for p, j in slopes.items():
+        if isinstance(j, torch.Tensor) and not torch.isfinite(j).all():
+            return f"the optimizer's slope J of parameter {names.get(p, '?')!r} is not finite (NaN/inf in its state)"
+    for k, grads in enumerate(val_grads):
+        for p, g in grads.items():
+            if not torch.isfinite(g).all():
+                return (
+                    f"the validation gradient of target {k} is not finite at parameter {names.get(p, '?')!r} "
+                    "(NaN/inf in the validation loss at the step's validation point)"
+                )
+    return "the captured activations or output gradients of the training batch are not finite"
 
 
 def step_values(
@@ -194,7 +270,8 @@ def step_values(
         reduces validation loss.
     Raises:
         ValueError: unknown option values (the message lists the accepted ones), empty batches.
-        SampleInteractionError: BatchNorm in train mode.
+        SampleInteractionError: BatchNorm with batch statistics; a loss that couples samples
+            (``LossCouplingError``, e.g. in-batch negatives).
         UnsupportedOptimizerError: an optimizer or flag with no linearization.
 
     Example:
@@ -216,7 +293,9 @@ def step_values(
         for p in model.parameters():
             p.grad = None
         with computer.capture():
-            loss_fn(model(inputs), targets).backward()
+            outputs = model(inputs)
+            estimators.check_loss_additive(loss_fn, outputs, targets, what="the training batch")
+            loss_fn(outputs, targets).backward()
         values = computer.step_values(optimizer)
     finally:
         computer.reset()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import warnings
 import weakref
@@ -13,10 +12,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from estimators import ValPoint
+import estimators
+from estimators import GhostEngineError, IncompleteGradientError, ValPoint
 
 from ._config import AttributionConfig, EstimatorKind
-from ._ledger import Ledger, atomic_save, load_checked, normalize_ids
+from ._ledger import Ledger, atomic_save, check_same_validation, load_checked, normalize_ids, val_fingerprint
 from ._step import StepComputer, as_val_batches
 
 
@@ -33,23 +33,43 @@ class NonFiniteStepWarning(UserWarning):
     """A step's gradients, validation loss or values were not finite; its values were skipped."""
 
 
+class SkippedStepWarning(UserWarning):
+    """A step's captured samples were discarded because the optimizer did not take the step."""
+
+
 class InRunShapley:
     """Accumulate per-sample in-run Shapley values over a training run, by dataset id.
 
     Wrap each forward+backward in ``with tracker.batch(ids):`` and call ``optimizer.step()`` as
     usual. Just before the update (an optimizer step pre-hook) the tracker linearizes the
-    optimizer's real state, takes the validation gradient, and adds
+    optimizer's real state, takes the validation gradient, and computes
 
         φ_z = −⟨J ⊙ ∇L_val, c_z⟩      (one column per validation batch)
 
-    to the total of each sample's id. Values are float64 reductions of validation loss
-    (positive = the sample helped).
+    for each sample of the step; once the optimizer has stepped (a step post-hook) the values
+    are added to the total of each sample's id. Values are float64 reductions of validation
+    loss (positive = the sample helped).
+
+    Every step is checked: the captured per-sample contributions must add up to the gradient
+    the optimizer uses (``⟨P, param.grad⟩ = c · Σ_z ⟨P, c_z⟩`` for every parameter, P = J ⊙
+    ∇L_val). A ratio c common to all parameters is a uniform rescale (``clip_grad_norm_``,
+    ``GradScaler.unscale_``, inside or after the block) and is valued exactly as part of the
+    step, φ_z = −c ⟨J(c g_B) ⊙ ∇L_val, c_z⟩ with c held fixed; anything else (``clip_grad_value_``,
+    gradient hooks, a backward outside the block, gradient penalties) is refused with a
+    :class:`TrackerUsageError` naming the parameter.
+
+    Attaching the tracker leaves training bit-identical: its validation passes run in eval mode
+    (``val_mode``) with the global RNG, buffers and ``max_norm`` embedding rows restored after
+    them.
 
     Args:
-        model: the model being trained (samples must not interact: BatchNorm in train mode is refused).
+        model: the model being trained (samples must not interact: BatchNorm with batch
+            statistics is refused).
         optimizer: its ``torch.optim`` optimizer (a registered linearization must exist).
         loss_fn: ``loss_fn(model(inputs), targets)`` -> scalar, the same reduction as training;
             used for the validation loss (and for per-sample gradients when ``estimator="materialized"``).
+            It must be additive over samples (checked on the validation batch: a loss with
+            in-batch negatives is refused); normalisers such as a token count are held fixed.
         val_batch: ``(inputs, targets)`` or a list of K such batches (K value columns).
         linearization, val_point, estimator: see :class:`AttributionConfig`.
         record_steps: keep every step's per-sample values (``history()``).
@@ -57,15 +77,18 @@ class InRunShapley:
             and release its captured activations there: peak memory as in plain training. The
             values are the same as without it. Needs ``val_point="current"`` (∇L_val(θ_t) is
             taken when ``batch()`` is entered, before the forward), one ``batch`` context per
-            step (no gradient accumulation), no gradient clipping, a single process, and an
-            estimator other than ``"materialized"``; each is checked with a clear error.
+            step (no gradient accumulation), no change of the gradient after the backward (no
+            clipping that clips, no loss-scale unscaling), a single process, and an estimator
+            other than ``"materialized"``; each is checked with a clear error.
+        val_mode: ``"eval"`` (default): validation passes run with every module in eval mode
+            (dropout off, running statistics), the loss users measure; ``"train"`` keeps the
+            modules' own modes (the RNG is restored after each pass either way).
 
     Gradient accumulation: several ``batch`` contexts before one ``step()`` are one step; their
-    samples are valued together. Gradient clipping: ``clip_grad_norm_`` between backward and
-    ``step()`` scales the whole gradient by c ≤ 1; the tracker measures c (gradient norm at step
-    time over the norm at the end of the last ``batch`` context) and values samples under the
-    clipped step, φ_z = −c ⟨J(c g_B) ⊙ ∇L_val, c_z⟩, i.e. with c held fixed. A non-uniform change
-    of the gradient (``clip_grad_value_``, manual edits) is refused.
+    samples are valued together. ``optimizer.step(closure)`` is supported when the closure
+    holds the ``with tracker.batch(ids):`` block. A step that the optimizer does not take
+    (``GradScaler`` skips steps with non-finite gradients) is detected at the next ``batch``
+    and discarded with a :class:`SkippedStepWarning`; :meth:`discard` drops a step on purpose.
 
     Example:
         >>> import torch
@@ -95,9 +118,13 @@ class InRunShapley:
         estimator="ghost",
         record_steps: bool = False,
         stream: bool = False,
+        val_mode: str = "eval",
     ):
         self.config = AttributionConfig(linearization, val_point, estimator)
         self.stream = bool(stream)
+        if val_mode not in ("eval", "train"):
+            raise ValueError(f"val_mode={val_mode!r} is not accepted; use 'eval' (default) or 'train'")
+        self.val_mode = val_mode
         if self.stream and self.config.val_point is not ValPoint.CURRENT:
             raise ValueError(
                 f"stream=True contracts during the backward pass, before the step's update is known, so it needs "
@@ -116,14 +143,25 @@ class InRunShapley:
                 "stream=True is not available under DistributedDataParallel: the gradient is averaged over ranks "
                 "after the layer hooks run, so J cannot be evaluated there; use stream=False"
             )
-        self._computer = StepComputer(module, loss_fn, self.val_batches, self.config)
-        _check_val_batches_fit(module, loss_fn, self.val_batches)
+        self._computer = StepComputer(module, loss_fn, self.val_batches, self.config, val_train_mode=val_mode == "train")
+        if self._world_size > 1:
+            self._computer.all_reduce, self._computer.world_size = _ddp_all_reduce(model), self._world_size
+        _check_val_batches_fit(self._computer)
         self._ledger = Ledger(len(self.val_batches), record_steps)
         self._pending_ids: list[Hashable] = []
-        self._grad_norms_at_exit: dict[torch.Tensor, float] | None = None
+        #: (number of ids, first captured pass, end of its passes) of each batch context of this step
+        self._blocks: list[tuple[int, int, int]] = []
+        self._grad_marks: dict[torch.Tensor, tuple[int, int]] = {}
+        self._pending_nonfinite = False
         self._in_batch = False
-        self._hook = optimizer.register_step_pre_hook(self._before_step)
+        #: values of a step computed before the update, added to the ledger once the step was taken
+        self._staged: tuple[list[Hashable], torch.Tensor | None, str | None] | None = None
+        # The optimizer's hooks hold the tracker weakly: a tracker nobody references any more (a
+        # notebook cell run twice) detaches itself instead of refusing every later step.
+        self._hook = optimizer.register_step_pre_hook(_weak_hook(self, "_before_step"))
+        self._post_hook = optimizer.register_step_post_hook(_weak_hook(self, "_after_step"))
         _TRACKER_HOOKS.setdefault(optimizer, set()).add(self._hook.id)
+        self._finalizer = weakref.finalize(self, _detach, weakref.ref(optimizer), self._hook, self._post_hook)
         self._closed = False
 
     # ------------------------------------------------------------------ the training-loop API
@@ -134,14 +172,23 @@ class InRunShapley:
         Args:
             ids: one hashable id per sample, in batch order (a list, or a 1-D integer tensor).
         Raises:
-            TrackerUsageError: nested contexts, or a closed tracker.
-            ValueError: the captured batch size differs from ``len(ids)``.
+            TrackerUsageError: nested contexts, a closed tracker, or samples of an earlier
+                block whose gradients were discarded without a step.
+            ValueError: no ids.
+            TypeError: ids of an unsupported type (see ``normalize_ids``).
+
+        An exception inside the block discards what the block captured (its ids are not
+        added), so a loop that catches it can go on.
         """
         if self._closed:
             raise TrackerUsageError("this InRunShapley was closed; create a new tracker")
         if self._in_batch:
             raise TrackerUsageError("tracker.batch() contexts cannot be nested")
         ids = normalize_ids(ids)
+        self._ledger.check_ids(ids, pending=self._pending_ids)
+        if not ids:
+            raise ValueError("tracker.batch(ids) got no ids: give one id per sample of the batch (an empty batch has nothing to value)")
+        self._drop_untaken_step()
         self._check_no_missed_step()
         if self.stream:
             if self._pending_ids:
@@ -150,39 +197,88 @@ class InRunShapley:
                     f"{len(self._pending_ids)} samples (gradient accumulation); use stream=False to accumulate"
                 )
             self._computer.begin_stream(self.optimizer)
+        start = self._computer.passes_captured()
         self._in_batch = True
         try:
             with self._computer.capture():
                 yield self
         except BaseException:
+            # Forget this block's capture; earlier blocks of the step stay pending.
+            self._computer.drop_passes(start)
             if self.stream:
                 self._computer.reset()
             raise
         finally:
             self._in_batch = False
+        self._blocks.append((len(ids), start, self._computer.passes_captured()))
         self._pending_ids.extend(ids)
-        self._grad_norms_at_exit = {
-            p: _grad_norm(p) for p in self._computer.params() if p.grad is not None
-        }
+        params = [p for p in self._computer.params() if p.grad is not None]
+        self._grad_marks = {p: _grad_mark(p) for p in params}
+        self._pending_nonfinite = not _all_finite([p.grad for p in params])
+
+    def discard(self) -> None:
+        """Drop the samples captured since the last step without valuing them (a step skipped on purpose).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> model = nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> x, y = torch.ones(3, 2), torch.zeros(3, 1)
+            >>> tracker = InRunShapley(model, opt, nn.functional.mse_loss, (x[:1], y[:1]))
+            >>> with tracker.batch([1, 2]):
+            ...     nn.functional.mse_loss(model(x[1:]), y[1:]).backward()
+            >>> tracker.discard(); opt.zero_grad()      # this step is not taken
+            >>> tracker.steps, len(tracker.values())
+            (0, 0)
+            >>> tracker.close()
+        """
+        self._clear_pending()
+        self._staged = None
+
+    def _clear_pending(self) -> None:
+        self._pending_ids, self._blocks, self._grad_marks = [], [], {}
+        self._pending_nonfinite = False
+        self._computer.reset()
+
+    def _drop_untaken_step(self) -> None:
+        """Values staged before a step whose update never ran (a later step pre-hook raised) are not counted."""
+        if self._staged is not None:
+            self._staged = None
+            warnings.warn(
+                f"step {self._ledger.steps}: optimizer.step() did not complete after this tracker valued it (another "
+                "step pre-hook or the optimizer raised); its values were not counted",
+                SkippedStepWarning,
+                stacklevel=3,
+            )
 
     def _check_no_missed_step(self) -> None:
-        """Refuse a new batch when the previous one's gradients were discarded without a tracked step.
+        """Handle a new batch when the previous one's gradients were discarded without a tracked step.
 
         Between two ``batch`` contexts of one gradient-accumulation step the gradients stay as they
         were. If they changed (typically ``zero_grad()``) while ids are still pending, a step happened
-        without this tracker's hook: the optimizer was replaced, or ``step()`` was skipped.
+        without this tracker's hook: with non-finite gradients that is a step ``GradScaler`` skipped
+        (discarded with a warning); otherwise the optimizer was replaced or ``step()`` skipped.
         """
-        if not self._pending_ids or self._grad_norms_at_exit is None:
+        if not self._pending_ids or all(_grad_mark(p) == mark for p, mark in self._grad_marks.items()):
             return
-        for p, before in self._grad_norms_at_exit.items():
-            now = None if p.grad is None else _grad_norm(p)
-            if now != before:
-                raise TrackerUsageError(
-                    f"{len(self._pending_ids)} samples of earlier tracker.batch() contexts were never valued: their "
-                    "gradients were discarded without a step of the tracked optimizer. Either the optimizer was "
-                    "replaced (create a new InRunShapley for it, or InRunShapley.load(path, model, new_optimizer, ...)) "
-                    "or step() was skipped; call optimizer.step() after the batch contexts of each step."
-                )
+        n = len(self._pending_ids)
+        if self._pending_nonfinite:
+            warnings.warn(
+                f"step {self._ledger.steps}: the optimizer did not step (its gradients were not finite, so GradScaler "
+                f"skipped it); the {n} samples captured for it were discarded",
+                SkippedStepWarning,
+                stacklevel=3,
+            )
+            self._ledger.skip("the optimizer did not step (non-finite gradients, e.g. a GradScaler overflow)")
+            self._clear_pending()
+            return
+        self._clear_pending()
+        raise TrackerUsageError(
+            f"{n} samples of earlier tracker.batch() contexts were never valued: their gradients were discarded "
+            "without a step of the tracked optimizer. Either the optimizer was replaced (create a new InRunShapley "
+            "for it, or InRunShapley.load(path, model, new_optimizer, ...)), or step() was skipped on purpose: call "
+            "tracker.discard() when you skip a step. (The pending samples were dropped; tracking goes on.)"
+        )
 
     def _check_hook_is_last(self, optimizer) -> None:
         """Refuse step pre-hooks registered after ours: they could change the gradient after valuation."""
@@ -198,71 +294,117 @@ class InRunShapley:
 
     def _before_step(self, optimizer, args, kwargs):
         if optimizer is not self.optimizer:  # pragma: no cover - torch calls the hook of its own optimizer
-            return
+            return None
+        # torch passes the optimizer itself as args[0]; a positional closure is args[1].
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if self._in_batch:
+            raise TrackerUsageError(
+                "optimizer.step() was called inside `with tracker.batch(ids):`; the block must end (its backward "
+                "complete) before the step. Call step() after the block"
+                + ("; with a closure, put the `with tracker.batch(ids):` block inside the closure" if callable(closure) else "")
+            )
+        self._drop_untaken_step()
+        if callable(closure):
+            # The closure runs the forward and backward inside step(), before the update: value the
+            # step when it returns.
+            def valued_closure():
+                loss = closure()
+                self._value_step(optimizer)
+                return loss
+
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": valued_closure}
+            return (args[0], valued_closure, *args[2:]), kwargs
+        self._value_step(optimizer)
+        return None
+
+    def _value_step(self, optimizer) -> None:
         self._check_hook_is_last(optimizer)
         if not self._pending_ids:
+            others = len(_TRACKER_HOOKS.get(optimizer, ())) - 1
             raise TrackerUsageError(
-                "optimizer.step() was called without a `with tracker.batch(ids):` context around the "
-                "forward and backward of its batch, so the step's samples are unknown. Wrap every "
-                "forward+backward in tracker.batch(ids), or call tracker.close() to stop tracking."
+                "optimizer.step() was called but no `with tracker.batch(ids):` block captured a batch since the last "
+                "step, so the step's samples are unknown. Wrap every forward+backward in tracker.batch(ids) before "
+                "step(), or call tracker.close() to stop tracking"
+                + (
+                    f". {others} other InRunShapley tracker(s) are attached to this optimizer: a batch wrapped in another "
+                    "tracker's batch() is not seen by this one; close() trackers you no longer use"
+                    if others > 0
+                    else ""
+                )
             )
-        ids, self._pending_ids = self._pending_ids, []
-        if not all(torch.isfinite(p.grad).all() for p in self._computer.params() if p.grad is not None):
-            self._computer.reset()
-            self._skip("non-finite gradients (NaN/inf)")
-            return
-        scale = self._clip_factor()
-        if self.stream and scale != 1.0:
-            self._computer.reset()
-            raise TrackerUsageError(
-                f"the gradients were rescaled by {scale:.6g} between the end of tracker.batch() and optimizer.step() "
-                "(clip_grad_norm_ clipped them); stream=True evaluated J during the backward at the unclipped "
-                "gradient. Use stream=False to value clipped steps"
-            )
+        ids, blocks = self._pending_ids, self._blocks
+        self._pending_ids, self._blocks, self._grad_marks = [], [], {}
         try:
-            values = self._computer.step_values(optimizer, grad_scale=scale)
+            self._check_blocks(blocks)
+            params = [p for p in self._computer.params() if p.grad is not None]
+            if not _all_finite([p.grad for p in params]):
+                self._staged = (ids, None, "non-finite gradients (NaN/inf)")
+                return
+            try:
+                values = self._computer.step_values(optimizer)
+            except IncompleteGradientError as err:
+                raise TrackerUsageError(f"step {self._ledger.steps}: {err}") from err
         finally:
             self._computer.reset()
-        if values.shape[0] != len(ids):
-            raise ValueError(
-                f"the step's captured batches hold {values.shape[0]} samples but {len(ids)} ids were given; "
-                "pass exactly one id per sample to tracker.batch(ids)"
-            )
         if self._world_size > 1:
             # DDP averages gradients over ranks: this rank's samples contribute c_z / world_size.
             values = values / self._world_size
         if not torch.isfinite(values).all():
-            self._skip("non-finite values (NaN/inf in the validation loss or its gradient)")
+            cause = getattr(self._computer, "nonfinite_cause", None) or "non-finite values"
+            self._staged = (ids, None, f"non-finite values: {cause}")
             return
-        self._ledger.add(ids, values)
+        self._staged = (ids, values, None)
+
+    def _check_blocks(self, blocks) -> None:
+        """Each batch context captured exactly one sample per id (else say what its model calls held)."""
+        for b, (n_ids, start, end) in enumerate(blocks):
+            sizes = self._computer.pass_sizes(start, end)
+            if None in sizes or not sizes:
+                raise TrackerUsageError(
+                    f"tracker.batch() block {b + 1} of this step captured {len(sizes)} model call(s) but no backward "
+                    "reached them; call loss.backward() inside the block (or before optimizer.step())"
+                    if sizes
+                    else f"tracker.batch() block {b + 1} of this step ran no forward pass of the tracked model; run the "
+                    "model's forward and backward inside `with tracker.batch(ids):`"
+                )
+            if sum(sizes) != n_ids:
+                calls = " + ".join(str(s) for s in sizes)
+                hint = ""
+                if len(sizes) > 1:
+                    hint = (
+                        f" The block called the model {len(sizes)} times; each call inside tracker.batch is a micro-batch "
+                        "of its own, so pass one id per sample of every call (or call the model once per block)."
+                    )
+                elif sizes[0] % n_ids == 0 or n_ids % sizes[0] == 0:
+                    hint = (
+                        f" The tracked layers saw a leading dimension of {sizes[0]} for {n_ids} ids: the model may "
+                        "flatten positions into the batch axis ([n*T, d]) or take sequence-first input ([T, n, d]); "
+                        "the per-sample split needs batch-first tensors with one row per sample ([n, T, d])."
+                    )
+                raise ValueError(
+                    f"the step's captured batches hold {sum(sizes)} samples but {n_ids} ids were given (block {b + 1}: "
+                    f"model call(s) of {calls} samples); pass exactly one id per sample to tracker.batch(ids).{hint}"
+                )
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if optimizer is not self.optimizer or self._staged is None:  # pragma: no cover
+            return
+        ids, values, reason = self._staged
+        self._staged = None
+        if values is None:
+            self._skip(reason)
+        else:
+            self._ledger.add(ids, values)
 
     def _skip(self, reason: str) -> None:
         warnings.warn(f"step {self._ledger.steps}: {reason}; this step's values were skipped", NonFiniteStepWarning)
         self._ledger.skip(reason)
 
-    def _clip_factor(self) -> float:
-        """c such that param.grad = c · (gradient at the end of the last batch context)."""
-        ratios = []
-        for p, before in (self._grad_norms_at_exit or {}).items():
-            if p.grad is None:
-                continue
-            now = _grad_norm(p)
-            if before == 0.0:
-                if now != 0.0:
-                    ratios.append(math.inf)
-                continue
-            ratios.append(now / before)
-        if not ratios:
-            return 1.0
-        c = ratios[0]
-        if any(not math.isclose(r, c, rel_tol=1e-5, abs_tol=1e-12) for r in ratios):
-            raise TrackerUsageError(
-                "the gradients were changed non-uniformly between the end of tracker.batch() and "
-                f"optimizer.step() (per-parameter scale factors from {min(ratios):.4g} to {max(ratios):.4g}). "
-                "Only a global rescaling such as clip_grad_norm_ can be attributed; do gradient edits "
-                "inside the batch context or use clip_grad_norm_ instead of clip_grad_value_."
-            )
-        return c
+    @property
+    def last_grad_scale(self) -> float:
+        """c of the last valued step: param.grad = c · Σ_z c_z (the clip factor, 1/loss scale; 1.0 if untouched)."""
+        return self._computer.grad_scale
 
     # ------------------------------------------------------------------ results
     def _gathered(self) -> Ledger:
@@ -346,7 +488,9 @@ class InRunShapley:
         """Write totals, counts, history and configuration atomically to ``path``.
 
         The file is written to a temporary name and renamed over ``path``, so an interruption
-        leaves the previous save intact. Resume with :meth:`load`.
+        leaves the previous save intact; it carries a SHA-256 checksum and a fingerprint of the
+        validation batches. Resume with :meth:`load`. Under DistributedDataParallel every rank
+        must call it: the ranks' values are gathered and rank 0 writes one file.
 
         Example:
             >>> import tempfile, os, torch
@@ -364,7 +508,18 @@ class InRunShapley:
             (1, True)
             >>> resumed.close()
         """
-        atomic_save(self._ledger.state_dict(self.config.as_dict()), path)
+        # Under DDP every rank calls save(): the ranks' values are gathered and rank 0 writes the file.
+        ledger = self._gathered()
+        if self._world_size > 1:
+            import torch.distributed as dist
+
+            if dist.get_rank() != 0:
+                dist.barrier()
+                return
+        fingerprint = val_fingerprint(self.val_batches)
+        atomic_save(ledger.state_dict(self.config.as_dict(), val_fingerprint=fingerprint), path)
+        if self._world_size > 1:
+            dist.barrier()
 
     @classmethod
     def load(cls, path: str | os.PathLike, model, optimizer, loss_fn, val_batch, *, stream: bool = False) -> InRunShapley:
@@ -376,7 +531,8 @@ class InRunShapley:
         Raises:
             FileNotFoundError: nothing at ``path``.
             LedgerFileError: a corrupted file, another format, or another format version.
-            ValueError: ``val_batch`` has a different number of targets than the saved run.
+            ValueError: ``val_batch`` has a different number of targets than the saved run, or is
+                a different validation set (its fingerprint differs from the saved one).
         """
         state = load_checked(path)
         tracker = cls(model, optimizer, loss_fn, val_batch, **state["config"], record_steps=state["record_steps"], stream=stream)
@@ -386,14 +542,20 @@ class InRunShapley:
                 f"the saved run has {state['num_targets']} validation targets but val_batch has "
                 f"{len(tracker.val_batches)}; pass the same validation batches to resume"
             )
+        try:
+            check_same_validation(state, val_fingerprint(tracker.val_batches), path)
+        except ValueError:
+            tracker.close()
+            raise
         tracker._ledger = Ledger.from_state_dict(state)
         return tracker
 
     def close(self) -> None:
-        """Remove the optimizer hook; the tracker keeps its values but records nothing more."""
+        """Remove the optimizer hooks; the tracker keeps its values but records nothing more."""
         if not self._closed:
             _TRACKER_HOOKS.get(self.optimizer, set()).discard(self._hook.id)
-            self._hook.remove()
+            self._finalizer()
+            self._clear_pending()
             self._closed = True
 
     def __enter__(self):
@@ -403,9 +565,53 @@ class InRunShapley:
         self.close()
 
 
-def _grad_norm(p: torch.Tensor) -> float:
-    """‖p.grad‖ in float64 (the clip-factor and missed-step checks compare these)."""
-    return float(p.grad.detach().double().norm())
+def _ddp_all_reduce(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Sum a small float64 tensor over the ranks of a DDP model's process group."""
+    import torch.distributed as dist
+
+    group = model.process_group
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        device = next(model.parameters()).device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        out = t.to(device).clone()
+        dist.all_reduce(out, group=group)
+        return out.cpu()
+
+    return all_reduce
+
+
+def _weak_hook(tracker: InRunShapley, method: str) -> Callable:
+    """An optimizer hook calling ``tracker.<method>`` while the tracker is alive, a no-op after."""
+    ref = weakref.ref(tracker)
+
+    def hook(optimizer, args, kwargs):
+        alive = ref()
+        return None if alive is None else getattr(alive, method)(optimizer, args, kwargs)
+
+    return hook
+
+
+def _detach(optimizer_ref, pre_hook, post_hook) -> None:
+    """Remove a tracker's optimizer hooks (on close(), or when the tracker is garbage collected)."""
+    optimizer = optimizer_ref()
+    if optimizer is not None:
+        _TRACKER_HOOKS.get(optimizer, set()).discard(pre_hook.id)
+    pre_hook.remove()
+    post_hook.remove()
+
+
+def _grad_mark(p: torch.Tensor) -> tuple[int, int]:
+    """Identity and version counter of ``p.grad``: they change when the gradient is zeroed, replaced or edited."""
+    return (0, 0) if p.grad is None else (id(p.grad), p.grad._version)
+
+
+def _all_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether every gradient is finite, with one fused reduction (the max-norm: no overflow of finite values)."""
+    grads = [g for g in grads if g is not None]
+    if not grads:
+        return True
+    dense = [g.to_dense() if g.is_sparse else g for g in grads]
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(dense, norm_type=float("inf"), error_if_nonfinite=False)))
 
 
 def _unwrap_distributed(model: nn.Module) -> tuple[nn.Module, int]:
@@ -419,23 +625,46 @@ def _unwrap_distributed(model: nn.Module) -> tuple[nn.Module, int]:
     return model, 1
 
 
-def _check_val_batches_fit(model: nn.Module, loss_fn: Callable, val_batches: list[tuple]) -> None:
-    """Evaluate each validation batch once (no grad) so that a batch the model cannot take fails now, clearly."""
-    with torch.no_grad():
-        for k, (inputs, targets) in enumerate(val_batches):
-            try:
-                loss = loss_fn(model(inputs), targets)
-            except Exception as exc:
-                raise ValueError(
-                    f"validation batch {k} does not fit the model or loss_fn: {type(exc).__name__}: {exc}. "
-                    "Pass (inputs, targets) exactly as used for training, with loss_fn(model(inputs), targets)"
-                ) from exc
-            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
-                raise ValueError(
-                    f"loss_fn on validation batch {k} returned {type(loss).__name__}"
-                    f"{'' if not isinstance(loss, torch.Tensor) else ' of shape ' + str(tuple(loss.shape))}; "
-                    "it must return a scalar tensor (use a mean or sum reduction)"
-                )
+def _check_val_batches_fit(computer: StepComputer) -> None:
+    """Evaluate each validation batch once (no grad, in an isolated pass) so that a bad batch fails now, clearly.
+
+    Refuses a batch the model or ``loss_fn`` cannot take, a non-scalar loss, a non-finite
+    validation loss (NaN inputs would otherwise skip every step), and a loss that couples the
+    samples of a batch (``estimators.check_loss_additive``).
+    """
+    model, loss_fn = computer.model, computer.loss_fn
+    for k, (inputs, targets) in enumerate(computer.val_batches):
+        try:
+            with torch.no_grad(), computer.isolated():
+                outputs = model(inputs)
+                loss = loss_fn(outputs, targets)
+        except Exception as exc:
+            raise ValueError(
+                f"validation batch {k} does not fit the model or loss_fn: {type(exc).__name__}: {exc}. "
+                "Pass (inputs, targets) exactly as used for training, with loss_fn(model(inputs), targets)"
+            ) from exc
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+            raise ValueError(
+                f"loss_fn on validation batch {k} returned {type(loss).__name__}"
+                f"{'' if not isinstance(loss, torch.Tensor) else ' of shape ' + str(tuple(loss.shape))}; "
+                "it must return a scalar tensor (use a mean or sum reduction)"
+            )
+        if not torch.isfinite(loss).all():
+            from torch.utils import _pytree
+
+            bad = [
+                what
+                for what, tree in (("inputs", inputs), ("targets", targets))
+                if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all() for t in _pytree.tree_leaves(tree))
+            ]
+            where = f"its {' and '.join(bad)} hold NaN/inf" if bad else "the model's output on it is not finite"
+            raise ValueError(
+                f"the validation loss on validation batch {k} is {float(loss):g} ({where}); every step would be "
+                "skipped. Pass a validation batch with finite values"
+            )
+        check = getattr(estimators, "check_loss_additive", None)
+        if check is not None:
+            check(loss_fn, outputs, targets, what=f"validation batch {k}")
 
 
 def _check_optimizer_owns_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -23,7 +23,8 @@ Example (the materialized reference path under SGD, J = −η = −0.1):
     [0.1, -0.1]
 """
 
-from ._checks import SampleInteractionError, check_samples_independent
+from ._checks import LossCouplingError, SampleInteractionError, check_loss_additive, check_samples_independent
+from ._completeness import CompletenessCheck, IncompleteGradientError
 from ._config import Factorization, GhostPath, LinearizationKind, PerSampleMethod, Reduction, ValPoint, parse_enum
 from ._engine import GhostEngine, GhostEngineError, ParameterUseError, UncoveredParameterError
 from ._factorize import factored_error, rank_one
@@ -38,19 +39,23 @@ from ._first_order import (
     validation_gradients,
 )
 from ._ghost import ghost_values
+from ._isolation import isolated_pass
 from ._per_sample import PerSampleFallbackWarning, PerSampleGrads, per_sample_map
 from ._rules import LayerRule, registered_rules, rule_for
 
 __all__ = [
     "Bilinear",
+    "CompletenessCheck",
     "DenseFactor",
     "Factor",
     "Factorization",
     "GhostEngine",
     "GhostEngineError",
     "GhostPath",
+    "IncompleteGradientError",
     "LayerRule",
     "LinearizationKind",
+    "LossCouplingError",
     "OneHotFactor",
     "ParameterUseError",
     "PerSampleFallbackWarning",
@@ -62,10 +67,12 @@ __all__ = [
     "Term",
     "UncoveredParameterError",
     "ValPoint",
+    "check_loss_additive",
     "check_samples_independent",
     "factored_error",
     "first_order_values",
     "ghost_values",
+    "isolated_pass",
     "parse_enum",
     "per_sample_grads",
     "per_sample_map",

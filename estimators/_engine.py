@@ -19,6 +19,7 @@ which the ``pairwise`` and ``factored`` paths need (each captured model call = o
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,9 +28,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._checks import check_samples_independent
+from ._completeness import CompletenessCheck, IncompleteGradientError
+from ._completeness import tolerance as _TOLERANCE_OF
 from ._config import Factorization, GhostPath, parse_enum
 from ._factorize import factored_error, rank_one
-from ._factors import Bilinear, PerSample, Term
+from ._factors import Bilinear, OneHotFactor, PerSample, Term
 from ._rules import LayerRule, registered_rules, rule_for
 
 
@@ -61,7 +64,13 @@ class _Call:
     #: captured input and output gradient were released.
     streamed: bool = False
 
+    #: The output gradient arrived in a backward with ``create_graph=True`` (double backward).
+    create_graph: bool = False
+
     def add_grad(self, g: torch.Tensor) -> None:
+        # Autograd enables grad mode inside hooks exactly when the backward builds a graph
+        # (create_graph=True: gradient penalties, double backward).
+        self.create_graph = self.create_graph or torch.is_grad_enabled()
         g = g.detach()
         if self.eager is not None:
             try:
@@ -102,6 +111,10 @@ class _Stream:
     out: torch.Tensor | None = None
     #: parameter -> the ``.grad`` tensor its J was evaluated at.
     done: dict[torch.Tensor, torch.Tensor | None] = dataclasses.field(default_factory=dict)
+    #: parameter -> (sum, norm) of that gradient, to see an in-place change after the backward.
+    fingerprints: dict[torch.Tensor, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    #: Both sides of the completeness identity of the streamed parameters (at hook time).
+    check: CompletenessCheck = dataclasses.field(default_factory=CompletenessCheck)
     error: str | None = None
 
 
@@ -219,23 +232,8 @@ class GhostEngine:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype={dtype!r} is not a floating torch.dtype; pass e.g. torch.float64, or None for the parameters' dtype")
         self.dtype = dtype
-        self._names: dict[torch.Tensor, str] = {p: n for n, p in model.named_parameters() if p.requires_grad}
-        self._module_names = {m: n for n, m in model.named_modules()}
-        self._tracked: dict[nn.Module, _Tracked] = {}
-        self._owners: dict[torch.Tensor, set[nn.Module]] = {}
-        for mname, module in model.named_modules():
-            own = {a: p for a, p in module.named_parameters(recurse=False) if p.requires_grad}
-            if not own:
-                continue
-            rule = rule_for(type(module))
-            reason = None if rule is None else rule.unsupported(module)
-            covered = {} if rule is None or reason else {a: p for a, p in own.items() if a in rule.params(module)}
-            uncovered = {a: p for a, p in own.items() if a not in covered}
-            if uncovered and self.strict:
-                raise UncoveredParameterError(self._uncovered_message(mname, module, next(iter(uncovered)), reason))
-            self._tracked[module] = _Tracked(mname or type(module).__name__, None if reason else rule, covered, uncovered)
-            for p in own.values():
-                self._owners.setdefault(p, set()).add(module)
+        self._signature: tuple = ()
+        self._scan()
         self.layer_paths: dict[str, GhostPath] = {}
         for key, value in (layer_paths or {}).items():
             if key not in self._module_names.values() and key not in self._names.values():
@@ -256,6 +254,56 @@ class GhostEngine:
         self.paths_taken: dict[str, str] = {}
         #: parameter name -> factored_error(...) report, for parameters that took the factored path.
         self.factored_errors: dict[str, dict[str, float]] = {}
+        #: c of the last :meth:`values` call with ``grads``: param.grad = c · Σ_z c_z (1.0 without a rescale).
+        self.grad_scale: float = 1.0
+        #: Seconds spent on the completeness check so far (the bench reports it per step).
+        self.check_seconds: float = 0.0
+
+    def _model_signature(self) -> tuple:
+        """Which modules exist and which of their parameters are trainable (changes on unfreezing or new modules)."""
+        return tuple((id(m), tuple((id(p), p.requires_grad) for p in m.parameters(recurse=False))) for m in self.model.modules())
+
+    def _scan(self) -> None:
+        """Map trainable parameters to their modules and rules (at construction and after the model changed)."""
+        model = self.model
+        check_samples_independent(model)
+        self._names: dict[torch.Tensor, str] = {p: n for n, p in model.named_parameters() if p.requires_grad}
+        self._module_names = {m: n for n, m in model.named_modules()}
+        tracked: dict[nn.Module, _Tracked] = {}
+        owners: dict[torch.Tensor, set[nn.Module]] = {}
+        for mname, module in model.named_modules():
+            own = {a: p for a, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not own:
+                continue
+            _refuse_reparametrized(mname, module)
+            if getattr(module, "batch_first", None) is False:
+                raise GhostEngineError(
+                    f"module {mname or type(module).__name__!r} ({type(module).__name__}) takes sequence-first input "
+                    "(batch_first=False, shape [T, n, ...]); per-sample contributions are read along the first axis, so "
+                    f"the samples would be confused with positions. Create it with batch_first=True and feed [n, T, ...]"
+                )
+            rule = rule_for(type(module))
+            reason = None if rule is None else rule.unsupported(module)
+            covered = {} if rule is None or reason else {a: p for a, p in own.items() if a in rule.params(module)}
+            uncovered = {a: p for a, p in own.items() if a not in covered}
+            if uncovered and self.strict:
+                raise UncoveredParameterError(self._uncovered_message(mname, module, next(iter(uncovered)), reason))
+            tracked[module] = _Tracked(mname or type(module).__name__, None if reason else rule, covered, uncovered)
+            for p in own.values():
+                owners.setdefault(p, set()).add(module)
+        self._tracked, self._owners = tracked, owners
+        self._signature = self._model_signature()
+
+    def refresh(self) -> bool:
+        """Re-scan the model if a parameter was (un)frozen or a module added since the last scan.
+
+        Called at the start of every :meth:`capture_train`, so a layer unfrozen mid-run is
+        captured from its next step on. Returns whether anything changed.
+        """
+        if self._active is not None or self._model_signature() == self._signature:
+            return False
+        self._scan()
+        return True
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -306,6 +354,10 @@ class GhostEngine:
     def capture_val(self) -> _Capture:
         """Context manager recording validation passes; each model call inside is one target k."""
         return _Capture(self, "val")
+
+    def clear_val(self) -> None:
+        """Forget the captured validation passes only (before capturing the K targets again)."""
+        self._val.clear()
 
     def clear(self) -> None:
         """Forget every captured pass and any :meth:`stream` set-up (call it after each optimizer step)."""
@@ -418,12 +470,13 @@ class GhostEngine:
                 return  # the step does not move p: no contribution
             # Every owner of a streamed parameter covers it (see _streamable).
             calls = [c for c in pas.calls if c.grad is not None and c.module in self._owners[p]]
-            terms = []
+            raw = []
             for c in calls:
                 tracked = self._tracked[c.module]
                 if c.terms is None:
                     c.terms = tracked.rule.terms(c.module, c.args[0], c.grad)
-                terms.extend(c.terms[a].to(s.dtype) for a, q in tracked.covered.items() if q is p)
+                raw.extend(c.terms[a] for a, q in tracked.covered.items() if q is p)
+            terms = [t.to(s.dtype) for t in raw]
             if terms:
                 n = self._pass_n(pas)
                 if s.out is None:
@@ -446,8 +499,20 @@ class GhostEngine:
                         P = sigma * (r.unsqueeze(1) * g.reshape(R, C) * sv.unsqueeze(0))
                     else:
                         P = _precondition(J, g, p.shape)
-                    s.out[:, k] -= sum(t.dense_values(P) for t in terms)
+                    v = sum(t.dense_values(P) for t in terms)
+                    s.out[:, k] -= v
+                    t0 = time.perf_counter()
+                    s.check.add_samples(name, k, v, captured_dtype=_coarsest_dtype(raw))
+                    s.check.add_grad(name, k, P, p.grad)
+                    if s.check.excess(name, k) > 1.0:  # cancelling sums: judge against the magnitudes
+                        s.check.entries[(name, k)].magnitude = float(torch.linalg.vector_norm(P, dtype=torch.float64)) * sum(
+                            _term_magnitude(t) for t in terms
+                        )
+                    self.check_seconds += time.perf_counter() - t0
                 self.paths_taken[name] = "factored" if factored else "dense"
+                t0 = time.perf_counter()
+                s.fingerprints[p] = _fingerprint(p.grad)
+                self.check_seconds += time.perf_counter() - t0
             for c in calls:
                 tracked = self._tracked[c.module]
                 if all(q in s.done for q in tracked.covered.values()):
@@ -458,6 +523,8 @@ class GhostEngine:
     def _start(self, kind: str) -> None:
         if self._active is not None:
             raise GhostEngineError(f"a {self._active} capture of this engine is already active; exit it before starting a {kind} capture")
+        if kind == "train" and not self._train:
+            self.refresh()
         self._active = kind
         self._stack.clear()
         try:
@@ -465,7 +532,9 @@ class GhostEngine:
                 self._handles.append(module.register_forward_pre_hook(self._push))
                 self._handles.append(module.register_forward_hook(self._pop, always_call=True))
                 if module in self._tracked:
-                    self._handles.append(module.register_forward_hook(self._record, with_kwargs=True))
+                    # prepend: record the module's own output, before forward hooks of the user replace it
+                    # (the output gradient of the module is then the one its parameters' gradient uses).
+                    self._handles.append(module.register_forward_hook(self._record, with_kwargs=True, prepend=True))
             self._handles.extend(_broadcast_index_hooks(self.model, self._tracked))
             if kind == "train" and self._stream is not None:
                 for p in self._streamable():
@@ -517,6 +586,12 @@ class GhostEngine:
             )
         if not output.requires_grad:
             return
+        if isinstance(module, nn.EmbeddingBag) and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 1:
+            raise GhostEngineError(
+                f"module {self._tracked[module].name!r} (EmbeddingBag) was called with 1-D input and offsets: the bags "
+                "are concatenated along one axis, so the engine cannot tell which entries belong to which sample. Pass "
+                "a 2-D input [n, bag_size] (one bag per sample, padded with padding_idx) without offsets"
+            )
         call = _Call(module, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs))
         tracked = self._tracked[module]
         if tracked.rule is not None and not tracked.uncovered and all(p.dim() <= 1 for p in tracked.covered.values()):
@@ -541,14 +616,46 @@ class GhostEngine:
             "optimizer's weight_decay rather than in the loss."
         )
 
+    def _refuse_double_backward(self, passes: list[_Pass]) -> None:
+        for pas in passes:
+            for call in pas.calls:
+                if call.create_graph:
+                    raise GhostEngineError(
+                        f"the output of module {self._tracked[call.module].name!r} received a gradient in a backward "
+                        "with create_graph=True (torch.autograd.grad(..., create_graph=True) or backward(create_graph="
+                        "True), e.g. a gradient penalty); the gradient of such a term has second-order parts that are "
+                        "not per-sample products of a layer's input and output gradient, so the step cannot be "
+                        "valued. Compute the penalty outside the tracked batch, or track a loss without it"
+                    )
+
     # ------------------------------------------------------------------ per-pass terms
+    def train_passes(self) -> int:
+        """Number of training passes (model calls) recorded so far; a mark for :meth:`drop_train_passes`."""
+        return len(self._train)
+
+    def drop_train_passes(self, start: int) -> None:
+        """Forget the training passes recorded after mark ``start`` (a batch whose code raised)."""
+        del self._train[start:]
+
+    def pass_sizes(self, start: int = 0, end: int | None = None) -> list[int | None]:
+        """Samples of each training pass in ``[start, end)`` that tracked a layer; ``None`` for a pass no backward reached."""
+        return [self._pass_n(p) if p.has_grad else None for p in self._train[start:end] if p.calls]
+
     def _pass_n(self, pas: _Pass) -> int:
         ns = {int(c.grad.shape[0]) for c in pas.calls if c.grad is not None and c.grad.dim() > 0}
         if len(ns) != 1:
             detail = ", ".join(f"{self._tracked[c.module].name}: {tuple(c.grad.shape)}" for c in pas.calls if c.grad is not None)
+            small, large = (min(ns), max(ns)) if ns else (0, 0)
+            flat = (
+                f" A leading dimension of {large} = {large // small} × {small} suggests that the model flattens positions "
+                "into the batch axis ([n*T, d], e.g. x.view(-1, d)) or transposes to sequence-first [T, n, d]; keep "
+                "batch-first [n, T, d] tensors (nn.Linear acts on the last axis)."
+                if small > 1 and large % small == 0
+                else ""
+            )
             raise GhostEngineError(
                 f"the layers of one pass disagree on the batch size (output gradient shapes {detail}); every "
-                "tracked layer must see batch-first inputs of the same batch, one model call per micro-batch. "
+                f"tracked layer must see batch-first inputs of the same batch, one model call per micro-batch.{flat} "
                 "A layer applied once to a batch-1 input whose output is broadcast over the batch has no "
                 "per-sample gradient (only nn.Embedding lookups of batch-1 indices, such as BERT's default "
                 "[1, T] position ids, are expanded to the batch automatically): give that input a batch axis, "
@@ -615,8 +722,23 @@ class GhostEngine:
             return [total]
         return out
 
-    def values(self, J: JLike, val_grads: Sequence[Mapping[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+    def values(
+        self,
+        J: JLike,
+        val_grads: Sequence[Mapping[torch.Tensor, torch.Tensor]] | None = None,
+        *,
+        grads: Mapping[torch.Tensor, torch.Tensor] | None = None,
+        val_losses: Sequence[float] | None = None,
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        world_size: int = 1,
+    ) -> torch.Tensor:
         """φ[z, k] = −⟨J ⊙ ∇L_val^k, c_z⟩ for every captured training sample z and target k.
+
+        With ``grads`` (the gradient the optimizer will use, normally ``param.grad``) the
+        completeness identity ⟨P, grads[p]⟩ = c · Σ_z ⟨P, c_z⟩ is checked for every parameter
+        and target (see :class:`CompletenessCheck`); a uniform ratio c (clipping, loss-scale
+        unscaling) is the step's rescale, stored in :attr:`grad_scale`, and the values are those
+        of the rescaled step, c · φ. J must then be evaluated at ``grads``.
 
         Args:
             J: the preconditioning map: a float for every parameter (the SGD proxy −lr), or a
@@ -624,11 +746,21 @@ class GhostEngine:
             val_grads: K dicts parameter -> ∇L_val^k (from :func:`validation_gradients`). May be
                 omitted when the K targets were captured with :meth:`capture_val`; the dense path
                 then rebuilds ∇L_val from the captured pass.
+            grads: parameter -> gradient ``[*param.shape]`` for every parameter the step moves
+                (J ≠ 0); ``None`` skips the check (c = 1).
+            val_losses: the K validation losses, if known: a mismatch far below the resolution
+                of L_val in the computation dtype is rounding, not an uncaptured gradient.
+            all_reduce, world_size: under data parallelism (``grads`` averaged over W ranks), a
+                function summing a float64 tensor over ranks; the captured side is then summed
+                over ranks and divided by W before the check (a collective call on every rank).
         Returns:
             Tensor ``[n_total, K]``: micro-batches in capture order, samples in batch order.
         Raises:
             GhostEngineError: called during a capture; no training backward captured; neither
-                ``val_grads`` nor a validation capture; K mismatch.
+                ``val_grads`` nor a validation capture; K mismatch; a backward with
+                ``create_graph=True`` ran through a tracked layer.
+            IncompleteGradientError: ``grads`` is not a uniform multiple of the captured
+                contributions (the message names the parameter and the likely causes).
             ValueError: J misses a parameter, does not broadcast, is not a scalar on a forced
                 ``pairwise`` path; ``val_grads`` misses a parameter; mixed parameter dtypes.
         Example:
@@ -663,6 +795,13 @@ class GhostEngine:
                         "contraction evaluated J at the gradient of the backward pass. Edit gradients in place before "
                         "the backward ends, or contract after the step (InRunShapley(stream=False))"
                     )
+                if p in stream.fingerprints and _fingerprint(p.grad) != stream.fingerprints[p]:
+                    raise IncompleteGradientError(
+                        f"the gradient of parameter {self._names[p]!r} changed after the backward pass (gradient clipping "
+                        "that clips, GradScaler.unscale_, manual edits); the streamed contraction evaluated J at the "
+                        "gradient of the backward pass, and J of the changed gradient is another slope. Use "
+                        "InRunShapley(stream=False), which values rescaled steps exactly"
+                    )
             if val_grads is None:
                 val_grads = stream.val_grads
         train = [p for p in self._train if p.has_grad]
@@ -688,6 +827,10 @@ class GhostEngine:
         if K == 0:
             raise ValueError("val_grads is empty; pass at least one validation target")
 
+        self._refuse_double_backward(train)
+        check = CompletenessCheck() if grads is not None else None
+        if check is not None and stream is not None:
+            check.entries.update(stream.check.entries)
         train_terms = [self._pass_terms(p) for p in train]
         # Dense-only engines given val_grads never read the validation factors (and so never run
         # the fallback on them).
@@ -734,30 +877,124 @@ class GhostEngine:
             for p, ts in terms.items():
                 if p not in paths:
                     continue
-                ts = [t.to(dtype) for t in ts]
+                ts_raw, ts = ts, [t.to(dtype) for t in ts]
                 path = paths[p]
                 for k in range(K):
                     if path is GhostPath.DENSE:
-                        out[:, k] -= sum(t.dense_values(P[k][p]) for t in ts)
-                        continue
-                    if path is GhostPath.MATERIALIZED:
+                        v = sum(t.dense_values(P[k][p]) for t in ts)
+                    elif path is GhostPath.MATERIALIZED:
                         c = materialized.get(p)
                         if c is None:
                             c = materialized[p] = sum(t.materialize(p.shape) for t in ts)
-                        out[:, k] -= c.reshape(n, -1) @ P[k][p].reshape(-1)
-                        continue
-                    vs = [v.to(dtype) for v in val_terms[k].get(p, [])]
-                    if not vs:
-                        continue  # the validation loss does not reach this layer: ∇L_val = 0
-                    for t in ts:
-                        out[:, k] -= self._ghost_dot(p, t, vs, k, path, Js[p], val_grads, dtype, factors, ptilde)
+                        v = c.reshape(n, -1) @ P[k][p].reshape(-1)
+                    else:
+                        vs = [v.to(dtype) for v in val_terms[k].get(p, [])]
+                        if not vs:
+                            continue  # the validation loss does not reach this layer: ∇L_val = 0
+                        v = sum(self._ghost_dot(p, t, vs, k, path, Js[p], val_grads, dtype, factors, ptilde) for t in ts)
+                    out[:, k] -= v
+                    if check is not None:
+                        t0 = time.perf_counter()
+                        check.add_samples(self._names[p], k, v, captured_dtype=_coarsest_dtype(ts_raw))
+                        self.check_seconds += time.perf_counter() - t0
             blocks.append(out)
         out = torch.cat(blocks, dim=0)
+        if check is not None:
+            t0 = time.perf_counter()
+            self._add_used_grads(check, J, grads, Js, paths, P, val_grads, val_terms, dtype, factors, ptilde, K)
+            by_name = {self._names[p]: p for p in params}
+
+            def magnitude(name: str, k: int) -> float:
+                p = by_name.get(name)
+                if p is None or p not in paths:
+                    return 0.0
+                ts = [t for _, terms, _ in train_terms for t in terms.get(p, [])]
+                Pk = P[k].get(p) if paths[p] in (GhostPath.DENSE, GhostPath.MATERIALIZED) else None
+                if Pk is None:
+                    vs = [v.to(dtype) for v in val_terms[k].get(p, [])]
+                    if not vs:
+                        return 0.0
+                    Pk = self._ptilde(p, k, paths[p], Js[p], val_grads, vs, dtype, factors, ptilde, vs[0].rows.size, vs[0].cols.size)
+                return float(torch.linalg.vector_norm(Pk, dtype=torch.float64)) * sum(_term_magnitude(t) for t in ts)
+
+            if all_reduce is not None:
+                check.reduce(all_reduce, world_size)
+                magnitude = None  # a refinement asked by one rank only would deadlock the others
+            floor = None
+            if val_losses is not None:
+                eps = torch.finfo(dtype).eps
+                floor = {k: 64 * eps * abs(float(loss)) / _TOLERANCE_OF(dtype) for k, loss in enumerate(val_losses)}
+            self.last_check = check
+            try:
+                self.grad_scale = check.grad_scale(fixed=1.0 if stream is not None else None, magnitude=magnitude, noise_floor=floor)
+            finally:
+                self.check_seconds += time.perf_counter() - t0
+            if self.grad_scale != 1.0:
+                out = out * self.grad_scale
+        else:
+            self.grad_scale = 1.0
         if stream is not None and stream.out is not None:
             if stream.out.shape != out.shape:
                 raise GhostEngineError(f"streamed values have shape {tuple(stream.out.shape)} but the step captured {tuple(out.shape)}")
             out = out + stream.out
         return out
+
+    def _add_used_grads(self, check, J, grads, Js, paths, P, val_grads, val_terms, dtype, factors, ptilde, K) -> None:
+        """⟨P, grads[p]⟩ for the completeness check, with the same P each path contracted with.
+
+        A parameter with a gradient but no captured term (it was unfrozen after the engine was
+        built, or its gradient came from a backward outside the capture) is checked against
+        Σ_z ⟨P, c_z⟩ = 0, so that its uncaptured gradient is refused, not ignored.
+        """
+        streamed = self.streamed_params
+        for p, g in grads.items():
+            if p in streamed or g is None:
+                continue
+            name = self._names.get(p)
+            if name is None:
+                raise IncompleteGradientError(
+                    f"a parameter of shape {tuple(p.shape)} has a gradient and is stepped by the optimizer, but it is "
+                    "not a trainable parameter the tracker saw in the model, so no contribution to it is captured. "
+                    "Pass the optimizer of this model only (modules added later must be part of the model)"
+                )
+            path = paths.get(p)
+            for k in range(K):
+                if path in (GhostPath.PAIRWISE, GhostPath.FACTORED):
+                    vs = [v.to(dtype) for v in val_terms[k].get(p, [])]
+                    if not vs:
+                        continue  # ∇L_val = 0 on this layer: P = 0
+                    R, C = vs[0].rows.size, vs[0].cols.size
+                    Pk = self._ptilde(p, k, path, Js[p], val_grads, vs, dtype, factors, ptilde, R, C).reshape(p.shape)
+                elif path is not None:
+                    Pk = P[k][p]
+                else:
+                    Jp = self._J_of(J, p, dtype) if not isinstance(J, Mapping) or p in J else 0.0
+                    if not isinstance(Jp, torch.Tensor) and Jp == 0.0:
+                        break  # the step does not move p
+                    if val_grads is not None and p in val_grads[k]:
+                        G = val_grads[k][p].to(dtype)
+                    else:
+                        G = sum((t.total(p.shape) for t in val_terms[k].get(p, [])), torch.zeros_like(p, dtype=dtype))
+                    Pk = _precondition(Jp, G, p.shape)
+                check.add_grad(name, k, Pk, g)
+
+    def _ptilde(self, p, k, path, Jp, val_grads, vs, dtype, factors, cache, R, C) -> torch.Tensor:
+        """P̃ = J̃ ⊙ ∇L_val^k of weight ``p`` as an R×C matrix (J̃: scalar J, or σ r sᵀ on the factored path)."""
+        key = (p, R, C)
+        Pt = cache.get((*key, k))
+        if Pt is None:
+            if val_grads is not None:
+                # ∇L_val^k of p from the same validation pass: Σ_v c_v over every captured term of p.
+                G = val_grads[k][p].to(dtype).reshape(R, C)
+            else:
+                G = sum(v.total(torch.Size((R, C))) for v in vs)
+            if path is GhostPath.PAIRWISE:
+                Pt = _scalar(Jp) * G
+            else:
+                sigma, r, s = factors[key]
+                Pt = sigma * (r.unsqueeze(1) * G * s.unsqueeze(0))
+            cache[(*key, k)] = Pt
+        return Pt
 
     def _ghost_dot(self, p, t: Term, vs: list[Term], k: int, path: GhostPath, Jp, val_grads, dtype, factors, cache) -> torch.Tensor:
         """Σ_v ⟨J̃ ⊙ c_v, c_z⟩ for one training term ``t`` of ``p`` on the pairwise or factored path: ``[n]``.
@@ -778,20 +1015,7 @@ class GhostEngine:
             factors[key] = rank_one(Jm, self.factorization)
             self.factored_errors[self._names[p]] = factored_error(Jm, self.factorization)
         if t.dense_cost() + R * C < sum(t.pairwise_cost(v) for v in vs):
-            Pt = cache.get((*key, k))
-            if Pt is None:
-                if val_grads is not None:
-                    # ∇L_val^k of p from the same validation pass: Σ_v c_v over every captured term of p.
-                    G = val_grads[k][p].to(dtype).reshape(R, C)
-                else:
-                    G = sum(v.total(torch.Size((R, C))) for v in vs)
-                if path is GhostPath.PAIRWISE:
-                    Pt = _scalar(Jp) * G
-                else:
-                    sigma, r, s = factors[key]
-                    Pt = sigma * (r.unsqueeze(1) * G * s.unsqueeze(0))
-                cache[(*key, k)] = Pt
-            return t.dense_values(Pt)
+            return t.dense_values(self._ptilde(p, k, path, Jp, val_grads, vs, dtype, factors, cache, R, C))
         if path is GhostPath.PAIRWISE:
             return _scalar(Jp) * sum(t.pairwise_values(v) for v in vs)
         sigma, r, s = factors[key]
@@ -866,6 +1090,67 @@ class GhostEngine:
         dense = sum(t.dense_cost() for t in terms) * K + p.numel() * K
         pairwise = sum(t.pairwise_cost(v) for t in terms for vt in val_terms for v in vt.get(p, []))
         return GhostPath.PAIRWISE if pairwise < dense else GhostPath.DENSE
+
+
+def _refuse_reparametrized(name: str, module: nn.Module) -> None:
+    """Refuse modules whose weight is computed from other parameters before each forward.
+
+    ``torch.nn.utils.parametrize`` / ``parametrizations.weight_norm``, the older
+    ``torch.nn.utils.weight_norm`` and ``torch.nn.utils.prune`` replace ``weight`` by a function of
+    trainable tensors (``original``, ``weight_g``/``weight_v``, ``weight_orig``); the layer rules
+    see only the computed weight, so the trained tensors' per-sample gradients are not captured.
+    """
+    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    what = None
+    if parametrize.is_parametrized(module) or isinstance(module, parametrize.ParametrizationList):
+        what = "torch.nn.utils.parametrize (e.g. parametrizations.weight_norm, orthogonal, spectral_norm)"
+        fix = "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') before tracking"
+    else:
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                what, fix = "torch.nn.utils.weight_norm", "torch.nn.utils.remove_weight_norm(module) before tracking"
+            elif isinstance(hook, prune.BasePruningMethod):
+                what, fix = "torch.nn.utils.prune", "torch.nn.utils.prune.remove(module, 'weight') (the pruned entries stay zero) before tracking"
+    if what is not None:
+        raise ParameterUseError(
+            f"module {name or type(module).__name__!r} ({type(module).__name__}) computes its weight from other trainable "
+            f"tensors before each forward ({what}); the layer rules see only the computed weight, so the per-sample "
+            f"gradients of the trained tensors are not captured. Fix: {fix}, or train the plain weight"
+        )
+
+
+def _term_magnitude(t: Term) -> float:
+    """Σ_z ‖c_z‖_F bounded from the factors: Σ_{z,t} ‖u_zt‖ ‖v_zt‖ (‖c_z‖ itself for materialized terms)."""
+    if isinstance(t, PerSample):
+        return float(torch.linalg.vector_norm(t.c.reshape(t.c.shape[0], -1).double(), dim=1).sum())
+
+    def row_norms(f) -> torch.Tensor:
+        if isinstance(f, OneHotFactor):
+            w = f.weight
+            return torch.ones(f.index.shape, dtype=torch.float64, device=f.index.device) if w is None else w.double().abs()
+        return torch.linalg.vector_norm(f.dense().double(), dim=-1)
+
+    return float((row_norms(t.rows) * row_norms(t.cols)).sum())
+
+
+def _coarsest_dtype(terms: list[Term]) -> torch.dtype:
+    """The least precise dtype among the captured tensors of ``terms`` (autocast captures bf16 factors)."""
+    dtypes = set()
+    for t in terms:
+        for f in (t.c,) if isinstance(t, PerSample) else (t.rows, t.cols):
+            x = f if isinstance(f, torch.Tensor) else getattr(f, "x", None)
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                dtypes.add(x.dtype)
+    return min(dtypes, key=lambda d: torch.finfo(d).bits - (0.5 if d is torch.bfloat16 else 0), default=torch.float64)
+
+
+def _fingerprint(g: torch.Tensor | None) -> tuple[float, float]:
+    """(sum, norm) of a gradient: changes under any rescale, sign flip or edit (bitwise-equal tensors agree)."""
+    if g is None:
+        return (float("nan"), float("nan"))
+    return (float(g.sum()), float(torch.linalg.vector_norm(g)))
 
 
 def _in_backward() -> bool:

@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from ._checks import check_samples_independent
 from ._config import LinearizationKind, PerSampleMethod, Reduction, ValPoint, parse_enum
-from ._per_sample import PerSampleGrads, per_sample_map
+from ._per_sample import PerSampleGrads, sample_contributions
 
 # The project's loss convention (as in a training loop): loss_fn(model(inputs), targets) -> scalar,
 # with batches given as (inputs, targets); inputs may be any pytree the model accepts.
@@ -161,6 +161,7 @@ def validation_gradients(
     shift: Mapping[torch.Tensor, torch.Tensor] | None = None,
     params: Iterable[torch.Tensor] | None = None,
     engine: Any = None,
+    losses: list[float] | None = None,
 ) -> list[dict[torch.Tensor, torch.Tensor]]:
     """∇L_val for each of K validation targets, optionally at shifted parameters.
 
@@ -176,6 +177,7 @@ def validation_gradients(
         params: parameters to differentiate; default every parameter with ``requires_grad``.
         engine: a :class:`GhostEngine`; when given, each target runs inside
             ``engine.capture_val()`` so the pairwise and factored paths see it.
+        losses: a list to which each target's validation loss (a float) is appended.
     Returns:
         A list of K dicts parameter -> gradient (zeros for parameters the loss does not use).
     Raises:
@@ -200,6 +202,8 @@ def validation_gradients(
             with ctx, torch.enable_grad():
                 loss = batch_loss(model, loss_fn, batch)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
+            if losses is not None:
+                losses.append(float(loss.detach()))
             out.append({p: torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)})
     return out
 
@@ -280,39 +284,37 @@ def _describe(key: Hashable) -> str:
     return f"parameter of shape {tuple(key.shape)}" if isinstance(key, torch.Tensor) else repr(key)
 
 
-class _LossModule(nn.Module):
-    """Wraps ``loss_fn(model(inputs), targets)`` so that ``functional_call`` can swap the model's parameters."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch):
-        return batch_loss(self.model, self.loss_fn, batch)
-
-
 def per_sample_grads(
     model: nn.Module,
     loss_fn: LossFn,
     batch: Any,
     *,
-    reduction: Reduction | str = "mean",
+    reduction: Reduction | str | None = None,
     params: Iterable[torch.Tensor] | None = None,
     method: PerSampleMethod | str = "auto",
 ) -> PerSampleGrads:
     """Materialized per-sample contributions c_z = ∂L_B/∂θ restricted to sample z (torch.func).
 
-    c_z = ∇ℓ_z / n for a mean-reduced loss, ∇ℓ_z for a sum, where ℓ_z is the loss of the batch
-    holding z alone; computed with ``vmap(grad(functional_call))``, or, for models vmap cannot
-    trace (transformers' attention-mask code), with the same ``grad`` once per sample (see
-    :class:`PerSampleMethod`). Memory is n × #params.
+        c_z = ∂/∂θ ⟨model(x_z), G_z⟩,   G = stopgrad(∂L_B/∂outputs),  L_B = loss_fn(model(inputs), targets):
+
+    sample z's share of the batch gradient through its own outputs with every normaliser of the
+    loss held fixed, one vector-Jacobian product per sample (``vmap`` of ``grad``, or for models
+    vmap cannot trace, such as transformers' attention-mask code, the same computation once per
+    sample; see :class:`PerSampleMethod`). For a mean-reduced loss c_z = ∇ℓ_z / n, for a sum
+    ∇ℓ_z; class weights, label smoothing and token means with ``ignore_index`` keep their batch
+    normaliser fixed (with a token mean, c_z is z's counted tokens' gradient over the batch's
+    token count). Σ_z c_z = g_B, what ``backward()`` leaves in ``param.grad``, for every loss
+    additive over samples; a loss that couples samples is refused. This is the same
+    implementation as the oracle ``validation.per_sample_grads`` (keys differ: parameters here,
+    names there) and the rule the ghost engine computes from hooks. Memory is n × #params.
 
     Args:
-        model: the model; samples must not interact (no BatchNorm in train mode, no dropout).
-        loss_fn: ``loss_fn(model(inputs), targets) -> scalar``, the loss of a batch.
+        model: the model; samples must not interact (no batch-statistics normalisation, no dropout).
+        loss_fn: ``loss_fn(model(inputs), targets) -> scalar``, the loss of a batch, additive over samples.
         batch: ``(inputs, targets)``; every tensor leaf batch-first ``[n, ...]``.
-        reduction: how ``loss_fn`` reduces over the batch, ``"mean"`` or ``"sum"``.
+        reduction: no longer needed, kept for backward compatibility: ``"mean"``/``"sum"`` are
+            accepted and ignored, since the share follows from ``loss_fn``'s own output gradient
+            (a wrong hint can no longer rescale c_z); other values are refused.
         params: the parameters to differentiate; default every parameter with ``requires_grad``.
         method: ``"auto"`` (vmap, else the loop with a :class:`PerSampleFallbackWarning`),
             ``"vmap"`` or ``"loop"``.
@@ -320,9 +322,11 @@ def per_sample_grads(
         :class:`PerSampleGrads`: a dict parameter -> tensor ``[n, *param.shape]`` in the
         parameter's dtype; its ``method`` says which path ran (``vmap`` or ``loop``).
     Raises:
-        SampleInteractionError: the model mixes samples (BatchNorm in train mode).
-        ValueError: bad ``reduction`` or ``method``, leaves with different n, or random ops
-            (dropout) in the model.
+        SampleInteractionError: the model mixes samples (normalisation with batch statistics, or
+            Σ_z c_z ≠ g_B), or ``loss_fn`` uses an output without a batch dimension.
+        LossCouplingError: ``loss_fn`` couples samples (see :func:`check_loss_additive`).
+        ValueError: bad ``reduction`` or ``method``, leaves with different n, a non-scalar loss,
+            or random ops (dropout) in the model.
         RuntimeError: ``method="vmap"`` on a model vmap cannot trace (the message suggests the
             loop), or the model's own error on one sample.
     Example:
@@ -330,8 +334,16 @@ def per_sample_grads(
         >>> c = per_sample_grads(model, nn.functional.mse_loss, (torch.ones(4, 2), torch.zeros(4, 1)))
         >>> c[model.weight].shape
         torch.Size([4, 1, 2])
+        >>> weights = torch.tensor([1.0, 3.0])                       # a weighted mean over samples
+        >>> loss_fn = lambda out, t: (weights * (out - t).pow(2).sum(1)).sum() / weights.sum()
+        >>> x, y = torch.ones(2, 2), torch.zeros(2, 1)
+        >>> c = per_sample_grads(model, loss_fn, (x, y))
+        >>> model.zero_grad(); loss_fn(model(x), y).backward()
+        >>> torch.allclose(c[model.bias].sum(0), model.bias.grad), torch.allclose(c[model.bias][1], 3 * c[model.bias][0])
+        (True, True)
     """
-    reduction = parse_enum(Reduction, reduction, "reduction")
+    if reduction is not None:
+        parse_enum(Reduction, reduction, "reduction")  # still validated: a typo is an error, not ignored
     method = parse_enum(PerSampleMethod, method, "method")
     check_samples_independent(model)
     _check_pair(batch)
@@ -341,34 +353,14 @@ def per_sample_grads(
     ns = {int(x.shape[0]) for x in leaves}
     if len(ns) != 1:
         raise ValueError(f"batch leaves disagree on the batch size (leading dims {sorted(ns)}); every leaf must be batch-first")
-    n = ns.pop()
-    wrapper = _LossModule(model, loss_fn)
     names = {p: name for name, p in model.named_parameters()}
     wanted = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     missing = [tuple(p.shape) for p in wanted if p not in names]
     if missing:
         raise ValueError(f"params contains tensors that are not parameters of the model (shapes {missing})")
-    train = {"model." + names[p]: p.detach() for p in wanted}
-
-    def sample_loss(train_params, sample):
-        one = pytree.tree_map(lambda x: x.unsqueeze(0), sample)
-        return torch.func.functional_call(wrapper, train_params, (one,))
-
-    try:
-        grads, ran, reason = per_sample_map(torch.func.grad(sample_loss), train, (batch,), method=method, stacklevel=2)
-    except RuntimeError as err:
-        if "randomness" in str(err):
-            raise ValueError(
-                "the model uses random operations (e.g. dropout in train mode), so a per-sample "
-                "recomputation cannot reproduce the training pass; put those layers in eval mode or use "
-                "the ghost engine, which reads the real pass"
-            ) from err
-        if method is PerSampleMethod.VMAP:
-            raise RuntimeError(
-                f"torch.func.vmap failed on the per-sample gradients: {err}. If the model has data-dependent "
-                "control flow (e.g. transformers' attention-mask code), use method='loop' (exact, one "
-                "forward and backward per sample) or method='auto'"
-            ) from err
-        raise
-    scale = 1.0 / n if reduction is Reduction.MEAN else 1.0
-    return PerSampleGrads({p: grads["model." + names[p]] * scale for p in wanted}, ran, reason)
+    inputs, targets = batch
+    grads, _ = sample_contributions(
+        model, loss_fn, inputs, targets, {names[p]: p for p in wanted}, method=method, what="the training batch",
+        stacklevel=2,
+    )
+    return PerSampleGrads({p: grads[names[p]] for p in wanted}, grads.method, grads.fallback_reason)

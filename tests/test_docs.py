@@ -62,11 +62,13 @@ DOCTEST_MODULES = [
     "attribution.experiments._report",
     "estimators",
     "estimators._checks",
+    "estimators._completeness",
     "estimators._config",
     "estimators._engine",
     "estimators._factorize",
     "estimators._factors",
     "estimators._ghost",
+    "estimators._isolation",
     "estimators._rules",
     "estimators._rules._base",
     "estimators._rules.conv",
@@ -77,6 +79,7 @@ DOCTEST_MODULES = [
     "validation",
     "validation._fidelity",
     "validation._game",
+    "validation._per_sample",
     "validation._shapley",
 ]
 

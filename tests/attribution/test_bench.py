@@ -30,6 +30,9 @@ def _check(result: dict, modes: tuple[str, ...], steps: int) -> None:
         assert r["steps"] == steps, mode
         assert r["losses_finite"] and math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"]), mode
         assert r["attributed_steps"] == (None if mode == "plain" else steps), mode
+        # The completeness check ran on every tracked step and its time is reported as a share.
+        assert (r["completeness_fraction"] is None) == (mode == "plain"), mode
+        assert mode == "plain" or 0.0 < r["completeness_fraction"] < 1.0, mode
     assert result["modes"]["plain"]["throughput_ratio"] == 1.0
 
 

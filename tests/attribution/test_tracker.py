@@ -212,7 +212,7 @@ def test_step_without_batch_context():
     opt = torch.optim.Adam(model.parameters())
     tracker = InRunShapley(model, opt, LOSS, VAL)
     LOSS(model(X[:4]), Y[:4]).backward()
-    with pytest.raises(TrackerUsageError, match=r"without a `with tracker.batch\(ids\):` context"):
+    with pytest.raises(TrackerUsageError, match=r"no `with tracker.batch\(ids\):` block captured a batch"):
         opt.step()
     tracker.close()
     opt.step()  # a closed tracker no longer intercepts steps
@@ -286,14 +286,21 @@ def test_non_finite_step_is_skipped_with_a_warning():
     pd.testing.assert_frame_equal(tracker.values(), before)
 
 
-def test_non_finite_validation_loss_is_skipped_with_a_warning():
+def test_a_non_finite_validation_batch_is_refused_at_construction():
     model = _model()
     opt = torch.optim.Adam(model.parameters())
     bad_val = (torch.full_like(VAL[0], float("inf")), VAL[1])
-    tracker = InRunShapley(model, opt, LOSS, bad_val)
+    with pytest.raises(ValueError, match="validation loss on validation batch 0 is .*inputs hold NaN/inf"):
+        InRunShapley(model, opt, LOSS, bad_val)
+
+
+def test_a_validation_loss_that_overflows_at_the_validation_point_is_skipped_naming_it():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e300)  # the midpoint θ_t − ½ lr g_B overflows
+    tracker = InRunShapley(model, opt, LOSS, VAL)
     with tracker.batch(range(6)):
         LOSS(model(X[:6]), Y[:6]).backward()
-    with pytest.warns(NonFiniteStepWarning, match="validation loss"):
+    with pytest.warns(NonFiniteStepWarning, match="validation"):
         opt.step()
     assert tracker.steps == 1 and len(tracker.values()) == 0
 

@@ -518,3 +518,48 @@ def test_trainable_parameter_outside_the_optimizer_contributes_nothing(stream):
     assert_close(phi, ref, rtol=1e-12)
     assert_close(torch.tensor(tracker.history()["value"].to_numpy()), ref, rtol=1e-12)
     assert float(ref.abs().max()) > 1e-6
+
+
+# ---------------------------------------------------------------------------------- completeness
+@FUZZ
+@given(case=fuzz_cases(), scale=st.floats(0.01, 10.0), edit=st.floats(0.5, 2.0), which=st.integers(0, 50))
+@example(case=step_one_adam(), scale=0.05, edit=1.0, which=0)
+def test_completeness_identity_values_uniform_rescales_and_refuses_edits(case, scale, edit, which):
+    """Σ_z φ_z = −Σ_p ⟨J(param.grad) ⊙ ∇L_val, param.grad⟩ for any uniform rescale c of the captured
+    gradient, c is recovered exactly, and a non-uniform edit of one parameter's gradient is refused."""
+    from attribution._config import AttributionConfig
+    from attribution._step import StepComputer
+
+    _events(case)
+    model, opt = case.model, case.optimizer
+    computer = StepComputer(model, case.loss_fn, case.val_batches, AttributionConfig("secant", "current", "ghost"))
+    for p in model.parameters():
+        p.grad = None
+    x, y = case.batch
+    with computer.capture():
+        case.loss_fn(model(x), y).backward()
+    stepped = [p for grp in opt.param_groups for p in grp["params"] if p.grad is not None]
+    with torch.no_grad():
+        for p in stepped:
+            p.grad.mul_(scale)
+    phi = computer.step_values(opt)
+    lin = optimizers.linearize(opt)
+    G = E.validation_gradients(model, case.loss_fn, case.val_batches, params=stepped)
+    terms = torch.tensor([[float((lin.secant(p, p.grad) * G[k][p] * p.grad).sum()) for k in range(len(G))] for p in stepped], dtype=DT)
+    expected = -terms.sum(0)
+    mass = float(terms.abs().sum()) + 1e-300
+    assert_close(phi.sum(0), expected, rtol=0, atol=1e-9 * mass, name="Σ_z φ_z vs −⟨P, param.grad⟩")
+    if mass > 1e-200:
+        assert computer.grad_scale == pytest.approx(scale, rel=1e-8) or abs(scale - 1.0) < 1e-9
+    # A non-uniform edit of one parameter is refused when it and some other parameter both carry a
+    # non-negligible share of the step (if only one does, the edit is a uniform rescale of all
+    # that matters, and the values of the edited step are exact).
+    shares = terms.abs().sum(1)
+    target = int(which) % len(stepped)
+    big = shares > 1e-3 * float(shares.sum())
+    if abs(edit - 1.0) > 0.05 and bool(big[target]) and int(big.sum()) >= 2:
+        with torch.no_grad():
+            stepped[target].grad.mul_(edit)
+        with pytest.raises(E.IncompleteGradientError):
+            computer.step_values(opt)
+    computer.reset()
