@@ -26,13 +26,25 @@ COMMANDS = {
 }
 
 
+def build_parser(command: str):
+    """The ``argparse`` parser of ``command`` (imports only that command's module)."""
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}; accepted values: {', '.join(COMMANDS)}")
+    import importlib
+
+    return importlib.import_module(COMMANDS[command]).build_parser()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to the command's own ``main``."""
+    """Dispatch to the command's own ``main``; ``python -m attribution <command> --help`` lists its options."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
-        wrong = f"unknown command {argv[0]!r}. " if argv and argv[0] not in {"-h", "--help"} else ""
-        print(f"{wrong}usage: python -m attribution {{{','.join(COMMANDS)}}} [options]\n\n{__doc__}")
-        return 0 if not wrong else 2
+    usage = f"usage: python -m attribution {{{','.join(COMMANDS)}}} [options]"
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(f"{usage}\n\n{__doc__}\nEach command lists its options and their defaults: python -m attribution <command> --help")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"unknown command {argv[0]!r}; accepted commands: {', '.join(COMMANDS)}\n{usage}", file=sys.stderr)
+        return 2
     import importlib
 
     return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])

@@ -574,12 +574,18 @@ def plots(cells: pd.DataFrame, vals: pd.DataFrame, config: FidelityConfig, out: 
     plt.close(fig)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m attribution fidelity``, each help stating its default."""
+    parser = argparse.ArgumentParser(prog="python -m attribution fidelity", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced grid (MLP, SGD and Adam, two phases, leave-one-out): under a minute (default: off, the full grid)")
+    parser.add_argument("--out", default=None, help="output folder (default: results/fidelity, or results/fidelity-quick with --quick)")
+    return parser
+
+
 def main(argv=None) -> int:
     """Command-line entry point of ``python -m attribution fidelity``."""
-    parser = argparse.ArgumentParser(prog="python -m attribution fidelity", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="reduced grid (MLP, SGD and Adam, two phases, leave-one-out): under a minute")
-    parser.add_argument("--out", default=None, help="output folder (default results/fidelity, or results/fidelity-quick with --quick)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     config = QUICK if args.quick else FidelityConfig()
     out = args.out or ("results/fidelity-quick" if args.quick else "results/fidelity")
     command = "python -m attribution fidelity" + (" --quick" if args.quick else "") + (f" --out {args.out}" if args.out else "")

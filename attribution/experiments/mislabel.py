@@ -140,15 +140,22 @@ def _plot(out: Path, table: pd.DataFrame) -> None:
     plt.close(fig)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m attribution mislabel``, each help stating its default."""
+    defaults = MislabelConfig()
+    parser = argparse.ArgumentParser(prog="python -m attribution mislabel", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch (a smoke run; default: off)")
+    parser.add_argument("--seeds", type=int, default=defaults.seeds, help="training runs, one per seed (default: %(default)s; 1 with --quick)")
+    parser.add_argument("--flip", type=float, default=defaults.flip,
+                        help="fraction of training labels moved to a wrong class, in (0, 1) (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per run (default: %(default)s; 1 with --quick)")
+    parser.add_argument("--out", default="results/mislabel", help="output folder (default: %(default)s)")
+    return parser
+
+
 def main(argv=None) -> int:
     """Command-line entry point of ``python -m attribution mislabel``."""
-    parser = argparse.ArgumentParser(prog="python -m attribution mislabel", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch (a smoke run)")
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--flip", type=float, default=0.1)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--out", default="results/mislabel")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     config = MislabelConfig(seeds=1 if args.quick else args.seeds, flip=args.flip, epochs=1 if args.quick else args.epochs)
     _, summary = run(config, args.out)
     print(summary.to_string())

@@ -572,34 +572,50 @@ def _plot(out: Path, config: PruneConfig, table: pd.DataFrame) -> None:
     plt.close(fig)
 
 
+def _default_of(field: str) -> str:
+    """``"default: ..."`` for a :class:`PruneConfig` field: per ``--config`` preset, and with ``--quick``."""
+    if field not in PRESETS[SETUPS[0]]:
+        value = next(f.default for f in dataclasses.fields(PruneConfig) if f.name == field)
+        return f"default: {','.join(f'{v:g}' for v in value) if isinstance(value, tuple) else value}"
+    text = "default: " + ", ".join(f"{s} {PRESETS[s][field]:g}" for s in SETUPS)
+    if any(field in QUICK[s] for s in SETUPS):
+        text += "; with --quick: " + ", ".join(f"{s} {QUICK[s].get(field, PRESETS[s][field]):g}" for s in SETUPS)
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m attribution prune``, each help stating its default (per ``--config``)."""
+    parser = argparse.ArgumentParser(prog="python -m attribution prune", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny splits, few epochs and seeds (a smoke run; default: off)")
+    parser.add_argument("--config", choices=SETUPS, default="fast",
+                        help="fast: frozen encoder features + head; full: fine-tune MiniLM end to end (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="output folder (default: results/prune, or results/prune_full with --config full)")
+    parser.add_argument("--seeds", type=int, help=f"retraining seeds per ranking and fraction ({_default_of('seeds')})")
+    parser.add_argument("--fractions", type=lambda s: tuple(float(p) for p in s.split(",")),
+                        help=f"comma-separated removal fractions in [0, 1) ({_default_of('fractions')})")
+    parser.add_argument("--train-size", type=int, help=f"training sentences ({_default_of('train_size')})")
+    parser.add_argument("--val-size", type=int, help=f"validation sentences, the valuation target ({_default_of('val_size')})")
+    parser.add_argument("--test-size", type=int, help=f"test sentences ({_default_of('test_size')})")
+    parser.add_argument("--epochs", type=int, help=f"epochs of the tracked run and of every retrain ({_default_of('epochs')})")
+    parser.add_argument("--batch-size", type=int, help=f"sentences per step ({_default_of('batch_size')})")
+    parser.add_argument("--lr", type=float, help=f"Adam learning rate ({_default_of('lr')})")
+    parser.add_argument("--hidden", type=int, help=f"hidden width of the head, 0 = linear ({_default_of('hidden')})")
+    parser.add_argument("--max-length", type=int, help=f"tokens per sentence, longer ones cut ({_default_of('max_length')})")
+    parser.add_argument("--noise", type=float, help=f"fraction of training labels to flip ({_default_of('noise')})")
+    parser.add_argument("--split-seed", type=int, help=f"seed of the splits and of the flipped labels ({_default_of('split_seed')})")
+    parser.add_argument("--value-seed", type=int, help=f"seed of the tracked training run ({_default_of('value_seed')})")
+    parser.add_argument("--per-class", action="store_true", default=None,
+                        help="remove the fraction within each class (class-balanced pruning; default: off, overall)")
+    parser.add_argument("--no-cache", dest="cache", action="store_false", default=None,
+                        help="do not keep the encoder features in the output folder (default: off, features are kept)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default: %(default)s; tiny steps run slower with more on a shared machine)")
+    return parser
+
+
 def main(argv=None) -> int:
     """Command-line entry point of ``python -m attribution prune``."""
-    parser = argparse.ArgumentParser(prog="python -m attribution prune", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny splits, few epochs and seeds (a smoke run)")
-    parser.add_argument("--config", choices=SETUPS, default="fast",
-                        help="fast: frozen encoder features + head; full: fine-tune MiniLM end to end")
-    parser.add_argument("--out", default=None, help="output folder (default results/prune or results/prune_full)")
-    parser.add_argument("--seeds", type=int, help="retraining seeds (default 5 fast, 3 full)")
-    parser.add_argument("--fractions", type=lambda s: tuple(float(p) for p in s.split(",")),
-                        help="comma-separated removal fractions (default 0,0.1,0.2,0.3,0.5)")
-    parser.add_argument("--train-size", type=int)
-    parser.add_argument("--val-size", type=int)
-    parser.add_argument("--test-size", type=int)
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--hidden", type=int, help="hidden width of the head (0 = linear)")
-    parser.add_argument("--max-length", type=int)
-    parser.add_argument("--noise", type=float, help="fraction of training labels to flip (default 0)")
-    parser.add_argument("--split-seed", type=int)
-    parser.add_argument("--value-seed", type=int)
-    parser.add_argument("--per-class", action="store_true", default=None,
-                        help="remove the fraction within each class (class-balanced pruning)")
-    parser.add_argument("--no-cache", dest="cache", action="store_false", default=None,
-                        help="do not keep the encoder features in the output folder")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: tiny steps run slower with more on a shared machine)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in vars(args).items() if k not in {"quick", "config", "out", "threads"}}
     config = PruneConfig.preset(args.config, quick=args.quick, **overrides)

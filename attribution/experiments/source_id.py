@@ -344,22 +344,29 @@ def _plot(out: Path, summary: pd.DataFrame, n_docs: int) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    """Command-line entry point of ``python -m attribution source-id``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m attribution source-id``, each help stating its default."""
     defaults = SourceIdConfig()
     parser = argparse.ArgumentParser(prog="python -m attribution source-id", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, 16 documents, 4 events (a smoke run)")
-    parser.add_argument("--seeds", type=int, default=defaults.seeds)
-    parser.add_argument("--docs", type=int, default=defaults.docs, help="training chapters (Matthew/Acts alternating, then Genesis)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--context", type=int, default=defaults.context, help="tokens per training chunk")
-    parser.add_argument("--query-tokens", type=int, default=defaults.query_tokens)
-    parser.add_argument("--max-events", type=int, default=defaults.max_events, help="queries per kind (0 = every event)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is robust on a shared machine)")
-    parser.add_argument("--out", default="results/source_id")
-    args = parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true",
+                        help="1 seed, 1 epoch, 16 documents, 4 events, overriding those options (a smoke run; default: off)")
+    parser.add_argument("--seeds", type=int, default=defaults.seeds, help="training runs, one per seed (default: %(default)s)")
+    parser.add_argument("--docs", type=int, default=defaults.docs,
+                        help="training chapters (Matthew/Acts alternating, then Genesis) (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per run (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training chunks per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (default: %(default)s)")
+    parser.add_argument("--context", type=int, default=defaults.context, help="tokens per training chunk (default: %(default)s)")
+    parser.add_argument("--query-tokens", type=int, default=defaults.query_tokens, help="word tokens taken from the start of each query passage (default: %(default)s)")
+    parser.add_argument("--max-events", type=int, default=defaults.max_events, help="queries per kind, 0 = every event (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 is robust on a shared machine (default: %(default)s)")
+    parser.add_argument("--out", default="results/source_id", help="output folder (default: %(default)s)")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Command-line entry point of ``python -m attribution source-id``."""
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     quick = {"seeds": 1, "epochs": 1, "docs": 16, "max_events": 4} if args.quick else {}
     config = SourceIdConfig(**{
