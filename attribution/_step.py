@@ -104,6 +104,7 @@ class StepComputer:
         estimators.check_samples_independent(self.model)
         if self.engine.refresh():  # a layer was unfrozen or added: it is captured from this step on
             self.engine.dtype = compute_dtype(self.model)
+        self.engine.mark_boundary()  # each batch context is a micro-batch of its own
         with self.engine.capture_train():
             yield
 

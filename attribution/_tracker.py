@@ -606,12 +606,19 @@ def _grad_mark(p: torch.Tensor) -> tuple[int, int]:
 
 
 def _all_finite(grads: list[torch.Tensor]) -> bool:
-    """Whether every gradient is finite, with one fused reduction (the max-norm: no overflow of finite values)."""
-    grads = [g for g in grads if g is not None]
-    if not grads:
+    """Whether every gradient is finite.
+
+    A finite 2-norm proves a tensor finite, and ``torch._foreach_norm`` (the kernel
+    ``clip_grad_norm_`` uses) takes all of them in one fused call; only a tensor whose norm
+    overflowed (huge but finite entries, as under a large GradScaler scale) is checked entry by entry.
+    """
+    dense = [g.to_dense() if g.is_sparse else g for g in grads if g is not None]
+    if not dense:
         return True
-    dense = [g.to_dense() if g.is_sparse else g for g in grads]
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(dense, norm_type=float("inf"), error_if_nonfinite=False)))
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    norms = foreach_norm(dense) if foreach_norm is not None else [torch.linalg.vector_norm(g) for g in dense]
+    finite = torch.isfinite(torch.stack([n.reshape(()).to(torch.float32) for n in norms])).tolist()
+    return all(ok or bool(torch.isfinite(g).all()) for ok, g in zip(finite, dense))
 
 
 def _unwrap_distributed(model: nn.Module) -> tuple[nn.Module, int]:

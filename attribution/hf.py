@@ -3,32 +3,37 @@
 Usage::
 
     callback = InRunShapleyCallback(val_batch={"input_ids": ..., "attention_mask": ..., "labels": ...})
-    trainer = Trainer(model, args, train_dataset=ds, callbacks=[callback])   # ds rows carry "sample_id"
+    trainer = Trainer(model, args, train_dataset=with_ids(ds), callbacks=[callback])
     trainer.train()
     callback.values()            # pandas DataFrame indexed by sample_id
 
 Requirements and behaviour:
 
-* Every training row carries its dataset id under ``id_key`` (default ``"sample_id"``) and
-  ``TrainingArguments(remove_unused_columns=False)`` keeps it in the batch. A forward pre-hook
-  removes the id from the model's keyword arguments, so the model never sees it.
+* Every training row carries its dataset id under ``id_key`` (default ``"sample_id"``):
+  :func:`with_ids` adds the row's index to a dataset that has none. With a ``datasets.Dataset``,
+  ``TrainingArguments(remove_unused_columns=False)`` keeps the column in the batch. A forward
+  pre-hook removes the id from the model's keyword arguments, so the model never sees it.
+* The model is tracked itself: the ``Trainer`` calls it directly, each micro-batch of gradient
+  accumulation is one ``tracker.batch`` block, and BERT/GPT-2's default ``[1, T]`` position ids
+  are expanded to the batch inside the capture (no ``position_ids`` column needed). The
+  validation pass calls it with the validation dict as keyword arguments (:class:`KwargsModel`).
 * The loss is the model's own ``outputs.loss`` (the validation batch includes ``labels``).
-* Gradient clipping: Trainer clips before the optimizer callbacks, after the last micro-batch,
-  where the tracker could not see the unclipped gradient. The callback therefore performs the
-  same ``clip_grad_norm_(max_grad_norm)`` itself in ``on_pre_optimizer_step`` and sets
-  ``args.max_grad_norm`` to 0 for the duration of training (restored at the end).
-* ``fp16`` loss scaling is refused (the scaled gradient is not the gradient the update uses).
-* BERT-style models need no extra columns: the ghost engine expands the default ``[1, T]``
-  position ids (an ``nn.Embedding`` lookup broadcast over the batch) to one row per sample, so
-  the position embedding gets per-sample values. Padded positions (``attention_mask == 0``)
-  contribute nothing. Any other layer applied once to a batch-1 input and broadcast over the
-  batch is refused (``GhostEngineError: ... disagree on the batch size``); give such an input
-  a batch axis. See ``docs/reliability.md``.
+* Gradient clipping (``max_grad_norm``, on by default) and loss scaling are the Trainer's own:
+  the tracker's completeness check measures the uniform rescale they apply and values the step
+  as taken; ``TrainingArguments`` are never modified.
+* Checkpoints: the tracker's ledger is saved as ``inrun_shapley.pt`` in every checkpoint folder
+  the Trainer writes, and ``trainer.train(resume_from_checkpoint=...)`` continues from the file
+  of the checkpoint it resumes (found as ``<output_dir>/checkpoint-<global_step>``, or given
+  with ``resume_from``), so the totals equal an uninterrupted run.
+* Any layer applied once to a batch-1 input and broadcast over the batch other than an
+  ``nn.Embedding`` lookup is refused (``GhostEngineError: ... disagree on the batch size``); see
+  ``docs/reliability.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 
 import torch
@@ -98,6 +103,44 @@ def model_loss(outputs, targets=None) -> torch.Tensor:
     return outputs.loss
 
 
+LEDGER_FILE = "inrun_shapley.pt"
+
+
+class IndexedRows(torch.utils.data.Dataset):
+    """A map-style dataset of dict rows with each row's index added under ``id_key`` (see :func:`with_ids`)."""
+
+    def __init__(self, dataset, id_key: str = "sample_id"):
+        self.dataset, self.id_key = dataset, id_key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.dataset[i]
+        if not isinstance(row, Mapping):
+            raise TypeError(f"with_ids needs dict rows, but row {i} is a {type(row).__name__}")
+        if self.id_key in row:
+            raise KeyError(f"row {i} already has a {self.id_key!r} column; use it directly (no with_ids)")
+        return {**row, self.id_key: int(i)}
+
+
+def with_ids(dataset, id_key: str = "sample_id") -> IndexedRows:
+    """``dataset`` with each row's index added under ``id_key``, the ids the callback reads.
+
+    Args:
+        dataset: any dataset with ``len`` and integer indexing whose rows are dicts.
+        id_key: the key to add (the callback's ``id_key``).
+    Raises:
+        KeyError: a row already has ``id_key``.
+        TypeError: a row is not a dict.
+    Example:
+        >>> rows = with_ids([{"x": 1.0}, {"x": 2.0}])
+        >>> len(rows), rows[1]
+        (2, {'x': 2.0, 'sample_id': 1})
+    """
+    return IndexedRows(dataset, id_key)
+
+
 class InRunShapleyCallback(TrainerCallback):
     """A ``TrainerCallback`` that runs :class:`~attribution.InRunShapley` inside ``Trainer.train()``.
 
@@ -107,11 +150,13 @@ class InRunShapleyCallback(TrainerCallback):
 
     Args:
         val_batch: a dict of model inputs including ``labels``, or a list of such dicts (K targets).
-        id_key: the batch key holding each row's dataset id.
+        id_key: the batch key holding each row's dataset id (see :func:`with_ids`).
         linearization, val_point, estimator, record_steps: as for :class:`InRunShapley`.
+        resume_from: a saved ledger to continue (default: the one in the checkpoint the Trainer
+            resumes from).
     Raises:
         ValueError: a validation batch is not a dict with ``labels``.
-        TrackerUsageError: during training, for ``fp16`` or batches without ``id_key``.
+        TrackerUsageError: during training, for batches without ``id_key``.
 
     Example (a tiny model through a real ``Trainer``; needs ``accelerate`` as Trainer does):
         >>> import tempfile, transformers
@@ -146,7 +191,7 @@ class InRunShapleyCallback(TrainerCallback):
     """
 
     def __init__(self, val_batch, *, id_key: str = "sample_id", linearization="secant", val_point="midpoint",
-                 estimator="ghost", record_steps: bool = False):
+                 estimator="ghost", record_steps: bool = False, resume_from: str | None = None):
         batches = val_batch if isinstance(val_batch, list) else [val_batch]
         for k, b in enumerate(batches):
             if not isinstance(b, Mapping) or "labels" not in b:
@@ -158,29 +203,51 @@ class InRunShapleyCallback(TrainerCallback):
         self._open: contextlib.ExitStack | None = None
         self._hook = None
         self._captured = False
-        self._max_grad_norm = 0.0
-        self._args = None
+        self._resume_from = resume_from
         self._model = None
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """Trainer event: build the tracker on the real torch optimizer and take over clipping.
+        """Trainer event: build the tracker on the real torch optimizer (continuing a checkpoint's values on resume).
 
         Raises:
-            TrackerUsageError: ``args.fp16`` (loss scaling) is set.
+            FileNotFoundError: training resumes at a step > 0 but no saved ledger was found.
         """
-        if getattr(args, "fp16", False):
-            raise TrackerUsageError(
-                "InRunShapleyCallback does not support fp16 loss scaling (the scaled gradient is not the one the "
-                "update uses); train in float32 or bf16"
-            )
+        self.close()  # a previous train() that crashed left its hook and tracker behind
         inner = optimizer
         while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
             inner = inner.optimizer  # accelerate wraps the torch optimizer (the wrapper is an Optimizer too)
-        self._args, self._model = args, model
-        self._max_grad_norm, args.max_grad_norm = args.max_grad_norm, 0.0
-        self.tracker = InRunShapley(KwargsModel(model), inner, model_loss, self._val, **self._options)
+        self._model = model
+        wrapped = KwargsModel(model)
+        resume = self._checkpoint_file(args, state)
+        if resume is not None:
+            self.tracker = InRunShapley.load(resume, wrapped, inner, model_loss, self._val)
+        else:
+            self.tracker = InRunShapley(wrapped, inner, model_loss, self._val, **self._options)
         self._hook = model.register_forward_pre_hook(self._enter_batch, with_kwargs=True)
+
+    def _checkpoint_file(self, args, state) -> str | None:
+        """The ledger to continue: ``resume_from``, or the one saved with checkpoint ``global_step``."""
+        if self._resume_from is not None:
+            return self._resume_from
+        if not state.global_step:
+            return None
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", LEDGER_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"training resumes at step {state.global_step} but {path!r} does not exist, so the values of the first "
+                f"{state.global_step} steps would be lost. Pass InRunShapleyCallback(..., resume_from=<the {LEDGER_FILE} "
+                "saved with that checkpoint>), or start from step 0"
+            )
+        return path
+
+    def on_save(self, args, state, control, **kwargs):
+        """Trainer event: save the tracker's ledger into the checkpoint folder the Trainer just wrote."""
+        if self.tracker is None:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            self.tracker.save(os.path.join(folder, LEDGER_FILE))
 
     def _enter_batch(self, module, args, kwargs):
         if self.id_key not in kwargs:
@@ -199,7 +266,7 @@ class InRunShapleyCallback(TrainerCallback):
             stack.close()
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        """Trainer event: close the last micro-batch, clip as Trainer would, let the tracker value the step.
+        """Trainer event: close the last micro-batch; the tracker values the step in ``optimizer.step()``.
 
         Raises:
             TrackerUsageError: the step's batches carried no ``id_key`` column.
@@ -207,21 +274,22 @@ class InRunShapleyCallback(TrainerCallback):
         self._exit_batch()
         if not self._captured:
             raise TrackerUsageError(
-                f"the training batches of this step had no {self.id_key!r} column: add one id per row to the "
-                "dataset and pass TrainingArguments(remove_unused_columns=False)"
+                f"the training batches of this step had no {self.id_key!r} column: wrap the dataset in "
+                "attribution.hf.with_ids(dataset) (one id per row: its index), or add one id per row yourself; with a "
+                "datasets.Dataset also pass TrainingArguments(remove_unused_columns=False)"
             )
         self._captured = False
-        if self._max_grad_norm and self._max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self._model.parameters(), self._max_grad_norm)
 
     def on_train_end(self, args, state, control, **kwargs):
-        """Trainer event: remove the hook, restore ``args.max_grad_norm`` and close the tracker."""
+        """Trainer event: remove the hook and close the tracker (it keeps its values)."""
+        self.close()
+
+    def close(self) -> None:
+        """Remove the forward pre-hook and close the tracker; safe to call twice (also after a crash)."""
         self._exit_batch()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self._args is not None:
-            self._args.max_grad_norm = self._max_grad_norm
         if self.tracker is not None:
             self.tracker.close()
 

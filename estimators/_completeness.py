@@ -17,6 +17,7 @@ layer rules do not see), and the step cannot be valued.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -31,10 +32,12 @@ class IncompleteGradientError(RuntimeError):
         >>> check.add_grad("w", 0, P, torch.tensor([3.0, 3.0], dtype=torch.float64))      # ⟨P, grad⟩ = 6
         >>> check.add_samples("b", 0, torch.tensor([1.0, 0.0], dtype=torch.float64))
         >>> check.add_grad("b", 0, P, torch.tensor([0.5, 0.5], dtype=torch.float64))      # ratio 1, not 3
+        >>> check.add_samples("v", 0, torch.tensor([1.0, 0.0], dtype=torch.float64))
+        >>> check.add_grad("v", 0, P, torch.tensor([0.5, 0.5], dtype=torch.float64))      # ratio 1
         >>> check.grad_scale()
         Traceback (most recent call last):
         ...
-        estimators._completeness.IncompleteGradientError: the gradient of parameter 'b' ...
+        estimators._completeness.IncompleteGradientError: the gradient of parameter 'w' ...
     """
 
 
@@ -44,8 +47,14 @@ class IncompleteGradientError(RuntimeError):
 #: largest term). Measured errors on the bench models are far below these (docs/reliability.md).
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 8e-3, torch.bfloat16: 4e-2}
 
+
 def tolerance(dtype: torch.dtype) -> float:
-    """The identity's relative tolerance in ``dtype``."""
+    """The identity's relative tolerance in ``dtype``.
+
+    Example:
+        >>> tolerance(torch.float64), tolerance(torch.bfloat16)
+        (1e-09, 0.04)
+    """
     return _TOLERANCE.get(dtype, 1e-4)
 
 
@@ -66,11 +75,17 @@ class _Entry:
     captured: float = 0.0  # Σ_z ⟨P, c_z⟩
     spread: float = 0.0  # Σ_z |⟨P, c_z⟩|
     used: float = 0.0  # ⟨P, param.grad⟩
-    rounding: float = 0.0  # Σ |P ⊙ param.grad|
-    #: ‖P‖ · Σ_z ‖c_z‖ (an upper bound of every product the two sides sum), filled in only for
-    #: entries the cheap scales cannot clear: sums that cancel across samples or positions.
+    #: Σ |P ⊙ param.grad|, computed only for an entry the cheap scales cannot clear.
+    rounding: float = 0.0
+    #: ‖P‖ · Σ_z ‖c_z‖ (an upper bound of every product the two sides sum), likewise only on demand:
+    #: sums that cancel across samples or positions.
     magnitude: float = 0.0
     has_grad: bool = False
+    # Pending tensors, reduced together in one pass by _settle (no per-entry synchronisation).
+    samples: list = dataclasses.field(default_factory=list)
+    dots: list = dataclasses.field(default_factory=list)
+    operands: list = dataclasses.field(default_factory=list)  # (P, grad) for the rounding scale
+    roundings: list = dataclasses.field(default_factory=list)  # Σ|P ⊙ grad| already taken (0-d tensors)
 
 
 class CompletenessCheck:
@@ -78,6 +93,8 @@ class CompletenessCheck:
 
     Use :meth:`add_samples` with each block of per-sample contractions ⟨P, c_z⟩ ``[n]`` and
     :meth:`add_grad` once with P and the gradient the optimizer uses; then :meth:`grad_scale`.
+    Sums are kept as tensors and reduced once, in :meth:`grad_scale`; ``P`` and the gradient are
+    referenced (not copied) until then, to compute the rounding scale of an entry that needs it.
 
     Example (a uniform rescale by 0.5, e.g. ``clip_grad_norm_``):
         >>> check = CompletenessCheck()
@@ -95,7 +112,7 @@ class CompletenessCheck:
 
     def _entry(self, name: str, k: int, dtype: torch.dtype) -> _Entry:
         entry = self.entries.setdefault((name, k), _Entry())
-        entry.tolerance = max(entry.tolerance, _TOLERANCE.get(dtype, 1e-4))
+        entry.tolerance = max(entry.tolerance, tolerance(dtype))
         return entry
 
     def add_samples(self, name: str, k: int, contractions: torch.Tensor, *, captured_dtype: torch.dtype | None = None) -> None:
@@ -106,38 +123,100 @@ class CompletenessCheck:
         """
         entry = self._entry(name, k, contractions.dtype)
         if captured_dtype is not None:
-            entry.tolerance = max(entry.tolerance, _TOLERANCE.get(captured_dtype, 1e-4))
-        c = contractions.detach().double()
-        entry.captured += float(c.sum())
-        entry.spread += float(c.abs().sum())
+            entry.tolerance = max(entry.tolerance, tolerance(captured_dtype))
+        entry.samples.append(contractions.detach())
 
-    def add_grad(self, name: str, k: int, P: torch.Tensor, grad: torch.Tensor) -> None:
-        """Record ⟨P, grad⟩ for ``name`` and target ``k`` (``P`` and ``grad`` of the parameter's shape)."""
+    def add_grad(
+        self, name: str, k: int, P: torch.Tensor, grad: torch.Tensor, *, keep: bool = True, grad_norm: torch.Tensor | None = None
+    ) -> None:
+        """Record ⟨P, grad⟩ for ``name`` and target ``k`` (``P`` and ``grad`` of the parameter's shape).
+
+        ``keep=False`` takes the rounding scale now instead of keeping references to ``P`` and
+        ``grad`` (the streamed contraction frees P right after), as the Cauchy–Schwarz bound
+        ‖P‖ ‖grad‖ ≥ Σ|P ⊙ grad| (two reductions, no temporary; ``grad_norm`` if already known).
+        """
         entry = self._entry(name, k, grad.dtype)
-        entry.tolerance = max(entry.tolerance, _TOLERANCE.get(P.dtype, 1e-4))
+        entry.tolerance = max(entry.tolerance, tolerance(P.dtype))
         if grad.is_sparse:
             grad = grad.to_dense()
-        prod = P.reshape(-1) * grad.reshape(-1).to(P.dtype)
-        entry.used += float(prod.sum(dtype=torch.float64))
-        entry.rounding += float(torch.linalg.vector_norm(prod, 1, dtype=torch.float64))
+        p, g = P.reshape(-1), grad.reshape(-1)
+        if g.dtype != p.dtype:
+            g = g.to(p.dtype)
+        entry.dots.append(torch.dot(p, g))
+        if keep:
+            entry.operands.append((p, g))
+        else:
+            norm_g = torch.linalg.vector_norm(g) if grad_norm is None else grad_norm
+            entry.roundings.append(torch.linalg.vector_norm(p) * norm_g)
         entry.has_grad = True
+
+    def _settle(self) -> None:
+        """Reduce every pending tensor in a few batched operations and one transfer to Python."""
+        pending = [(key, e) for key, e in self.entries.items() if e.samples or e.dots or e.roundings]
+        if not pending:
+            return
+        # Every pending [n] block and 0-d sum goes into one vector; segment sums give each
+        # entry's Σ_z ⟨P, c_z⟩, Σ_z |⟨P, c_z⟩|, ⟨P, grad⟩ and rounding with a handful of operations.
+        blocks, seg, scalars, which = [], [], [], []
+        for i, (_, e) in enumerate(pending):
+            for s in e.samples:
+                blocks.append(s.reshape(-1))
+                seg.append(torch.full((s.numel(),), i, dtype=torch.long, device=s.device))
+            scalars += [d.reshape(()) for d in e.dots] + [r.reshape(()) for r in e.roundings]
+            which += [2 * i] * len(e.dots) + [2 * i + 1] * len(e.roundings)
+        m = len(pending)
+        out = torch.zeros(4 * m, dtype=torch.float64)
+        if blocks:
+            v = torch.cat([b.to(torch.float64).cpu() for b in blocks])
+            idx = torch.cat(seg).cpu()
+            out[:m].index_add_(0, idx, v)
+            out[m : 2 * m].index_add_(0, idx, v.abs())
+        if scalars:
+            out[2 * m :].index_add_(0, torch.tensor(which), torch.stack([s.to(torch.float64).cpu() for s in scalars]))
+        values = out.tolist()
+        for i, (_, e) in enumerate(pending):
+            e.captured += values[i]
+            e.spread += values[m + i]
+            e.used += values[2 * m + 2 * i]
+            e.rounding += values[2 * m + 2 * i + 1]
+            e.samples, e.dots, e.roundings = [], [], []
+
+    def _rounding(self, e: _Entry) -> None:
+        for p, g in e.operands:
+            e.rounding += float(torch.linalg.vector_norm(p * g, 1, dtype=torch.float64))
+        e.operands = []
 
     def _bound(self, e: _Entry, c: float, floor: float = 0.0) -> float:
         return e.tolerance * (e.rounding + abs(e.used) + abs(c) * (e.spread + e.magnitude) + floor) + 1e-300
 
     def excess(self, name: str, k: int, c: float = 1.0) -> float:
-        """|⟨P, grad⟩ − c Σ_z ⟨P, c_z⟩| over its tolerance for one entry (> 1: the identity fails there)."""
-        e = self.entries[(name, k)]
-        return abs(e.used - c * e.captured) / self._bound(e, c)
+        """|⟨P, grad⟩ − c Σ_z ⟨P, c_z⟩| over its tolerance for one entry (> 1: the identity fails there).
 
-    def reduce(self, all_reduce, world_size: int) -> None:
+        The rounding scale Σ|P ⊙ grad| is computed only when the cheap scales do not clear the entry.
+        """
+        self._settle()
+        e = self.entries[(name, k)]
+        ratio = abs(e.used - c * e.captured) / self._bound(e, c)
+        if ratio > 1.0 and e.operands:
+            self._rounding(e)
+            ratio = abs(e.used - c * e.captured) / self._bound(e, c)
+        return ratio
+
+    def release(self, name: str, k: int) -> None:
+        """Drop the references to P and the gradient kept for entry ``(name, k)``."""
+        self.entries[(name, k)].operands = []
+
+    def reduce(self, all_reduce: Callable[[torch.Tensor], torch.Tensor], world_size: int) -> None:
         """Sum the captured sides over the processes of a data-parallel run (param.grad is their average).
 
         ``all_reduce(t)`` sums a float64 tensor over ranks; afterwards the identity reads
         ⟨P, grad⟩ = c · (1/W) Σ_ranks Σ_z ⟨P, c_z⟩. Every rank holds the same numbers, so every
         rank accepts or refuses the step alike.
         """
+        self._settle()
         keys = sorted(self.entries)
+        for e in self.entries.values():
+            self._rounding(e)  # before the collective decision: the same inputs on every rank
         local = torch.tensor([[self.entries[key].captured, self.entries[key].spread] for key in keys], dtype=torch.float64).reshape(-1, 2)
         total = all_reduce(local) / world_size
         for key, (captured, spread) in zip(keys, total.tolist()):
@@ -157,6 +236,7 @@ class CompletenessCheck:
             IncompleteGradientError: the ratios differ beyond rounding; the message names the
                 parameter that disagrees most, both sides of the identity and the likely causes.
         """
+        self._settle()
         entries = [(key, e) for key, e in self.entries.items() if e.has_grad or e.spread > 0]
         if fixed is not None:
             c = float(fixed)
@@ -171,18 +251,23 @@ class CompletenessCheck:
         # (an attention key bias, which softmax ignores) must not be judged against its own noise.
         floor: dict[int, float] = {}
         for (_, k), e in entries:
-            floor[k] = max(floor.get(k, 0.0), e.rounding + abs(e.used) + abs(c) * e.spread)
+            floor[k] = max(floor.get(k, 0.0), abs(e.used) + abs(c) * e.spread)
         for k, level in (noise_floor or {}).items():
             if k in floor:
                 floor[k] = max(floor[k], level)
         worst, excess = None, 1.0
         for key, e in entries:
             ratio = abs(e.used - c * e.captured) / self._bound(e, c, floor[key[1]])
+            if ratio > 1.0 and e.operands:
+                self._rounding(e)
+                ratio = abs(e.used - c * e.captured) / self._bound(e, c, floor[key[1]])
             if ratio > 1.0 and magnitude is not None and e.magnitude == 0.0:
                 e.magnitude = float(magnitude(*key))
                 ratio = abs(e.used - c * e.captured) / self._bound(e, c, floor[key[1]])
             if ratio > excess:
                 worst, excess = (key, e), ratio
+        for e in self.entries.values():
+            e.operands = []  # release the references to P and the gradients
         if worst is not None:
             (name, k), e = worst
             own = e.used / e.captured if e.captured != 0 else float("inf")

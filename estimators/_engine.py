@@ -18,6 +18,7 @@ which the ``pairwise`` and ``factored`` paths need (each captured model call = o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -66,6 +67,8 @@ class _Call:
 
     #: The output gradient arrived in a backward with ``create_graph=True`` (double backward).
     create_graph: bool = False
+    #: ``(device_type, dtype)`` of the autocast the forward ran under (the fallback recomputes in it).
+    autocast: tuple[str, torch.dtype] | None = None
 
     def add_grad(self, g: torch.Tensor) -> None:
         # Autograd enables grad mode inside hooks exactly when the backward builds a graph
@@ -91,9 +94,16 @@ class _Call:
 
 @dataclasses.dataclass
 class _Pass:
-    """The calls recorded during one call of the root model (one micro-batch, or one target)."""
+    """The calls recorded during one call of the model (one micro-batch, or one target).
+
+    A pass starts at a call of the root model, at the first top-level call after
+    :meth:`GhostEngine.mark_boundary`, or when a top-level module of the current pass is called
+    again. Top-level calls of submodules (a ``Trainer`` calling the model a wrapper holds, a
+    ``LightningModule`` calling its encoder and decoder) join the current pass otherwise.
+    """
 
     calls: list[_Call] = dataclasses.field(default_factory=list)
+    top: set = dataclasses.field(default_factory=set)
 
     @property
     def has_grad(self) -> bool:
@@ -249,6 +259,8 @@ class GhostEngine:
         self._stack: list[nn.Module] = []
         self._mode: _ParamUseMode | None = None
         self._stream: _Stream | None = None
+        self._boundary = False
+        self._call_batch: int | None = None
         #: parameter name -> path ("dense", "pairwise", "factored", "materialized", "fallback"),
         #: set by values().
         self.paths_taken: dict[str, str] = {}
@@ -503,16 +515,17 @@ class GhostEngine:
                     s.out[:, k] -= v
                     t0 = time.perf_counter()
                     s.check.add_samples(name, k, v, captured_dtype=_coarsest_dtype(raw))
-                    s.check.add_grad(name, k, P, p.grad)
-                    if s.check.excess(name, k) > 1.0:  # cancelling sums: judge against the magnitudes
-                        s.check.entries[(name, k)].magnitude = float(torch.linalg.vector_norm(P, dtype=torch.float64)) * sum(
-                            _term_magnitude(t) for t in terms
-                        )
+                    # P is freed with this layer: its rounding scale is taken now (no synchronisation;
+                    # the check runs in values()).
+                    if p not in s.fingerprints:
+                        s.fingerprints[p] = _fingerprint(p.grad)
+                    s.check.add_grad(name, k, P, p.grad, keep=False, grad_norm=s.fingerprints[p][1])
                     self.check_seconds += time.perf_counter() - t0
                 self.paths_taken[name] = "factored" if factored else "dense"
-                t0 = time.perf_counter()
-                s.fingerprints[p] = _fingerprint(p.grad)
-                self.check_seconds += time.perf_counter() - t0
+                if p not in s.fingerprints:
+                    t0 = time.perf_counter()
+                    s.fingerprints[p] = _fingerprint(p.grad)
+                    self.check_seconds += time.perf_counter() - t0
             for c in calls:
                 tracked = self._tracked[c.module]
                 if all(q in s.done for q in tracked.covered.values()):
@@ -529,13 +542,13 @@ class GhostEngine:
         self._stack.clear()
         try:
             for module in self._module_names:
-                self._handles.append(module.register_forward_pre_hook(self._push))
+                self._handles.append(module.register_forward_pre_hook(self._push, with_kwargs=True, prepend=True))
                 self._handles.append(module.register_forward_hook(self._pop, always_call=True))
                 if module in self._tracked:
                     # prepend: record the module's own output, before forward hooks of the user replace it
                     # (the output gradient of the module is then the one its parameters' gradient uses).
                     self._handles.append(module.register_forward_hook(self._record, with_kwargs=True, prepend=True))
-            self._handles.extend(_broadcast_index_hooks(self.model, self._tracked))
+            self._handles.extend(_broadcast_index_hooks(self, self._tracked))
             if kind == "train" and self._stream is not None:
                 for p in self._streamable():
                     self._handles.append(p.register_post_accumulate_grad_hook(self._contract_in_backward))
@@ -558,12 +571,23 @@ class GhostEngine:
     def _passes(self) -> list[_Pass]:
         return self._train if self._active == "train" else self._val
 
-    def _push(self, module, args):
-        if module is self.model and not self._stack:
+    def mark_boundary(self) -> None:
+        """The next top-level model call starts a new pass (a new micro-batch: ``tracker.batch`` calls it)."""
+        self._boundary = True
+
+    def _push(self, module, args, kwargs):
+        if not self._stack:
             passes = self._passes()
-            if not passes or passes[-1].calls:
-                passes.append(_Pass())
+            current = passes[-1] if passes else None
+            if current is None or (current.calls and (module is self.model or module in current.top or self._boundary)):
+                current = _Pass()
+                passes.append(current)
+            current.top.add(module)
+            self._boundary = False
+            # The batch size of this top-level call, for batch-1 embedding lookups inside it.
+            self._call_batch = _leading_batch(args, kwargs)
         self._stack.append(module)
+        return None
 
     def _pop(self, module, args, output):
         if self._stack and self._stack[-1] is module:
@@ -593,6 +617,9 @@ class GhostEngine:
                 "a 2-D input [n, bag_size] (one bag per sample, padded with padding_idx) without offsets"
             )
         call = _Call(module, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs))
+        device = output.device.type
+        if torch.is_autocast_enabled(device):
+            call.autocast = (device, torch.get_autocast_dtype(device))
         tracked = self._tracked[module]
         if tracked.rule is not None and not tracked.uncovered and all(p.dim() <= 1 for p in tracked.covered.values()):
             call.eager = tracked.rule
@@ -788,6 +815,9 @@ class GhostEngine:
         if stream is not None:
             if stream.error is not None:
                 raise GhostEngineError(stream.error)
+            t0 = time.perf_counter()
+            changed = _changed_since(stream.fingerprints)
+            self.check_seconds += time.perf_counter() - t0
             for p, g in stream.done.items():
                 if p.grad is not g:
                     raise GhostEngineError(
@@ -795,7 +825,7 @@ class GhostEngine:
                         "contraction evaluated J at the gradient of the backward pass. Edit gradients in place before "
                         "the backward ends, or contract after the step (InRunShapley(stream=False))"
                     )
-                if p in stream.fingerprints and _fingerprint(p.grad) != stream.fingerprints[p]:
+                if p in changed:
                     raise IncompleteGradientError(
                         f"the gradient of parameter {self._names[p]!r} changed after the backward pass (gradient clipping "
                         "that clips, GradScaler.unscale_, manual edits); the streamed contraction evaluated J at the "
@@ -1146,11 +1176,21 @@ def _coarsest_dtype(terms: list[Term]) -> torch.dtype:
     return min(dtypes, key=lambda d: torch.finfo(d).bits - (0.5 if d is torch.bfloat16 else 0), default=torch.float64)
 
 
-def _fingerprint(g: torch.Tensor | None) -> tuple[float, float]:
-    """(sum, norm) of a gradient: changes under any rescale, sign flip or edit (bitwise-equal tensors agree)."""
-    if g is None:
-        return (float("nan"), float("nan"))
-    return (float(g.sum()), float(torch.linalg.vector_norm(g)))
+def _fingerprint(g: torch.Tensor) -> torch.Tensor:
+    """(sum, norm) of a gradient, ``[2]``: changes under any rescale, sign flip or edit (bitwise-equal tensors agree)."""
+    g = g.detach()
+    return torch.stack([g.sum(), torch.linalg.vector_norm(g)])
+
+
+def _changed_since(fingerprints: Mapping[torch.Tensor, torch.Tensor]) -> set[torch.Tensor]:
+    """Parameters whose ``.grad`` no longer has the fingerprint taken in the backward hook (one comparison for all)."""
+    params = [p for p in fingerprints if p.grad is not None]
+    if not params:
+        return set()
+    then = torch.stack([fingerprints[p] for p in params])
+    now = torch.stack([_fingerprint(p.grad) for p in params])
+    same = (then == now).all(1).tolist()
+    return {p for p, ok in zip(params, same) if not ok}
 
 
 def _in_backward() -> bool:
@@ -1181,38 +1221,37 @@ def _precondition(J: torch.Tensor | float, g: torch.Tensor, shape: torch.Size) -
     return J * g
 
 
-def _broadcast_index_hooks(model: nn.Module, tracked: Mapping[nn.Module, _Tracked]) -> list[Any]:
+def _leading_batch(args, kwargs) -> int | None:
+    """The one leading dimension > 1 that the tensor arguments of a call agree on, else ``None``."""
+    from torch.utils import _pytree
+
+    sizes = {int(t.shape[0]) for t in _pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0}
+    sizes.discard(1)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _broadcast_index_hooks(engine: GhostEngine, tracked: Mapping[nn.Module, _Tracked]) -> list[Any]:
     """Forward pre-hooks giving batch-1 embedding lookups (BERT's default ``[1, T]`` position ids) a batch axis.
 
     A lookup of indices ``[1, T]`` whose output ``[1, T, d]`` is broadcast over the batch
     downstream has no per-sample output gradient (autograd sums it over the batch). Since
     ``embedding(ids.expand(n, T)) == embedding(ids).expand(n, T, d)`` and the downstream
     broadcast gives the same result for either, the indices are expanded to the batch size n of
-    the root model's call; the rule then sees one row per sample. Only trainable
-    ``nn.Embedding`` weights covered by their rule, only a leading dimension of 1 with at least
-    2 dims, and only when the root call's tensor inputs agree on one batch size n > 1; every
-    other batch-size mismatch is still refused (``GhostEngine`` values: "disagree on the batch size").
+    the top-level model call (the root model, or the submodule a ``Trainer`` calls); the rule
+    then sees one row per sample. Only trainable ``nn.Embedding`` weights covered by their rule,
+    only a leading dimension of 1 with at least 2 dims, and only when the call's tensor inputs
+    agree on one batch size n > 1; every other batch-size mismatch is still refused
+    (``GhostEngine`` values: "disagree on the batch size").
     """
-    from torch.utils import _pytree
-
     embeddings = [m for m, t in tracked.items() if isinstance(m, nn.Embedding) and "weight" in t.covered]
-    if not embeddings:
-        return []
-    batch: list[int | None] = [None]  # the batch size of the root model's current call
-
-    def note_batch(module, args, kwargs):
-        sizes = {int(t.shape[0]) for t in _pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0}
-        sizes.discard(1)
-        batch[0] = sizes.pop() if len(sizes) == 1 else None
 
     def expand_index(module, args):
-        n, x = batch[0], args[0] if args else None
+        n, x = engine._call_batch, args[0] if args else None
         if n is None or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != 1:
             return None
         return (x.expand(n, *x.shape[1:]), *args[1:])
 
-    handles = [model.register_forward_pre_hook(note_batch, with_kwargs=True, prepend=True)]
-    return handles + [m.register_forward_pre_hook(expand_index) for m in embeddings]
+    return [m.register_forward_pre_hook(expand_index) for m in embeddings]
 
 
 def _fallback_grads(call: _Call, tracked: _Tracked, n: int) -> dict[str, torch.Tensor]:
@@ -1234,10 +1273,13 @@ def _fallback_grads(call: _Call, tracked: _Tracked, n: int) -> dict[str, torch.T
         return (out * go.unsqueeze(0)).sum()
 
     in_dims = (None, 0, *([0] * sum(batched)))
+    # Recompute under the autocast the training forward ran in (bf16 matmuls see bf16 operands).
+    autocast = torch.autocast(*call.autocast) if call.autocast is not None else contextlib.nullcontext()
     try:
-        return torch.func.vmap(torch.func.grad(contribution), in_dims=in_dims, randomness="error")(
-            train, call.grad, *[a for a, b in zip(call.args, batched) if b]
-        )
+        with autocast:
+            return torch.func.vmap(torch.func.grad(contribution), in_dims=in_dims, randomness="error")(
+                train, call.grad, *[a for a, b in zip(call.args, batched) if b]
+            )
     except RuntimeError as err:
         if "randomness" in str(err):
             raise GhostEngineError(

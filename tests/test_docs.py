@@ -59,6 +59,7 @@ DOCTEST_MODULES = [
     "attribution._step",
     "attribution._tracker",
     "attribution.hf",
+    "attribution.lightning",
     "attribution.experiments._report",
     "estimators",
     "estimators._checks",

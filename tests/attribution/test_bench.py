@@ -33,6 +33,7 @@ def _check(result: dict, modes: tuple[str, ...], steps: int) -> None:
         # The completeness check ran on every tracked step and its time is reported as a share.
         assert (r["completeness_fraction"] is None) == (mode == "plain"), mode
         assert mode == "plain" or 0.0 < r["completeness_fraction"] < 1.0, mode
+        assert r["round_ratio_spread"] == bench.round_ratio_spread(r["round_ratios"]) >= 0.0, mode
     assert result["modes"]["plain"]["throughput_ratio"] == 1.0
 
 
@@ -116,3 +117,81 @@ def test_both_contraction_orders_give_the_same_values(monkeypatch, path, tied):
     ref = out["gram", "val_grads"]
     for key, phi in out.items():
         torch.testing.assert_close(phi, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()), msg=str(key))
+
+
+# ---------------------------------------------------------------------- noise in the printed table
+def _mode(throughput_ratio, round_ratios, memory_ratio=1.0, completeness=0.02, spread=True):
+    r = {"samples_per_s": 100.0 * throughput_ratio, "throughput_ratio": throughput_ratio, "peak_mb": None if memory_ratio is None else 100.0 * memory_ratio,
+         "memory_ratio": memory_ratio, "round_ratios": round_ratios, "completeness_fraction": completeness}
+    if spread:
+        r["round_ratio_spread"] = bench.round_ratio_spread(round_ratios)
+    return r
+
+
+def _synthetic() -> dict:
+    """A result dict as ``bench.run`` returns it, with made-up timings (no timing in tests)."""
+    return {"modes": {
+        "plain": _mode(1.0, [1.0, 1.0, 1.0], completeness=None),
+        "ghost-factored": _mode(0.75, [0.625, 0.75, 0.875]),  # spread ±0.125: noise
+        "ghost": _mode(0.80, [0.78, 0.80, 0.83], memory_ratio=1.2),  # steady: judged, memory NOT met
+        "materialized": _mode(0.50, [0.49, 0.50, 0.52], memory_ratio=None),
+        "ghost-streamed": _mode(1.08, [1.07, 1.08, 1.09]),  # faster than plain: noise, small spread
+    }}
+
+
+def _row(table: str, mode: str) -> dict[str, str]:
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]
+    header, rows = lines[0], {cells[0]: cells for cells in lines[2:]}
+    return dict(zip(header, rows[mode]))
+
+
+def test_round_ratio_spread_is_the_largest_distance_from_the_median():
+    assert bench.round_ratio_spread([0.625, 0.75, 0.875]) == 0.125
+    assert bench.round_ratio_spread([0.5, 0.75, 0.75, 1.25]) == 0.5  # median 0.75
+    assert bench.round_ratio_spread([0.7]) == 0.0
+    with pytest.raises(ValueError, match="round_ratios is empty: the run timed no round"):
+        bench.round_ratio_spread([])
+
+
+def test_a_noisy_mode_is_labelled_noise_instead_of_met_or_not_met():
+    table = bench.format_table(_synthetic())
+    noisy = _row(table, "ghost-factored")
+    assert noisy["target"] == "noise (spread ±0.12)", table
+    steady = _row(table, "ghost")
+    assert steady["target"] == "≥ 0.75 met; ≤ 1.1 NOT met", table
+    faster = _row(table, "ghost-streamed")
+    assert faster["target"] == "noise (spread ±0.01, ratio 1.090 > 1.05)", table
+    assert _row(table, "materialized")["target"] == "" and _row(table, "plain")["target"] == ""
+    # The lead's completeness column is kept.
+    assert steady["completeness check"] == "2.00 %" and _row(table, "plain")["completeness check"] == "–"
+
+
+def test_noise_warnings_name_the_mode_and_the_spread():
+    warnings = bench.noise_warnings(_synthetic())
+    assert len(warnings) == 2, warnings
+    spread, faster = warnings
+    assert spread.startswith("warning: ghost-factored: per-round throughput ratios [0.625, 0.750, 0.875] spread ±0.12 around their median 0.750 (more than ±0.1)")
+    assert faster.startswith("warning: ghost-streamed: throughput ratio 1.090 is above 1.05, faster than plain training")
+    assert all("its targets are not judged" in w for w in warnings)
+
+
+def test_the_spread_of_an_older_json_without_it_is_computed_from_the_rounds():
+    result = _synthetic()
+    for r in result["modes"].values():
+        del r["round_ratio_spread"]
+    assert _row(bench.format_table(result), "ghost-factored")["target"] == "noise (spread ±0.12)"
+    assert bench.noise_of("ghost", result["modes"]["ghost"]) is None
+
+
+def test_a_steady_run_prints_no_warning(tmp_path, capsys, monkeypatch):
+    """The command prints the warnings on stderr only when a mode is noise (run() replaced: no timing)."""
+    result = _synthetic()
+    result.update(model={"kind": "mlp"}, device="cpu", machine={"cpu": "x", "nproc": 2, "threads": 1, "torch": "t"})
+    monkeypatch.setattr(bench, "run", lambda cfg, memory=True: result)
+    assert cli(["bench", "--model", "mlp", "--device", "cpu", "--json", str(tmp_path / "b.json")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: ghost-factored:" in err and "warning: ghost-streamed:" in err and "warning: ghost:" not in err
+    for mode in ("ghost-factored", "ghost-streamed"):
+        result["modes"][mode] = _mode(0.7, [0.7, 0.71, 0.69])
+    assert cli(["bench", "--model", "mlp", "--device", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err
