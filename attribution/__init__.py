@@ -1,7 +1,8 @@
 """What researchers import: per-step values and the in-run tracker.
 
 * :func:`step_values` -- values of one batch's samples for the step the optimizer is about to take;
-* :class:`InRunShapley` -- accumulates values by dataset id inside an unchanged training loop.
+* :class:`InRunShapley` -- accumulates values by dataset id inside an unchanged training loop;
+* :func:`check_model` -- every problem a model, optimizer, loss and validation batch would hit, up front.
 
 Both compute φ_z = −⟨J ⊙ ∇L_val(θ*), c_z⟩ (see docs/theory.md). With the secant J and the
 materialized estimator the values of a step sum to −⟨∇L_val, Δ(g_B) − Δ(0)⟩ exactly:
@@ -33,14 +34,19 @@ Example:
 from ._config import AttributionConfig, EstimatorKind
 from ._ledger import LedgerFileError
 from ._step import step_values
-from ._tracker import InRunShapley, NonFiniteStepWarning, TrackerUsageError
+from ._check import ModelReport, check_model
+from ._tracker import FallbackWarning, InRunShapley, NonFiniteStepWarning, SkippedStepWarning, TrackerUsageError
 
 __all__ = [
     "AttributionConfig",
     "EstimatorKind",
+    "FallbackWarning",
     "InRunShapley",
     "LedgerFileError",
+    "ModelReport",
     "NonFiniteStepWarning",
+    "SkippedStepWarning",
     "TrackerUsageError",
+    "check_model",
     "step_values",
 ]

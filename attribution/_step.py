@@ -58,7 +58,15 @@ class StepComputer:
     """Owns the capture engine for one model and turns captured batches into one step's values."""
 
     def __init__(
-        self, model: nn.Module, loss_fn: Callable, val_batches: list[tuple], config: AttributionConfig, *, val_train_mode: bool = False
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        val_batches: list[tuple],
+        config: AttributionConfig,
+        *,
+        val_train_mode: bool = False,
+        strict: bool = False,
+        modules=None,
     ):
         _refuse_compiled(model)
         self.model = model
@@ -67,7 +75,9 @@ class StepComputer:
         self.config = config
         #: Validation passes run with the model in train mode (default: eval mode, a deterministic loss).
         self.val_train_mode = bool(val_train_mode)
-        self.engine = estimators.GhostEngine(model, path=_PATH_OF[config.estimator], dtype=compute_dtype(model))
+        self.engine = estimators.GhostEngine(
+            model, path=_PATH_OF[config.estimator], dtype=compute_dtype(model), strict=strict, modules=modules
+        )
         #: c of the last step: param.grad = c · Σ_z c_z (clipping, loss-scale unscaling), 1.0 otherwise.
         self.grad_scale = 1.0
         #: Under DDP (set by the tracker): sums a float64 tensor over ranks, and the world size.
@@ -161,7 +171,8 @@ class StepComputer:
         """
         self.nonfinite_cause = None
         stepped = {p for group in optimizer.param_groups for p in group["params"]}
-        grads = {p: p.grad for p in stepped if p.grad is not None}
+        attributed = self.engine._names  # every trainable parameter, or those of the attributed modules
+        grads = {p: p.grad for p in stepped if p.grad is not None and (p in attributed or self.engine.modules is None)}
         if self._stream_slope is not None:
             # Parameters the backward hooks did not contract (fallback, materialized path, unused).
             streamed = self.engine.streamed_params
@@ -180,6 +191,8 @@ class StepComputer:
         )
         # A trainable parameter the optimizer does not step (or that got no gradient) does not move: J = 0.
         slopes.update({p: 0.0 for p in self.params() if p not in slopes})
+        if self.engine.modules is not None:  # partial values: only the attributed modules' parameters
+            slopes = {p: (j if p in attributed else 0.0) for p, j in slopes.items()}
         self.engine.clear_val()  # a repeated call on one capture takes the validation passes anew
         with self.engine.capture_val() if self._val_capture_used(slopes) else contextlib.nullcontext():
             val_grads = self.validation_gradients(params, shift)

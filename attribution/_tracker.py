@@ -83,6 +83,14 @@ class InRunShapley:
         val_mode: ``"eval"`` (default): validation passes run with every module in eval mode
             (dropout off, running statistics), the loss users measure; ``"train"`` keeps the
             modules' own modes (the RNG is restored after each pass either way).
+        strict: refuse parameters of layers no ghost rule covers (``UncoveredParameterError``)
+            instead of the per-module ``torch.func`` fallback (which warns once, with a
+            :class:`FallbackWarning`, naming the modules).
+        modules: qualified module names (``model.named_modules()``) whose parameters are
+            attributed, each with its subtree; the values are then the *partial* values
+            −Σ_{p in modules} ⟨J ⊙ ∇L_val, c_z⟩ (other parameters still move and still set the
+            validation point; they get no hooks, so tracking is cheaper). ``None``: every
+            trainable parameter.
 
     Gradient accumulation: several ``batch`` contexts before one ``step()`` are one step; their
     samples are valued together. ``optimizer.step(closure)`` is supported when the closure
@@ -119,6 +127,8 @@ class InRunShapley:
         record_steps: bool = False,
         stream: bool = False,
         val_mode: str = "eval",
+        strict: bool = False,
+        modules=None,
     ):
         self.config = AttributionConfig(linearization, val_point, estimator)
         self.stream = bool(stream)
@@ -143,7 +153,10 @@ class InRunShapley:
                 "stream=True is not available under DistributedDataParallel: the gradient is averaged over ranks "
                 "after the layer hooks run, so J cannot be evaluated there; use stream=False"
             )
-        self._computer = StepComputer(module, loss_fn, self.val_batches, self.config, val_train_mode=val_mode == "train")
+        self._computer = StepComputer(
+            module, loss_fn, self.val_batches, self.config, val_train_mode=val_mode == "train", strict=strict, modules=modules
+        )
+        _warn_fallback(self._computer.engine)
         if self._world_size > 1:
             self._computer.all_reduce, self._computer.world_size = _ddp_all_reduce(model), self._world_size
         _check_val_batches_fit(self._computer)
@@ -402,6 +415,17 @@ class InRunShapley:
         self._ledger.skip(reason)
 
     @property
+    def paths_taken(self) -> dict[str, str]:
+        """Parameter name -> how its last step was contracted: ``"dense"``, ``"pairwise"``,
+        ``"factored"``, ``"materialized"`` or ``"fallback"`` (the torch.func per-module path)."""
+        return dict(self._computer.engine.paths_taken)
+
+    @property
+    def fallback_modules(self) -> list[str]:
+        """Modules whose parameters use the torch.func fallback (no ghost rule covers them)."""
+        return self._computer.engine.fallback_modules
+
+    @property
     def last_grad_scale(self) -> float:
         """c of the last valued step: param.grad = c · Σ_z c_z (the clip factor, 1/loss scale; 1.0 if untouched)."""
         return self._computer.grad_scale
@@ -563,6 +587,25 @@ class InRunShapley:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class FallbackWarning(UserWarning):
+    """Some parameters have no ghost rule and use the slower per-module torch.func fallback (exact)."""
+
+
+def _warn_fallback(engine) -> None:
+    modules = engine.fallback_modules
+    if modules:
+        shown = ", ".join(repr(m) for m in modules[:5]) + (f" and {len(modules) - 5} more" if len(modules) > 5 else "")
+        kinds = sorted({type(m).__name__ for m, t in engine._tracked.items() if t.uncovered})
+        warnings.warn(
+            f"{len(modules)} module(s) ({shown}; types {', '.join(kinds)}) have no ghost rule: their per-sample "
+            "contributions are exact but computed by torch.func, one vmapped forward and backward of the module per "
+            "step and memory of n copies of their parameters. Register a LayerRule for these types "
+            "(docs/extending.md), or pass strict=True to refuse them",
+            FallbackWarning,
+            stacklevel=3,
+        )
 
 
 def _ddp_all_reduce(model) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -209,6 +209,9 @@ class GhostEngine:
         dtype: computation dtype; default the parameters' own dtype (which must then agree).
         layer_paths: per-module or per-parameter override of ``path``, by qualified name.
         factorization: rank-one method of the factored path (see :class:`Factorization`).
+        modules: qualified names of the modules whose parameters are attributed (each with its
+            subtree); ``None`` attributes every trainable parameter. Parameters outside get no
+            hooks and no value: the values are then the partial values of those modules.
     Raises:
         SampleInteractionError: BatchNorm in train mode, or a layer that mixes samples.
         UncoveredParameterError: ``strict=True`` and a parameter has no rule.
@@ -233,6 +236,7 @@ class GhostEngine:
         dtype: torch.dtype | None = None,
         layer_paths: Mapping[str, GhostPath | str] | None = None,
         factorization: Factorization | str = "geometric",
+        modules: Sequence[str] | None = None,
     ):
         check_samples_independent(model)
         self.model = model
@@ -243,6 +247,15 @@ class GhostEngine:
             raise ValueError(f"dtype={dtype!r} is not a floating torch.dtype; pass e.g. torch.float64, or None for the parameters' dtype")
         self.dtype = dtype
         self._signature: tuple = ()
+        self.modules = None if modules is None else tuple(modules)
+        if self.modules is not None:
+            names = {n for n, _ in model.named_modules()}
+            unknown = [m for m in self.modules if m not in names]
+            if unknown or not self.modules:
+                raise ValueError(
+                    f"modules={list(self.modules)!r}: {unknown or 'empty'} names no module of the model; use names from "
+                    "model.named_modules() (e.g. 'encoder.layer.0'), each module's subtree is attributed"
+                )
         self._scan()
         self.layer_paths: dict[str, GhostPath] = {}
         for key, value in (layer_paths or {}).items():
@@ -279,11 +292,14 @@ class GhostEngine:
         """Map trainable parameters to their modules and rules (at construction and after the model changed)."""
         model = self.model
         check_samples_independent(model)
-        self._names: dict[torch.Tensor, str] = {p: n for n, p in model.named_parameters() if p.requires_grad}
+        inside = self._in_attributed
+        self._names: dict[torch.Tensor, str] = {p: n for n, p in model.named_parameters() if p.requires_grad and inside(n.rpartition(".")[0])}
         self._module_names = {m: n for n, m in model.named_modules()}
         tracked: dict[nn.Module, _Tracked] = {}
         owners: dict[torch.Tensor, set[nn.Module]] = {}
         for mname, module in model.named_modules():
+            if not inside(mname):
+                continue
             own = {a: p for a, p in module.named_parameters(recurse=False) if p.requires_grad}
             if not own:
                 continue
@@ -305,6 +321,12 @@ class GhostEngine:
                 owners.setdefault(p, set()).add(module)
         self._tracked, self._owners = tracked, owners
         self._signature = self._model_signature()
+
+    def _in_attributed(self, module_name: str) -> bool:
+        """Whether a module (by qualified name) is inside one of the attributed ``modules`` (all without it)."""
+        if self.modules is None:
+            return True
+        return any(module_name == m or module_name.startswith(m + ".") or m == "" for m in self.modules)
 
     def refresh(self) -> bool:
         """Re-scan the model if a parameter was (un)frozen or a module added since the last scan.
