@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -69,6 +70,18 @@ class _Call:
     create_graph: bool = False
     #: ``(device_type, dtype)`` of the autocast the forward ran under (the fallback recomputes in it).
     autocast: tuple[str, torch.dtype] | None = None
+    #: For a module returning several tensors (fallback only): leaf index -> (batch axis, output gradient).
+    leaf_grads: dict[int, tuple[int, torch.Tensor]] | None = None
+
+    def add_leaf_grad(self, i: int, axis: int, g: torch.Tensor) -> None:
+        """Hook of output leaf ``i`` (batch axis ``axis``) of a multi-output module."""
+        self.create_graph = self.create_graph or torch.is_grad_enabled()
+        g = g.detach()
+        old = self.leaf_grads.get(i)
+        self.leaf_grads[i] = (axis, g if old is None else old[1] + g)
+        n = g.shape[axis]
+        # A stride-0 stand-in [n]: the batch size and "a gradient arrived" for the pass bookkeeping.
+        self.grad = g.new_zeros(()).expand(n)
 
     def add_grad(self, g: torch.Tensor) -> None:
         # Autograd enables grad mode inside hooks exactly when the backward builds a graph
@@ -297,10 +310,14 @@ class GhostEngine:
         self._module_names = {m: n for n, m in model.named_modules()}
         tracked: dict[nn.Module, _Tracked] = {}
         owners: dict[torch.Tensor, set[nn.Module]] = {}
+        composites: list[str] = []  # modules whose forward uses their children's parameters directly
         for mname, module in model.named_modules():
-            if not inside(mname):
+            if not inside(mname) or any(mname.startswith(c + ".") for c in composites):
                 continue
-            own = {a: p for a, p in module.named_parameters(recurse=False) if p.requires_grad}
+            composite = isinstance(module, _COMPOSITE)
+            if composite:
+                composites.append(mname)
+            own = {a: p for a, p in module.named_parameters(recurse=composite) if p.requires_grad}
             if not own:
                 continue
             _refuse_reparametrized(mname, module)
@@ -624,12 +641,10 @@ class GhostEngine:
                 "checkpointing recomputes layers); the ghost engine needs each layer to run once per pass, "
                 "disable checkpointing inside the capture"
             )
+        tracked = self._tracked[module]
         if not isinstance(output, torch.Tensor):
-            raise GhostEngineError(
-                f"module {self._tracked[module].name!r} ({type(module).__name__}) returned "
-                f"{type(output).__name__}, but the ghost engine needs a single tensor output to read its "
-                "output gradient; wrap the parameters in a module returning one tensor"
-            )
+            self._record_leaves(module, tracked, args, kwargs, output)
+            return
         if not output.requires_grad:
             return
         if isinstance(module, nn.EmbeddingBag) and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 1:
@@ -642,7 +657,6 @@ class GhostEngine:
         device = output.device.type
         if torch.is_autocast_enabled(device):
             call.autocast = (device, torch.get_autocast_dtype(device))
-        tracked = self._tracked[module]
         if tracked.rule is not None and not tracked.uncovered and all(p.dim() <= 1 for p in tracked.covered.values()):
             call.eager = tracked.rule
         passes = self._passes()
@@ -650,6 +664,56 @@ class GhostEngine:
             passes.append(_Pass())
         passes[-1].calls.append(call)
         output.register_hook(call.add_grad)
+
+    def _record_leaves(self, module, tracked: _Tracked, args, kwargs, output) -> None:
+        """Record a module that returns several tensors (``nn.MultiheadAttention``, ``nn.LSTM``/``nn.GRU``).
+
+        Only the torch.func fallback can use it: the rules read one output gradient. Each tensor
+        leaf of the output gets its own gradient hook; the fallback contracts all of them.
+        """
+        from torch.nn.utils.rnn import PackedSequence
+        from torch.utils import _pytree
+
+        name, tname = tracked.name, type(module).__name__
+        if tracked.covered:
+            raise GhostEngineError(
+                f"module {name!r} ({tname}) returned {type(output).__name__}, but its layer rule needs a single tensor "
+                "output to read its output gradient; wrap the parameters in a module returning one tensor"
+            )
+        if any(isinstance(a, PackedSequence) for a in (*args, *kwargs.values())) or isinstance(output, PackedSequence):
+            raise GhostEngineError(
+                f"module {name!r} ({tname}) was called with a PackedSequence; the per-sample recomputation needs padded "
+                "batch-first tensors [n, T, d]. Pass the padded batch (and mask the padded positions in the loss)"
+            )
+        rnn = isinstance(module, nn.RNNBase)
+        if rnn and (len(args) > 1 and args[1] is not None or kwargs.get("hx") is not None):
+            raise GhostEngineError(
+                f"module {name!r} ({tname}) was given an initial state hx; its batch axis is not the first, so the "
+                "per-sample recomputation cannot split it. Start from the default zero state (call it with the input only)"
+            )
+        leaves = _pytree.tree_leaves(output)
+        grads = [(i, t) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not grads:
+            return
+        call = _Call(module, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs))
+        call.leaf_grads = {}
+        device = grads[0][1].device.type
+        if torch.is_autocast_enabled(device):
+            call.autocast = (device, torch.get_autocast_dtype(device))
+        # The batch size of the call: its batch-first tensor input; RNN hidden states have it on axis 1.
+        n = next((a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+        for i, t in grads:
+            axis = 1 if rnn and i > 0 else 0
+            if n is None or t.dim() <= axis or t.shape[axis] != n:
+                raise GhostEngineError(
+                    f"output {i} of module {name!r} ({tname}) has shape {tuple(t.shape)}, with no batch axis of size {n} "
+                    f"where one is expected (axis {axis}); the per-sample recomputation cannot split it"
+                )
+            t.register_hook(functools.partial(call.add_leaf_grad, i, axis))
+        passes = self._passes()
+        if not passes:
+            passes.append(_Pass())
+        passes[-1].calls.append(call)
 
     def _check_use(self, param: torch.Tensor) -> None:
         current = self._stack[-1] if self._stack else None
@@ -1198,6 +1262,14 @@ def _coarsest_dtype(terms: list[Term]) -> torch.dtype:
     return min(dtypes, key=lambda d: torch.finfo(d).bits - (0.5 if d is torch.bfloat16 else 0), default=torch.float64)
 
 
+#: Modules whose forward uses their children's parameters directly (``out_proj.weight`` inside
+#: ``F.multi_head_attention_forward``): they own their whole subtree's parameters.
+_COMPOSITE: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+#: Keyword arguments shared by every sample even when their first axis happens to equal n.
+_SHARED_KWARGS = frozenset({"attn_mask", "is_causal", "need_weights", "average_attn_weights"})
+
+
 def _fingerprint(g: torch.Tensor) -> torch.Tensor:
     """(sum, norm) of a gradient, ``[2]``: changes under any rescale, sign flip or edit (bitwise-equal tensors agree)."""
     g = g.detach()
@@ -1287,20 +1359,43 @@ def _fallback_grads(call: _Call, tracked: _Tracked, n: int) -> dict[str, torch.T
     fixed.update(dict(module.named_buffers()))
     train = {a: p.detach() for a, p in tracked.uncovered.items()}
     batched = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n for a in call.args]
+    # Keyword tensors with the batch first (a key_padding_mask [n, S]) are split per sample too;
+    # an attention mask [T, S] is shared by every sample.
+    kw_batched = {
+        k: isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n and k not in _SHARED_KWARGS for k, v in call.kwargs.items()
+    }
+    if isinstance(module, nn.MultiheadAttention) and isinstance(call.kwargs.get("attn_mask"), torch.Tensor) and call.kwargs["attn_mask"].dim() == 3:
+        raise GhostEngineError(
+            f"module {tracked.name!r} (MultiheadAttention) got a 3-D attn_mask (one per sample and head); the "
+            "per-sample recomputation needs a shared [T, S] mask, or key_padding_mask [n, S] for per-sample padding"
+        )
+    kw_names = [k for k, b in kw_batched.items() if b]
+    leaf = call.leaf_grads
+    from torch.utils import _pytree
 
     def contribution(train_params, go, *bargs):
         it = iter(bargs)
         args = tuple(next(it).unsqueeze(0) if b else a for a, b in zip(call.args, batched))
-        out = torch.func.functional_call(module, {**fixed, **train_params}, args, call.kwargs)
-        return (out * go.unsqueeze(0)).sum()
+        kwargs = {**call.kwargs, **{k: next(it).unsqueeze(0) for k in kw_names}}
+        out = torch.func.functional_call(module, {**fixed, **train_params}, args, kwargs)
+        if leaf is None:
+            return (out * go.unsqueeze(0)).sum()
+        leaves = _pytree.tree_leaves(out)
+        return sum((leaves[i] * g.unsqueeze(leaf[i][0])).sum() for i, g in zip(sorted(leaf), go))
 
-    in_dims = (None, 0, *([0] * sum(batched)))
+    if leaf is None:
+        go, go_dims = call.grad, 0
+    else:
+        go = [leaf[i][1] for i in sorted(leaf)]
+        go_dims = [leaf[i][0] for i in sorted(leaf)]
+    extra = [call.kwargs[k] for k in kw_names]
+    in_dims = (None, go_dims, *([0] * (sum(batched) + len(extra))))
     # Recompute under the autocast the training forward ran in (bf16 matmuls see bf16 operands).
     autocast = torch.autocast(*call.autocast) if call.autocast is not None else contextlib.nullcontext()
     try:
         with autocast:
             return torch.func.vmap(torch.func.grad(contribution), in_dims=in_dims, randomness="error")(
-                train, call.grad, *[a for a, b in zip(call.args, batched) if b]
+                train, go, *[a for a, b in zip(call.args, batched) if b], *extra
             )
     except RuntimeError as err:
         if "randomness" in str(err):
@@ -1309,4 +1404,14 @@ def _fallback_grads(call: _Call, tracked: _Tracked, n: int) -> dict[str, torch.T
                 "(e.g. dropout in train mode) and cannot be reproduced per sample; register a rule for "
                 f"{type(module).__name__} or put its random layers in eval mode"
             ) from err
-        raise
+        if not isinstance(module, nn.RNNBase):
+            raise
+    # vmap has no batching rule for the fused RNN kernels: the same gradient, one sample at a time.
+    grad_fn = torch.func.grad(contribution)
+    inputs = [a for a, b in zip(call.args, batched) if b] + extra
+    rows = []
+    with autocast:
+        for z in range(n):
+            go_z = go[z] if leaf is None else [g.select(axis, z) for g, axis in zip(go, go_dims)]
+            rows.append(grad_fn(train, go_z, *[a[z] for a in inputs]))
+    return {a: torch.stack([r[a] for r in rows]) for a in train}

@@ -214,11 +214,28 @@ def test_fallback_refuses_random_layers_and_tuple_outputs():
         def forward(self, x):
             return x * self.w, x
 
+    # A module returning several tensors is valued by the fallback (each output's gradient contracted);
+    # with a layer rule, which reads one output gradient, it is refused.
     model = Pair()
     engine = E.GhostEngine(model)
-    with pytest.raises(E.GhostEngineError, match="'<root>'|returned tuple"):
-        with engine.capture_train():
-            model(x)
+    with engine.capture_train():
+        a, b = model(x)
+        (a.pow(2).sum(1) + b.sum(1)).sum().backward()
+    phi = engine.values(-0.1, [{model.w: torch.ones(3, dtype=DT)}])[:, 0]
+    assert torch.allclose(phi, 0.1 * (2 * (x * model.w) * x).detach().sum(1))
+
+    class LinearPair(nn.Linear):
+        def forward(self, x):
+            return super().forward(x), x
+
+    E._rules._base._REGISTRY[LinearPair] = E._rules._base._REGISTRY[nn.Linear]
+    try:
+        engine = E.GhostEngine(LinearPair(3, 2, dtype=DT))
+        with pytest.raises(E.GhostEngineError, match="its layer rule needs a single tensor output"):
+            with engine.capture_train():
+                engine.model(x)
+    finally:
+        del E._rules._base._REGISTRY[LinearPair]
 
 
 def test_inconsistent_batch_axes_and_missing_batch_axis():
