@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import validation
-from attribution import step_values
+from attribution import InRunShapley, step_values
 
 LOSS = nn.functional.cross_entropy
 
@@ -66,3 +66,35 @@ def test_autocast_bf16_training_matches_float32_attribution():
     phi = step_values(Autocast(model), opt, LOSS, batch, val)
     assert phi.dtype == torch.float64
     assert validation.fidelity(phi, exact)["pearson"] > 0.99
+
+
+def test_a_fallback_layer_under_bf16_autocast_is_recomputed_in_autocast():
+    """The Trainer's bf16=True: a layer without a rule (PReLU here, Conv1D before its rule) is recomputed
+    by torch.func under the same autocast (it raised 'expected m1 and m2 to have the same dtype')."""
+    import warnings
+
+    from attribution import FallbackWarning
+
+    class Scaled(nn.Module):  # a matmul inside a module no rule covers: autocast changes its dtype
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 8) * 0.3)
+
+        def forward(self, x):
+            return x @ self.w
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), Scaled(), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        tracker = InRunShapley(model, opt, nn.functional.cross_entropy, (x[8:], y[8:]))
+    with tracker.batch(range(8)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x[:8])
+        nn.functional.cross_entropy(out.float(), y[:8]).backward()
+    opt.step()
+    assert tracker.paths_taken["1.w"] == "fallback" and not tracker.skipped_steps
+    assert torch.isfinite(torch.tensor(tracker.values()["value"].to_numpy())).all()
+    tracker.close()
