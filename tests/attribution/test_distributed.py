@@ -42,6 +42,7 @@ def _worker(rank, init_file, out_file, linearization):
                 LOSS(model(x[mine]), y[mine]).backward()
             opt.step()
         values = tracker.values()  # collective: every rank calls it
+        tracker.save(out_file + ".ledger")  # collective too: every rank's values in one file by rank 0
         if rank == 0:
             values.to_pickle(out_file)
     finally:
@@ -55,6 +56,11 @@ def test_ddp_totals_equal_a_single_process_run(tmp_path, linearization):
     import pandas as pd
 
     ddp_values = pd.read_pickle(out).sort_index()
+    from attribution._ledger import Ledger, load_checked
+
+    saved = Ledger.from_state_dict(load_checked(str(out) + ".ledger")).values_frame().sort_index()
+    assert list(saved.index) == list(ddp_values.index)  # no rank's ids lost (before: about half)
+    pd.testing.assert_series_equal(saved["value"], ddp_values["value"])
 
     x, y = _data()
     val = (x[-8:], y[-8:])
