@@ -2,6 +2,8 @@
 
 One small module per layer type; each defines a final :class:`LayerRule` subclass registered
 for exactly that type (subclasses of the layer type are NOT matched: their forward may differ).
+Rules for transformers' layers (``hf.py``) are registered on the first lookup of such a class,
+so that importing this package does not import transformers.
 
 Example:
     >>> from torch import nn
@@ -11,6 +13,6 @@ Example:
 """
 
 from ._base import LayerRule, registered_rules, rule_for
-from . import conv, embedding, layernorm, linear, rmsnorm  # noqa: F401  (registers the built-in rules)
+from . import conv, embedding, groupnorm, layernorm, linear, rmsnorm  # noqa: F401  (registers the built-in rules)
 
 __all__ = ["LayerRule", "registered_rules", "rule_for"]

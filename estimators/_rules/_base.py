@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import importlib
+import weakref
 from typing import ClassVar
 
 import torch
@@ -11,6 +13,13 @@ from torch import nn
 from .._factors import Term
 
 _REGISTRY: dict[type[nn.Module], type["LayerRule"]] = {}
+
+#: Rules for layer types of optional libraries, registered on the first lookup of such a type so
+#: that importing ``estimators`` never imports the library (transformers takes seconds): a module
+#: prefix -> the rule module whose ``provide(layer_type)`` registers and returns a rule, or ``None``.
+_PROVIDERS: dict[str, str] = {"transformers.": "estimators._rules.hf"}
+#: Types a provider declined, so that it is asked once per type.
+_DECLINED: "weakref.WeakSet[type]" = weakref.WeakSet()
 
 
 class LayerRule(abc.ABC):
@@ -67,16 +76,7 @@ class LayerRule(abc.ABC):
         super().__init_subclass__(**kw)
         if layer is None:
             return
-        if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
-            raise TypeError(f"{cls.__name__}: the class keyword layer= must be an nn.Module subclass, got {layer!r}")
-        if layer in _REGISTRY and not replace:
-            raise ValueError(
-                f"{layer.__module__}.{layer.__qualname__} already has the rule {_REGISTRY[layer].__qualname__}; "
-                f"pass replace=True in the class statement (class {cls.__name__}(LayerRule, layer=..., replace=True)) "
-                "to override it"
-            )
-        cls.layer_type = layer
-        _REGISTRY[layer] = cls
+        register(cls, layer, replace=replace)
 
     @classmethod
     def params(cls, module: nn.Module) -> tuple[str, ...]:
@@ -134,6 +134,34 @@ class LayerRule(abc.ABC):
         """
 
 
+def register(rule: type[LayerRule], layer: type[nn.Module], *, replace: bool = False) -> type[LayerRule]:
+    """Register ``rule`` for exactly ``layer`` (what the class keyword ``layer=`` does); returns ``rule``.
+
+    For a rule defined before its layer type can be imported (the lazy rules of optional libraries).
+
+    Raises:
+        TypeError: ``layer`` is not an ``nn.Module`` subclass.
+        ValueError: ``layer`` already has a rule and ``replace=True`` was not given.
+
+    Example:
+        >>> register(rule_for(nn.Linear), nn.Linear)
+        Traceback (most recent call last):
+        ...
+        ValueError: torch.nn.modules.linear.Linear already has the rule LinearRule; pass replace=True ...
+    """
+    if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
+        raise TypeError(f"{rule.__name__}: the class keyword layer= must be an nn.Module subclass, got {layer!r}")
+    if layer in _REGISTRY and not replace:
+        raise ValueError(
+            f"{layer.__module__}.{layer.__qualname__} already has the rule {_REGISTRY[layer].__qualname__}; "
+            f"pass replace=True in the class statement (class {rule.__name__}(LayerRule, layer=..., replace=True)) "
+            "to override it"
+        )
+    rule.layer_type = layer
+    _REGISTRY[layer] = rule
+    return rule
+
+
 def registered_rules() -> dict[type[nn.Module], type[LayerRule]]:
     """A copy of the registry: layer type -> rule class.
 
@@ -148,7 +176,10 @@ def registered_rules() -> dict[type[nn.Module], type[LayerRule]]:
 def rule_for(layer_type: type[nn.Module]) -> type[LayerRule] | None:
     """The rule registered for exactly ``layer_type``, or ``None``.
 
-    Subclasses of a registered type are not matched (their forward may differ).
+    Subclasses of a registered type are not matched (their forward may differ). A type from an
+    optional library with rules in this package (``transformers``: ``Conv1D`` and the RMSNorm
+    family, see ``estimators/_rules/hf.py``) is looked up in that rule module on first use; a
+    type it cannot classify gets ``None`` (the fallback), never a guessed rule.
 
     Example:
         >>> class MyLinear(nn.Linear):
@@ -156,7 +187,15 @@ def rule_for(layer_type: type[nn.Module]) -> type[LayerRule] | None:
         >>> rule_for(nn.Linear).__name__, rule_for(MyLinear)
         ('LinearRule', None)
     """
-    return _REGISTRY.get(layer_type)
+    rule = _REGISTRY.get(layer_type)
+    if rule is None and isinstance(layer_type, type) and layer_type not in _DECLINED:
+        module = getattr(layer_type, "__module__", None) or ""
+        provider = next((m for prefix, m in _PROVIDERS.items() if module.startswith(prefix)), None)
+        if provider is not None:
+            rule = importlib.import_module(provider).provide(layer_type)
+            if rule is None:
+                _DECLINED.add(layer_type)
+    return rule
 
 
 def batch_first(module_name: str, x: torch.Tensor, min_dim: int) -> None:

@@ -6,7 +6,9 @@ Everything is built valid by construction, in float64. A drawn :class:`FuzzCase`
   middle axes, token ids through ``nn.Embedding``, or a ``Conv1d``/``Conv2d`` stack on
   ``[n, C, *spatial]`` that is flattened or read as a sequence), then a random stack of
   ``nn.Linear`` (with or without bias), ``nn.LayerNorm`` (affine or not, with or without bias, over
-  the last one or two axes), ``nn.RMSNorm``, residual blocks and activations, then a head
+  the last one or two axes), ``nn.RMSNorm``, ``nn.GroupNorm`` (channels-first around it when there
+  are middle axes), and where transformers is installed its ``Conv1D`` and RMSNorm classes
+  (``LlamaRMSNorm``, ``DeepseekV4RMSNorm``), residual blocks and activations, then a head
   (regression, class logits, per-token logits, optionally tied to the embedding);
 * a loss ``loss_fn(model(inputs), targets)`` with a mean or sum reduction;
 * an optimizer among the registered ones with 1-3 parameter groups that differ in their
@@ -32,6 +34,28 @@ from hypothesis import strategies as st
 from torch import nn
 
 DT = torch.float64
+
+
+def _transformers_layers():
+    """(Conv1D, {name: RMSNorm class}) of transformers, or (None, {}) without it. Only RMSNorm forms
+    whose weight gradient is formed in the weight's dtype (float64 here): Gemma's float32 product
+    rounds Σ_z c_z apart from g_B by more than the float64 oracle accepts."""
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None, {}
+    norms = {"llama": LlamaRMSNorm}
+    try:
+        from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RMSNorm
+
+        norms["deepseek_v4"] = DeepseekV4RMSNorm
+    except ImportError:  # pragma: no cover - older transformers
+        pass
+    return Conv1D, norms
+
+
+HF_CONV1D, HF_RMS_NORMS = _transformers_layers()
 
 ACTIVATIONS = {
     "tanh": nn.Tanh,
@@ -78,10 +102,17 @@ class Reshape(nn.Module):
     def forward(self, x):
         if self.how == "flatten":  # [n, ...] -> [n, prod]
             return x.flatten(1)
+        # contiguous: transformers' Conv1D reads its input with .view
         if self.how == "to_seq":  # [n, C, *spatial] -> [n, prod(spatial), C]
-            return x.flatten(2).transpose(1, 2)
+            return x.flatten(2).transpose(1, 2).contiguous()
         if self.how == "pool":  # [n, *mid, d] -> [n, d]
             return x.flatten(1, -2).mean(1)
+        if self.how == "channels_first":  # [n, *mid, d] -> [n, d, *mid] (GroupNorm's layout)
+            # contiguous: torch 2.13's CPU group_norm backward segfaults on a strided input that
+            # needs no gradient while the weight does
+            return x.movedim(-1, 1).contiguous()
+        if self.how == "channels_last":
+            return x.movedim(1, -1).contiguous()
         raise AssertionError(self.how)
 
     def extra_repr(self):
@@ -137,9 +168,18 @@ def _conv_out(spec, spatial):
 
 @st.composite
 def feature_layer_spec(draw, has_mid: bool):
-    kind = draw(st.sampled_from(["linear", "linear", "act", "act", "layernorm", "rmsnorm", "residual"]))
+    kinds = ["linear", "linear", "act", "act", "layernorm", "rmsnorm", "residual", "groupnorm"]
+    if HF_CONV1D is not None:
+        kinds += ["conv1d_hf", "hf_rmsnorm"]
+    kind = draw(st.sampled_from(kinds))
     if kind == "linear":
         return ("linear", draw(st.integers(1, 5)), draw(st.booleans()))
+    if kind == "conv1d_hf":
+        return ("conv1d_hf", draw(st.integers(1, 5)))
+    if kind == "hf_rmsnorm":
+        return ("hf_rmsnorm", draw(st.sampled_from(sorted(HF_RMS_NORMS))))
+    if kind == "groupnorm":  # groups = gcd(d, drawn), so that it divides the channels (see _groupnorm)
+        return ("groupnorm", draw(st.integers(1, 4)), draw(st.booleans()))  # groups, affine
     if kind == "act":
         return ("act", draw(st.sampled_from(sorted(ACTIVATIONS))))
     if kind == "layernorm":
@@ -185,7 +225,7 @@ def arch_specs(draw) -> ArchSpec:
         to_seq = draw(st.booleans())
         has_mid = to_seq
         # an optional norm on the [n, C, *spatial] map over its trailing axes (per sample)
-        norm = draw(st.sampled_from([None, None, ("layernorm", 1), ("rmsnorm", 1), ("layernorm", 2)]))
+        norm = draw(st.sampled_from([None, None, ("layernorm", 1), ("rmsnorm", 1), ("layernorm", 2), ("groupnorm", 2)]))
         inp = ("conv", two_d, c_in, size, tuple(convs), to_seq, norm)
     stack = tuple(draw(st.lists(feature_layer_spec(has_mid), min_size=0, max_size=4)))
     pool = has_mid and draw(st.booleans())
@@ -217,6 +257,19 @@ def _layernorm(shape, *, degenerate_ok: bool, **kw) -> nn.Module:
     if math.prod(shape) == 1 and not degenerate_ok:
         return nn.RMSNorm(shape, elementwise_affine=kw.get("elementwise_affine", True), dtype=DT)
     return nn.LayerNorm(shape, dtype=DT, **kw)
+
+
+def _groupnorm(groups: int, channels: int, last: int, *, affine: bool) -> nn.Module:
+    """GroupNorm with gcd(channels, groups) groups (one group if that leaves one channel per group)
+    on ``[n, channels, *spatial]``, or RMSNorm over the input's last axis (of size ``last``) for a
+    single channel. A group of one channel has x̂ of mean 0 over the spatial axes in exact
+    arithmetic, so a mean pool right after it returns rounding noise (see :func:`_layernorm`)."""
+    g = math.gcd(channels, groups)
+    if channels // g == 1:
+        g = 1
+    if channels == 1:
+        return nn.RMSNorm(last, elementwise_affine=affine, dtype=DT)
+    return nn.GroupNorm(g, channels, affine=affine, dtype=DT)
 
 
 def build(spec: ArchSpec, seed: int, *, degenerate_ok: bool = False) -> tuple[FuzzNet, Callable, Callable[[int, torch.Generator], tuple]]:
@@ -251,7 +304,12 @@ def build(spec: ArchSpec, seed: int, *, degenerate_ok: bool = False) -> tuple[Fu
         if norm is not None:
             # one axis: the last spatial axis; two: (C, L) for Conv1d, (H, W) for Conv2d
             trailing = shape[-1:] if norm[1] == 1 else (c, *shape)[-2:]
-            mod = _layernorm(trailing, degenerate_ok=degenerate_ok) if norm[0] == "layernorm" else nn.RMSNorm(trailing, dtype=DT)
+            if norm[0] == "groupnorm":  # over channels and spatial axes, [n, C, *spatial]
+                mod = _groupnorm(norm[1], c, shape[-1], affine=True)
+            elif norm[0] == "layernorm":
+                mod = _layernorm(trailing, degenerate_ok=degenerate_ok)
+            else:
+                mod = nn.RMSNorm(trailing, dtype=DT)
             _perturb_(mod, g)
             layers.append(mod)
         if to_seq:
@@ -266,6 +324,23 @@ def build(spec: ArchSpec, seed: int, *, degenerate_ok: bool = False) -> tuple[Fu
             d = layer[1]
         elif layer[0] == "act":
             layers.append(ACTIVATIONS[layer[1]]())
+        elif layer[0] == "conv1d_hf":  # transformers' Conv1D(nf = outputs, nx = inputs), W [d, nf]
+            mod = HF_CONV1D(layer[1], d).to(DT)
+            _perturb_(mod, g)  # its bias starts at zero
+            layers.append(mod)
+            d = layer[1]
+        elif layer[0] == "hf_rmsnorm":
+            mod = HF_RMS_NORMS[layer[1]](d).to(DT)
+            _perturb_(mod, g)
+            layers.append(mod)
+        elif layer[0] == "groupnorm":
+            # [n, *mid, d] is read channels-first, [n, d, *mid]; an RMSNorm stand-in acts on d directly.
+            mod = _groupnorm(layer[1], d, d, affine=layer[2])
+            _perturb_(mod, g)
+            if mid and isinstance(mod, nn.GroupNorm):
+                layers += [Reshape("channels_first"), mod, Reshape("channels_last")]
+            else:
+                layers.append(mod)
         elif layer[0] in ("layernorm", "rmsnorm"):
             axes = layer[1] if len(mid) >= 1 else 1
             shape = (*mid, d)[-axes:]

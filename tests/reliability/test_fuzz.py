@@ -3,7 +3,8 @@
 Each example draws (see ``_fuzz_models.py``) a random stack of the supported layers (Embedding at
 the input, Conv1d/Conv2d with random kernel/stride/padding/dilation/groups/padding mode, Linear
 with or without bias, LayerNorm with or without affine/bias over one or two axes, RMSNorm,
-residual blocks, activations), optional sequence axes, a random head (regression, classes,
+GroupNorm, transformers' Conv1D and LlamaRMSNorm/DeepseekV4RMSNorm where installed, residual
+blocks, activations), optional sequence axes, a random head (regression, classes,
 per-token logits, tied to the embedding) and loss reduction (mean/sum), float64 throughout; 1-3
 parameter groups with different hyper-parameters, some parameters frozen, and a registered
 optimizer (SGD plain/momentum/Nesterov, Adam, AdamW, AMSGrad, RMSprop, Adagrad; ``maximize`` and
@@ -52,7 +53,7 @@ import validation
 from attribution import InRunShapley, step_values
 from tests._helpers import assert_close, one_torch_thread, rank_one_slope  # noqa: F401  (autouse fixture)
 
-from ._fuzz_models import DT, ArchSpec, FuzzCase, assemble, fuzz_cases
+from ._fuzz_models import DT, HF_CONV1D, ArchSpec, FuzzCase, assemble, fuzz_cases
 
 
 def _examples() -> int:
@@ -274,6 +275,14 @@ def tied_tokens() -> FuzzCase:
                     n=5, warm_sizes=(4,), val_sizes=(3,))
 
 
+def new_layers() -> FuzzCase:
+    """GroupNorm over a sequence read channels-first, and (with transformers) Conv1D and LlamaRMSNorm, Adam."""
+    hf = (("conv1d_hf", 3), ("hf_rmsnorm", "llama")) if HF_CONV1D is not None else ()
+    spec = ArchSpec(("sequence", (3,), 4), (("groupnorm", 2, True), *hf, ("act", "tanh")), False, ("regress", 2, True), "mean")
+    params = list(range(7 if hf else 4))
+    return assemble(spec, 3, "adam", [(params, {"lr": 1e-2})], n=3, warm_sizes=(2,), val_sizes=(2,))
+
+
 LINEARIZATIONS = st.sampled_from(["tangent", "secant", "sgd"])
 VAL_POINTS = st.sampled_from(["current", "lookahead", "midpoint"])
 
@@ -285,6 +294,7 @@ VAL_POINTS = st.sampled_from(["current", "lookahead", "midpoint"])
 @example(case=step_one_adam(), linearization="secant", val_point="midpoint", as_tuple=False, stale=False)
 @example(case=grouped_conv_to_sequence(), linearization="secant", val_point="midpoint", as_tuple=False, stale=True)
 @example(case=tied_tokens(), linearization="sgd", val_point="lookahead", as_tuple=True, stale=False)
+@example(case=new_layers(), linearization="tangent", val_point="midpoint", as_tuple=False, stale=False)
 def test_step_values_ghost_equals_materialized_and_the_oracle(case, linearization, val_point, as_tuple, stale):
     _events(case)
     if stale:  # stale gradients on part of the parameters must survive untouched
@@ -340,6 +350,7 @@ def _make_J(case: FuzzCase, model, opt, path: str, g: torch.Generator) -> dict:
 @example(case=step_one_adam(), path="materialized", split=0)
 @example(case=grouped_conv_to_sequence(), path="pairwise", split=1)
 @example(case=tied_tokens(), path="factored", split=2)
+@example(case=new_layers(), path="factored", split=1)
 def test_engine_per_sample_contributions_equal_torch_func(case, path, split):
     _events(case)
     model, opt = _twin(case)
