@@ -1273,7 +1273,10 @@ _SHARED_KWARGS = frozenset({"attn_mask", "is_causal", "need_weights", "average_a
 def _fingerprint(g: torch.Tensor) -> torch.Tensor:
     """(sum, norm) of a gradient, ``[2]``: changes under any rescale, sign flip or edit (bitwise-equal tensors agree)."""
     g = g.detach()
-    return torch.stack([g.sum(), torch.linalg.vector_norm(g)])
+    # The same norm kernel as _changed_since uses for all gradients at once (bitwise-equal results).
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    norm = foreach_norm([g])[0] if foreach_norm is not None else torch.linalg.vector_norm(g)
+    return torch.stack([g.sum(), norm.to(g.dtype)])
 
 
 def _changed_since(fingerprints: Mapping[torch.Tensor, torch.Tensor]) -> set[torch.Tensor]:
@@ -1282,7 +1285,11 @@ def _changed_since(fingerprints: Mapping[torch.Tensor, torch.Tensor]) -> set[tor
     if not params:
         return set()
     then = torch.stack([fingerprints[p] for p in params])
-    now = torch.stack([_fingerprint(p.grad) for p in params])
+    grads = [p.grad.detach() for p in params]
+    # One fused norm kernel for all gradients (as clip_grad_norm_ does), then one sum per gradient.
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    norms = foreach_norm(grads) if foreach_norm is not None else [torch.linalg.vector_norm(g) for g in grads]
+    now = torch.stack([torch.stack([g.sum(), n.to(g.dtype)]) for g, n in zip(grads, norms)])
     same = (then == now).all(1).tolist()
     return {p for p, ok in zip(params, same) if not ok}
 
