@@ -77,10 +77,15 @@ DEFAULTS = {
     "gpt": dict(vocab=1024, width=128, depth=4, heads=4, seq_len=128, batch=64, val_batch=8),
     "mlp": dict(d_in=256, width=512, depth=2, classes=10, batch=256, val_batch=32),
 }
+#: Stock Hugging Face decoders built from configs at the hand-built decoder's sizes (dropout off, tied
+#: embeddings), to compare the ghost rules of transformers' layers with the hand-built ones.
+LANGUAGE_MODELS = ("gpt", "hf-gpt2", "hf-llama")
+DEFAULTS.update({name: dict(DEFAULTS["gpt"]) for name in LANGUAGE_MODELS[1:]})
 QUICK = {
     "gpt": dict(vocab=256, width=32, depth=2, heads=2, seq_len=32, batch=16, val_batch=4, rounds=2, steps=2, memory_steps=2),
     "mlp": dict(d_in=32, width=64, depth=2, classes=10, batch=64, val_batch=16, rounds=2, steps=2, memory_steps=2),
 }
+QUICK.update({name: dict(QUICK["gpt"]) for name in LANGUAGE_MODELS[1:]})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +155,7 @@ class Workload:
         self.cfg, self.mode = cfg, mode
         device = torch.device(cfg.device)
         self.model = build_model(cfg).to(device)
-        self.loss_fn = lm_loss if cfg.model == "gpt" else nn.functional.cross_entropy
+        self.loss_fn = lm_loss if cfg.model in LANGUAGE_MODELS else nn.functional.cross_entropy
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.01)
         data = make_data(cfg)
         self.batches = [(x.to(device), y.to(device)) for x, y in data["train"]]
@@ -183,7 +188,41 @@ def build_model(cfg: BenchConfig) -> nn.Module:
     """The GPT-2-style decoder (tied embeddings, pre-LN, GELU, learned positions) or the MLP."""
     if cfg.model == "gpt":
         return TinyLM(cfg.vocab, cfg.width, cfg.depth, cfg.heads, max_len=cfg.seq_len, tied=True, seed=cfg.seed)
+    if cfg.model in LANGUAGE_MODELS:
+        return _hf_decoder(cfg)
     return mlp(cfg.d_in, cfg.width, cfg.classes, depth=cfg.depth, seed=cfg.seed)
+
+
+class HFLogits(nn.Module):
+    """``model(input_ids)`` -> logits of a Hugging Face causal LM (the bench's ``lm_loss`` convention)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+
+def _hf_decoder(cfg: BenchConfig) -> nn.Module:
+    """A stock ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` from a config at the bench's sizes."""
+    import transformers
+
+    torch.manual_seed(cfg.seed)
+    if cfg.model == "hf-gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=cfg.vocab, n_embd=cfg.width, n_layer=cfg.depth, n_head=cfg.heads, n_positions=cfg.seq_len,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=cfg.vocab, hidden_size=cfg.width, intermediate_size=4 * cfg.width, num_hidden_layers=cfg.depth,
+            num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, max_position_embeddings=cfg.seq_len,
+            tie_word_embeddings=True,
+        )
+        model = transformers.LlamaForCausalLM(config)
+    return HFLogits(model)
 
 
 def make_data(cfg: BenchConfig) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -194,7 +233,7 @@ def make_data(cfg: BenchConfig) -> dict[str, list[tuple[torch.Tensor, torch.Tens
     """
     g = torch.Generator().manual_seed(cfg.seed + 1)
     n_train = max(cfg.total_steps, cfg.memory_steps)
-    if cfg.model == "gpt":
+    if cfg.model in LANGUAGE_MODELS:
         V = cfg.vocab
         logits = torch.randn(V, V, generator=g) * 3.0
         logits[:, 0] = -math.inf
@@ -414,8 +453,9 @@ def machine() -> dict:
 def describe_model(cfg: BenchConfig) -> dict:
     """Kind, sizes and parameter count of the benchmarked model."""
     model = build_model(cfg)
-    keys = ("vocab", "width", "depth", "heads", "seq_len") if cfg.model == "gpt" else ("d_in", "width", "depth", "classes")
-    desc = {"kind": "gpt2-style decoder (tied embeddings)" if cfg.model == "gpt" else "mlp", **{k: getattr(cfg, k) for k in keys}}
+    keys = ("vocab", "width", "depth", "heads", "seq_len") if cfg.model in LANGUAGE_MODELS else ("d_in", "width", "depth", "classes")
+    kind = {"gpt": "gpt2-style decoder (tied embeddings)", "hf-gpt2": "transformers GPT2LMHeadModel", "hf-llama": "transformers LlamaForCausalLM"}
+    desc = {"kind": kind.get(cfg.model, "mlp"), **{k: getattr(cfg, k) for k in keys}}
     desc.update(params=sum(p.numel() for p in model.parameters()), batch=cfg.batch, val_batch=cfg.val_batch, val_targets=cfg.val_targets)
     return desc
 
