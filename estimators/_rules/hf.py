@@ -30,9 +30,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._factors import Bilinear, DenseFactor, PerSample
+from .._factors import PerSample
 from ._base import LayerRule, batch_first, register
 from .layernorm import sum_positions
+from .linear import affine_terms
 
 
 # ---------------------------------------------------------------------------------- Conv1D
@@ -60,14 +61,7 @@ class Conv1DRule(LayerRule):
 
     @classmethod
     def terms(cls, module, x, grad_output):
-        batch_first("transformers Conv1D", x, 2)
-        n = x.shape[0]
-        a = x.reshape(n, -1, x.shape[-1])  # [n, T, in]
-        b = grad_output.reshape(n, -1, grad_output.shape[-1])  # [n, T, out]
-        out = {"weight": Bilinear(DenseFactor(a), DenseFactor(b))}
-        if module.bias is not None:
-            out["bias"] = PerSample(b.sum(1))
-        return out
+        return affine_terms("transformers Conv1D", module, x, grad_output, weight_in_out=True)
 
 
 # ---------------------------------------------------------------------------------- RMSNorm family

@@ -35,11 +35,21 @@ class LinearRule(LayerRule, layer=nn.Linear):
 
     @classmethod
     def terms(cls, module, x, grad_output):
-        batch_first("nn.Linear", x, 2)
-        n = x.shape[0]
-        a = x.reshape(n, -1, x.shape[-1])  # [n, T, d_in]
-        b = grad_output.reshape(n, -1, grad_output.shape[-1])  # [n, T, d_out]
-        out = {"weight": Bilinear(DenseFactor(b), DenseFactor(a))}
-        if module.bias is not None:
-            out["bias"] = PerSample(b.sum(1))
-        return out
+        return affine_terms("nn.Linear", module, x, grad_output, weight_in_out=False)
+
+
+def affine_terms(layer: str, module, x, grad_output, *, weight_in_out: bool) -> dict:
+    """Terms of y = x Wᵀ + b (``weight_in_out=False``, nn.Linear's [out, in]) or y = x W + b (W [in, out]).
+
+    x ``[n, *mid, d_in]``, grad_output ``[n, *mid, d_out]``: c_z(W) = Σ_t b_t a_tᵀ (or its transpose)
+    as a ``Bilinear`` of the positions, c_z(b) = Σ_t b_t as ``PerSample``.
+    """
+    batch_first(layer, x, 2)
+    n = x.shape[0]
+    a = x.reshape(n, -1, x.shape[-1])  # [n, T, d_in]
+    b = grad_output.reshape(n, -1, grad_output.shape[-1])  # [n, T, d_out]
+    weight = Bilinear(DenseFactor(a), DenseFactor(b)) if weight_in_out else Bilinear(DenseFactor(b), DenseFactor(a))
+    out = {"weight": weight}
+    if module.bias is not None:
+        out["bias"] = PerSample(b.sum(1))
+    return out
