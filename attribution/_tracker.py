@@ -169,6 +169,8 @@ class InRunShapley:
         self._in_batch = False
         #: values of a step computed before the update, added to the ledger once the step was taken
         self._staged: tuple[list[Hashable], torch.Tensor | None, str | None] | None = None
+        #: version counters of trainable parameters the optimizer does not hold (see _check_outside_params)
+        self._outside_marks: dict[torch.Tensor, int] = {}
         # The optimizer's hooks hold the tracker weakly: a tracker nobody references any more (a
         # notebook cell run twice) detaches itself instead of refusing every later step.
         self._hook = optimizer.register_step_pre_hook(_weak_hook(self, "_before_step"))
@@ -203,6 +205,7 @@ class InRunShapley:
             raise ValueError("tracker.batch(ids) got no ids: give one id per sample of the batch (an empty batch has nothing to value)")
         self._drop_untaken_step()
         self._check_no_missed_step()
+        self._check_outside_params()
         if self.stream:
             if self._pending_ids:
                 raise TrackerUsageError(
@@ -331,8 +334,36 @@ class InRunShapley:
         self._value_step(optimizer)
         return None
 
+    def _outside_params(self) -> list[torch.Tensor]:
+        """Trainable parameters of the model that the tracked optimizer does not hold (valued as not moving)."""
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        return [p for p in self._computer.params() if id(p) not in held]
+
+    def _check_outside_params(self) -> None:
+        """Refuse a parameter the tracked optimizer does not hold that changed since the last check.
+
+        Such a parameter is valued as not moving (J = 0); if it changed, another optimizer steps it
+        (Muon on the matrices and AdamW on the rest), and the values would silently leave its
+        share of the step out.
+        """
+        outside = self._outside_params()
+        marks = {p: p._version for p in outside}
+        moved = [p for p, v in self._outside_marks.items() if p in marks and marks[p] != v]
+        self._outside_marks = marks
+        if moved:
+            names = {p: n for n, p in self.model.named_parameters()}
+            shown = ", ".join(repr(names.get(p, "?")) for p in moved[:4]) + (f" and {len(moved) - 4} more" if len(moved) > 4 else "")
+            raise TrackerUsageError(
+                f"parameter(s) {shown} changed between steps although the tracked optimizer "
+                f"({type(self.optimizer).__name__}) does not hold them: another optimizer steps them (e.g. Muon on the "
+                "weight matrices and AdamW on the rest). The tracker would value them as not moving and leave their "
+                "share of every step out. Track one optimizer that holds every trained parameter, or freeze the others "
+                "(requires_grad_(False)) while tracking"
+            )
+
     def _value_step(self, optimizer) -> None:
         self._check_hook_is_last(optimizer)
+        self._check_outside_params()
         if not self._pending_ids:
             others = len(_TRACKER_HOOKS.get(optimizer, ())) - 1
             raise TrackerUsageError(
@@ -409,6 +440,7 @@ class InRunShapley:
             self._skip(reason)
         else:
             self._ledger.add(ids, values)
+        self._outside_marks = {p: p._version for p in self._outside_params()}
 
     def _skip(self, reason: str) -> None:
         warnings.warn(f"step {self._ledger.steps}: {reason}; this step's values were skipped", NonFiniteStepWarning)

@@ -597,3 +597,35 @@ def test_a_non_finite_slope_is_named_as_the_cause_of_a_skipped_step():
     with pytest.warns(Warning, match="slope J of parameter '0.weight' is not finite"):
         opt.step()
     tracker.close()
+
+
+@pytest.mark.parametrize("muon_first", [True, False])
+def test_a_second_optimizer_stepping_parameters_the_tracked_one_does_not_hold_is_refused(muon_first):
+    """The Muon recipe (Muon on weight matrices, AdamW on the rest) with a tracker on AdamW: the
+    Muon-stepped matrices would be valued as not moving (issue 17: silently wrong values)."""
+    model = _model().float()
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    muon = torch.optim.Muon(matrices, lr=0.02) if hasattr(torch.optim, "Muon") else torch.optim.SGD(matrices, lr=0.02)
+    adamw = torch.optim.AdamW(rest, lr=1e-2)
+    tracker = InRunShapley(model, adamw, LOSS, (VAL[0].float(), VAL[1]))
+    with pytest.raises(TrackerUsageError, match=r"'0\.weight'.*another optimizer steps them"):
+        for step in range(2):
+            ids = list(range(8 * step, 8 * step + 8))
+            muon.zero_grad(), adamw.zero_grad()
+            with tracker.batch(ids):
+                LOSS(model(X[ids].float()), Y[ids]).backward()
+            for opt in (muon, adamw) if muon_first else (adamw, muon):
+                opt.step()
+    assert tracker.steps <= 1
+    tracker.close()
+
+
+def test_a_trainable_parameter_no_optimizer_steps_is_still_valued_as_not_moving():
+    model = _model()
+    opt = torch.optim.Adam(model[2].parameters(), lr=1e-2)  # model[0] trainable but never stepped
+    tracker = _tracker(model, opt)
+    for step in range(3):
+        _tracked_step(model, opt, tracker, list(range(8 * step, 8 * step + 8)))
+    assert tracker.steps == 3
+    tracker.close()
