@@ -154,6 +154,9 @@ class InRunShapleyCallback(TrainerCallback):
         linearization, val_point, estimator, record_steps: as for :class:`InRunShapley`.
         resume_from: a saved ledger to continue (default: the one in the checkpoint the Trainer
             resumes from).
+        stream, val_mode: as for :class:`InRunShapley` (``stream=True`` needs
+            ``val_point="current"``, ``gradient_accumulation_steps=1`` and a ``max_grad_norm`` that
+            does not clip, e.g. 0: a clipped step is refused).
     Raises:
         ValueError: a validation batch is not a dict with ``labels``.
         TrackerUsageError: during training, for batches without ``id_key``.
@@ -191,14 +194,17 @@ class InRunShapleyCallback(TrainerCallback):
     """
 
     def __init__(self, val_batch, *, id_key: str = "sample_id", linearization="secant", val_point="midpoint",
-                 estimator="ghost", record_steps: bool = False, resume_from: str | None = None):
+                 estimator="ghost", record_steps: bool = False, resume_from: str | None = None, stream: bool = False,
+                 val_mode: str = "eval"):
         batches = val_batch if isinstance(val_batch, list) else [val_batch]
         for k, b in enumerate(batches):
             if not isinstance(b, Mapping) or "labels" not in b:
                 raise ValueError(f"validation batch {k} must be a dict of model inputs including 'labels'")
         self._val = [(dict(b), None) for b in batches] if isinstance(val_batch, list) else (dict(val_batch), None)
         self.id_key = id_key
-        self._options = dict(linearization=linearization, val_point=val_point, estimator=estimator, record_steps=record_steps)
+        self._options = dict(
+            linearization=linearization, val_point=val_point, estimator=estimator, record_steps=record_steps, stream=stream, val_mode=val_mode
+        )
         self.tracker: InRunShapley | None = None
         self._open: contextlib.ExitStack | None = None
         self._hook = None
@@ -221,7 +227,7 @@ class InRunShapleyCallback(TrainerCallback):
         wrapped = KwargsModel(model)
         resume = self._checkpoint_file(args, state)
         if resume is not None:
-            self.tracker = InRunShapley.load(resume, wrapped, inner, model_loss, self._val)
+            self.tracker = InRunShapley.load(resume, wrapped, inner, model_loss, self._val, stream=self._options["stream"])
         else:
             self.tracker = InRunShapley(wrapped, inner, model_loss, self._val, **self._options)
         self._hook = model.register_forward_pre_hook(self._enter_batch, with_kwargs=True)

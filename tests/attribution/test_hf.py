@@ -86,6 +86,10 @@ def _stock(kind: str):
         config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=24, max_position_embeddings=16, num_labels=2)
         return transformers.BertForSequenceClassification(config)
+    if kind == "llama":
+        config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+        return transformers.LlamaForCausalLM(config)
     config = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16)
     return transformers.GPT2LMHeadModel(config)
 
@@ -100,15 +104,15 @@ def _stock_rows(kind: str, n=16, length=8):
     return rows
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2"])
-def test_stock_models_train_with_trainer_defaults_accumulation_and_no_position_ids(tmp_path, kind):
-    """Dropout as configured, max_grad_norm=1.0, gradient accumulation, no position_ids, ids from with_ids."""
+@pytest.mark.parametrize("kind,bf16", [("bert", False), ("gpt2", False), ("llama", False), ("gpt2", True), ("llama", True)])
+def test_stock_models_train_with_trainer_defaults_accumulation_and_no_position_ids(tmp_path, kind, bf16):
+    """Dropout as configured, max_grad_norm=1.0, gradient accumulation, no position_ids, ids from with_ids, bf16 autocast."""
     rows = _stock_rows(kind)
     val = {k: torch.stack([torch.as_tensor(r[k]) for r in _stock_rows(kind, n=4)]) for k in ("input_ids", "attention_mask", "labels")}
     callback = InRunShapleyCallback(val, record_steps=True)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
-        remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", seed=0,
+        remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", seed=0, bf16=bf16,
     )
     trainer = transformers.Trainer(model=_stock(kind), args=args, train_dataset=with_ids(rows), callbacks=[callback])
     trainer.train()
@@ -116,6 +120,7 @@ def test_stock_models_train_with_trainer_defaults_accumulation_and_no_position_i
     assert callback.tracker.steps == 2 and not callback.tracker.skipped_steps
     assert hist.groupby("step")["id"].count().tolist() == [8, 8]  # two micro-batches of 4 per step
     assert set(hist["id"]) <= set(range(16)) and torch.isfinite(torch.tensor(hist["value"].to_numpy())).all()
+    assert callback.tracker.fallback_modules == [] and "fallback" not in callback.tracker.paths_taken.values()
 
 
 def test_resume_from_checkpoint_continues_the_values(tmp_path):
@@ -162,3 +167,35 @@ def test_missing_id_column_is_an_error(tmp_path):
 def test_validation_batch_without_labels_is_refused():
     with pytest.raises(ValueError, match="including 'labels'"):
         InRunShapleyCallback({"input_ids": torch.zeros(2, 3, dtype=torch.long)})
+
+
+def test_peft_lora_on_a_stock_model_is_valued_through_the_linear_rule(tmp_path):
+    """PEFT LoRA adapters (trainable nn.Linear lora_A / lora_B inside peft's wrapper, base frozen) on GPT-2."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_stock("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    rows = _stock_rows("llama")
+    val = {k: torch.stack([torch.as_tensor(r[k]) for r in _stock_rows("llama", n=4)]) for k in ("input_ids", "attention_mask", "labels")}
+    callback = InRunShapleyCallback(val, record_steps=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, remove_unused_columns=False, report_to=[],
+        use_cpu=True, save_strategy="no", logging_strategy="no", seed=0, learning_rate=1e-3,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=with_ids(rows), callbacks=[callback])
+    trainer.train()
+    paths = callback.tracker.paths_taken
+    assert paths and all("lora_" in name for name in paths)  # only the adapters are trained and valued
+    assert set(paths.values()) == {"dense"} and callback.tracker.steps == 2 and not callback.tracker.skipped_steps
+    assert torch.isfinite(torch.tensor(callback.history()["value"].to_numpy())).all()
+
+
+def test_streamed_callback_equals_the_unstreamed_one(tmp_path):
+    def run(stream):
+        callback = InRunShapleyCallback(_val(), val_point="current", stream=stream, record_steps=True)
+        args = _args(tmp_path / str(stream), max_grad_norm=0.0)
+        transformers.Trainer(model=_tiny_bert(), args=args, train_dataset=_rows(), callbacks=[callback]).train()
+        return callback
+
+    plain, streamed = run(False), run(True)
+    assert streamed.tracker.stream and streamed.tracker.steps == 3
+    a, b = plain.values().sort_index(), streamed.values().sort_index()
+    assert_close(torch.tensor(b["value"].to_numpy()), torch.tensor(a["value"].to_numpy()), rtol=1e-5, atol=1e-10)
