@@ -606,6 +606,32 @@ class InRunShapley:
         tracker._ledger = Ledger.from_state_dict(state)
         return tracker
 
+    def state(self) -> dict:
+        """The ledger's state (what :meth:`save` writes, without the file): for a framework's checkpoint.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> model = nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> x, y = torch.ones(3, 2), torch.zeros(3, 1)
+            >>> tracker = InRunShapley(model, opt, nn.functional.mse_loss, (x[:1], y[:1]))
+            >>> with tracker.batch([1, 2]):
+            ...     nn.functional.mse_loss(model(x[1:]), y[1:]).backward()
+            >>> opt.step()
+            >>> other = InRunShapley(model, opt, nn.functional.mse_loss, (x[:1], y[:1]))
+            >>> other.restore(tracker.state()); other.values().equals(tracker.values())
+            True
+            >>> tracker.close(); other.close()
+        """
+        return self._gathered().state_dict(self.config.as_dict(), val_fingerprint=val_fingerprint(self.val_batches))
+
+    def restore(self, state: dict) -> None:
+        """Continue the values of :meth:`state` (same configuration and validation set, else ``ValueError``)."""
+        if state.get("config") != self.config.as_dict():
+            raise ValueError(f"the saved run used {state.get('config')!r}, this tracker {self.config.as_dict()!r}; pass the same options to resume")
+        check_same_validation(state, val_fingerprint(self.val_batches), "the checkpoint")
+        self._ledger = Ledger.from_state_dict(state)
+
     def close(self) -> None:
         """Remove the optimizer hooks; the tracker keeps its values but records nothing more."""
         if not self._closed:

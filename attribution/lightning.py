@@ -101,7 +101,11 @@ class InRunShapleyCallback(Callback):
             ``module(inputs)`` (the LightningModule's ``forward``).
         id_key: the key of dict batches that holds one id per row ``[n]``.
         ids_fn: ``ids_fn(batch, batch_idx) -> ids`` (``[n]`` ints or strs); takes precedence.
-        linearization, val_point, estimator, record_steps: as for :class:`InRunShapley`.
+        linearization, val_point, estimator, record_steps, stream, val_mode: as for :class:`InRunShapley`.
+
+    Checkpoints: the tracker's ledger is the callback's ``state_dict()``, which Lightning saves in
+    every checkpoint; ``trainer.fit(..., ckpt_path=...)`` restores it, so the values continue (ids
+    must then come from ``id_key`` or ``ids_fn``: dataset positions are refused on resume).
     Raises:
         ValueError: an unknown option value (when the callback is created).
         TrackerUsageError: during ``fit()``, for the set-ups listed in the module docstring and
@@ -149,6 +153,8 @@ class InRunShapleyCallback(Callback):
         val_point="midpoint",
         estimator="ghost",
         record_steps: bool = False,
+        stream: bool = False,
+        val_mode: str = "eval",
     ):
         AttributionConfig(linearization, val_point, estimator)  # refuse a bad option now, not at fit()
         self.val_batch = val_batch
@@ -156,7 +162,11 @@ class InRunShapleyCallback(Callback):
         self.model_fn = model_fn
         self.id_key = id_key
         self.ids_fn = ids_fn
-        self._options = dict(linearization=linearization, val_point=val_point, estimator=estimator, record_steps=record_steps)
+        self._options = dict(
+            linearization=linearization, val_point=val_point, estimator=estimator, record_steps=record_steps, stream=stream, val_mode=val_mode
+        )
+        #: The ledger of a checkpoint this fit resumes from (set by Lightning through load_state_dict).
+        self._resume_state: dict | None = None
         self.tracker: InRunShapley | None = None
         self._hook = None
         self._automatic = True
@@ -208,10 +218,24 @@ class InRunShapleyCallback(Callback):
         val = trainer.strategy.precision_plugin.convert_input(move_data_to_device(self.val_batch, pl_module.device))
         try:
             self.tracker = InRunShapley(model, optimizer, self.loss_fn, val, **self._options)
+            if self._resume_state is not None:
+                self.tracker.restore(self._resume_state)
         except BaseException:
             self._hook.remove()
             self._hook = None
+            if self.tracker is not None:
+                self.tracker.close()
+                self.tracker = None
             raise
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Lightning saves this in every checkpoint: the tracker's ledger (totals, counts, history, config)."""
+        return {} if self.tracker is None else {"ledger": self.tracker.state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Lightning calls this when ``fit(ckpt_path=...)`` resumes: the values continue from the checkpoint's."""
+        self._resume_state = state_dict.get("ledger")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         """Lightning hook: find the batch's ids and open its ``tracker.batch`` block.

@@ -383,3 +383,31 @@ def test_bad_options_are_refused_when_the_callback_is_created():
     with pytest.raises(ValueError, match="later"):
         InRunShapleyCallback(VAL, LOSS, linearization="later")
 
+
+
+def test_a_fit_resumed_from_a_checkpoint_continues_the_values(tmp_path):
+    """Lightning saves the callback's ledger in its checkpoints; fit(ckpt_path=...) continues the totals."""
+    def fit(max_steps, ckpt_path=None, checkpoint=None):
+        callback = InRunShapleyCallback(VAL, LOSS, record_steps=True)
+        callbacks = [callback] + ([checkpoint] if checkpoint is not None else [])
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=checkpoint is not None,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=str(tmp_path),
+        )
+        torch.manual_seed(0)
+        trainer.fit(MLP(), DataLoader(Rows(), batch_size=BATCH), ckpt_path=ckpt_path)
+        return callback
+
+    full = fit(4)
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
+    fit(2, checkpoint=saver)
+    ckpt = sorted((tmp_path / "ckpt").glob("*.ckpt"))[-1]
+    resumed = fit(4, ckpt_path=str(ckpt))
+    assert full.tracker.steps == resumed.tracker.steps == 4
+    # The checkpoint's two steps are in the resumed ledger exactly as the uninterrupted run valued them
+    # (Lightning restarts a plain DataLoader's epoch on resume, so the later batches may differ).
+    a, b = full.history(), resumed.history()
+    a, b = a[a.step < 2], b[b.step < 2]
+    assert list(a["id"]) == list(b["id"]) and len(a) == 2 * BATCH
+    assert_close(torch.tensor(b["value"].to_numpy()), torch.tensor(a["value"].to_numpy()), rtol=1e-12, atol=1e-15)
+    assert int(resumed.values()["steps_seen"].sum()) == 4 * BATCH
