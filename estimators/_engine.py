@@ -90,7 +90,7 @@ class _Call:
         g = g.detach()
         if self.eager is not None:
             try:
-                terms = self.eager.terms(self.module, self.args[0], g)
+                terms = self.eager.call_terms(self.module, self.args, self.kwargs, g)
             except Exception:  # noqa: BLE001 - keep the gradient; values() reports the error
                 terms = None
             if terms is not None and all(isinstance(t, PerSample) for t in terms.values()):
@@ -287,6 +287,8 @@ class GhostEngine:
         self._stream: _Stream | None = None
         self._boundary = False
         self._call_batch: int | None = None
+        #: Errors found by hooks on outputs a rule does not read (raised by values()).
+        self._stray: list[str] = []
         #: parameter name -> path ("dense", "pairwise", "factored", "materialized", "fallback"),
         #: set by values().
         self.paths_taken: dict[str, str] = {}
@@ -414,6 +416,7 @@ class GhostEngine:
         """Forget every captured pass and any :meth:`stream` set-up (call it after each optimizer step)."""
         self._train.clear()
         self._val.clear()
+        self._stray.clear()
         self._stream = None
 
     # ------------------------------------------------------------------ streaming
@@ -525,7 +528,7 @@ class GhostEngine:
             for c in calls:
                 tracked = self._tracked[c.module]
                 if c.terms is None:
-                    c.terms = tracked.rule.terms(c.module, c.args[0], c.grad)
+                    c.terms = tracked.rule.call_terms(c.module, c.args, c.kwargs, c.grad)
                 raw.extend(c.terms[a] for a, q in tracked.covered.items() if q is p)
             terms = [t.to(s.dtype) for t in raw]
             if terms:
@@ -675,6 +678,9 @@ class GhostEngine:
         from torch.utils import _pytree
 
         name, tname = tracked.name, type(module).__name__
+        if tracked.covered and getattr(tracked.rule, "multi_output", False) and not tracked.uncovered:
+            self._record_first_leaf(module, tracked, args, kwargs, output)
+            return
         if tracked.covered:
             raise GhostEngineError(
                 f"module {name!r} ({tname}) returned {type(output).__name__}, but its layer rule needs a single tensor "
@@ -715,6 +721,34 @@ class GhostEngine:
             passes.append(_Pass())
         passes[-1].calls.append(call)
 
+    def _record_first_leaf(self, module, tracked: _Tracked, args, kwargs, output) -> None:
+        """A multi-output layer with a rule (attention): the rule reads the first output's gradient."""
+        from torch.utils import _pytree
+
+        leaves = [t for t in _pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+        first = leaves[0]
+        if not first.requires_grad:
+            return
+        call = _Call(module, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs))
+        name = tracked.name
+
+        def refuse(g):
+            call.create_graph = call.create_graph or False
+            self._stray.append(
+                f"an output other than the first of module {name!r} ({type(module).__name__}), e.g. its attention "
+                "weights, reached the loss; its rule reads the first output's gradient only. Call it with "
+                "need_weights=False, or keep the weights out of the loss"
+            )
+
+        for t in leaves[1:]:
+            if t.requires_grad:
+                t.register_hook(refuse)
+        passes = self._passes()
+        if not passes:
+            passes.append(_Pass())
+        passes[-1].calls.append(call)
+        first.register_hook(call.add_grad)
+
     def _check_use(self, param: torch.Tensor) -> None:
         current = self._stack[-1] if self._stack else None
         if current is not None and current in self._owners[param]:
@@ -730,6 +764,8 @@ class GhostEngine:
         )
 
     def _refuse_double_backward(self, passes: list[_Pass]) -> None:
+        if self._stray:
+            raise GhostEngineError(self._stray[0])
         for pas in passes:
             for call in pas.calls:
                 if call.create_graph:
@@ -786,7 +822,7 @@ class GhostEngine:
                 continue  # output did not reach the loss (zero contribution), or contracted in the backward
             tracked = self._tracked[call.module]
             if tracked.covered and not all(q in streamed for q in tracked.covered.values()):
-                computed = call.terms if call.terms is not None else tracked.rule.terms(call.module, call.args[0], call.grad)
+                computed = call.terms if call.terms is not None else tracked.rule.call_terms(call.module, call.args, call.kwargs, call.grad)
                 for attr, term in computed.items():
                     if attr in tracked.covered and tracked.covered[attr] not in streamed:
                         terms.setdefault(tracked.covered[attr], []).append(term)

@@ -73,6 +73,7 @@ DOCTEST_MODULES = [
     "estimators._isolation",
     "estimators._rules",
     "estimators._rules._base",
+    "estimators._rules.attention",
     "estimators._rules.conv",
     "estimators._rules.embedding",
     "estimators._rules.groupnorm",

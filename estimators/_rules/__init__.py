@@ -13,6 +13,6 @@ Example:
 """
 
 from ._base import LayerRule, registered_rules, rule_for
-from . import conv, embedding, groupnorm, layernorm, linear, rmsnorm  # noqa: F401  (registers the built-in rules)
+from . import attention, conv, embedding, groupnorm, layernorm, linear, rmsnorm  # noqa: F401  (registers the built-in rules)
 
 __all__ = ["LayerRule", "registered_rules", "rule_for"]

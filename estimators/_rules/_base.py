@@ -107,6 +107,23 @@ class LayerRule(abc.ABC):
         """
         return None
 
+    #: The layer returns several tensors (``nn.MultiheadAttention``: output and attention weights);
+    #: the rule reads the gradient of the first, and any gradient reaching the others is refused.
+    multi_output: ClassVar[bool] = False
+
+    @classmethod
+    def call_terms(cls, module: nn.Module, args: tuple, kwargs: dict, grad_output: torch.Tensor) -> dict[str, Term]:
+        """Terms of one call from all its inputs; default :meth:`terms` of the first positional input.
+
+        Override for layers with several inputs (attention: query, key, value and masks).
+
+        Example:
+            >>> lin = nn.Linear(3, 2)
+            >>> sorted(rule_for(nn.Linear).call_terms(lin, (torch.ones(4, 3),), {}, torch.ones(4, 2)))
+            ['bias', 'weight']
+        """
+        return cls.terms(module, args[0], grad_output)
+
     @classmethod
     @abc.abstractmethod
     def terms(cls, module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor) -> dict[str, Term]:

@@ -1,5 +1,5 @@
-"""Modules that return several tensors or use their children's parameters: MultiheadAttention,
-TransformerEncoderLayer / DecoderLayer, LSTM, GRU, RNN, valued exactly through the torch.func fallback."""
+"""Modules that return several tensors or use their children's parameters: MultiheadAttention and the
+Transformer layers (a ghost rule), LSTM, GRU, RNN (the torch.func fallback), each valued exactly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 import validation
 from attribution import step_values
-from estimators import GhostEngineError
+from estimators import GhostEngine, GhostEngineError
 from tests._helpers import assert_close
 
 LOSS = nn.functional.cross_entropy
@@ -80,6 +80,23 @@ def test_attention_layers_equal_the_per_sample_oracle(layer):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     phi = step_values(model, opt, LOSS, ((x[:N], mask[:N]), y[:N]), ((x[N:], mask[N:]), y[N:]), linearization="sgd", val_point="current")
     assert_close(phi, _exact_sgd_values(model, (x[:N], mask[:N]), y[:N], ((x[N:], mask[N:]), y[N:]), 0.1), rtol=1e-10, atol=1e-14)
+    GhostEngine(model, strict=True)  # the attention rule covers every parameter: no fallback
+
+
+@pytest.mark.parametrize("path", ["dense", "pairwise", "factored", "materialized"])
+def test_the_attention_rule_takes_every_engine_path(path):
+    torch.manual_seed(0)
+    model = Encoder(nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0, batch_first=True)).double()
+    x, y, mask = _data()
+    engine = GhostEngine(model, path=path, strict=True)
+    with engine.capture_train():
+        LOSS(model((x[:N], mask[:N])), y[:N]).backward()
+    params = [p for p in model.parameters()]
+    with engine.capture_val():
+        val_grads = torch.autograd.grad(LOSS(model((x[N:], mask[N:])), y[N:]), params)
+    phi = engine.values(-0.1, [dict(zip(params, val_grads))])[:, 0]
+    assert engine.paths_taken["layer.self_attn.in_proj_weight"] == ("dense" if path == "dense" else path)
+    assert_close(phi, _exact_sgd_values(model, (x[:N], mask[:N]), y[:N], ((x[N:], mask[N:]), y[N:]), 0.1), rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
@@ -124,5 +141,5 @@ def test_attention_dropout_in_train_mode_is_refused_naming_the_module():
     torch.manual_seed(0)
     model = Encoder(nn.TransformerEncoderLayer(D, 2, 16, dropout=0.1, batch_first=True)).double()
     x, y, mask = _data()
-    with pytest.raises(GhostEngineError, match="random operations"):
+    with pytest.raises(ValueError, match=r"dropout=0.1 in train mode .* build it with dropout=0.0"):
         step_values(model, torch.optim.SGD(model.parameters(), lr=0.1), LOSS, ((x[:N], mask[:N]), y[:N]), ((x[N:], mask[N:]), y[N:]))
