@@ -733,7 +733,6 @@ class GhostEngine:
         name = tracked.name
 
         def refuse(g):
-            call.create_graph = call.create_graph or False
             self._stray.append(
                 f"an output other than the first of module {name!r} ({type(module).__name__}), e.g. its attention "
                 "weights, reached the loss; its rule reads the first output's gradient only. Call it with "

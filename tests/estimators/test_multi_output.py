@@ -143,3 +143,21 @@ def test_attention_dropout_in_train_mode_is_refused_naming_the_module():
     x, y, mask = _data()
     with pytest.raises(ValueError, match=r"dropout=0.1 in train mode .* build it with dropout=0.0"):
         step_values(model, torch.optim.SGD(model.parameters(), lr=0.1), LOSS, ((x[:N], mask[:N]), y[:N]), ((x[N:], mask[N:]), y[N:]))
+
+
+def test_a_gradient_into_the_attention_weights_is_refused():
+    class UsesWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn, self.head = nn.Linear(4, D), nn.MultiheadAttention(D, 2, batch_first=True), nn.Linear(D, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            out, weights = self.attn(h, h, h)  # need_weights=True: averaged attention weights [n, T, T]
+            return self.head(out[:, 0]) + weights[:, 0, :3]
+
+    torch.manual_seed(0)
+    model = UsesWeights().double()
+    x, y, _ = _data()
+    with pytest.raises(GhostEngineError, match="attention weights, reached the loss"):
+        step_values(model, torch.optim.SGD(model.parameters(), lr=0.1), LOSS, (x[:N], y[:N]), (x[N:], y[N:]))
