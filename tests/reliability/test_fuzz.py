@@ -561,7 +561,8 @@ def test_completeness_identity_values_uniform_rescales_and_refuses_edits(case, s
     mass = float(terms.abs().sum()) + 1e-300
     assert_close(phi.sum(0), expected, rtol=0, atol=1e-9 * mass, name="Σ_z φ_z vs −⟨P, param.grad⟩")
     if mass > 1e-200:
-        assert computer.grad_scale == pytest.approx(scale, rel=1e-8) or abs(scale - 1.0) < 1e-9
+        # c comes from the median entry's ratio: exact up to that entry's rounding.
+        assert computer.grad_scale == pytest.approx(scale, rel=1e-6) or abs(scale - 1.0) < 1e-9
     # A non-uniform edit of one parameter is refused when it and some other parameter both carry a
     # non-negligible share of the step (if only one does, the edit is a uniform rescale of all
     # that matters, and the values of the edited step are exact).
