@@ -177,9 +177,7 @@ class StepComputer:
             # Parameters the backward hooks did not contract (fallback, materialized path, unused).
             streamed = self.engine.streamed_params
             slopes = {p: self._stream_slope(p) for p in self.params() if p not in streamed}
-            values = self.engine.values(slopes, self._stream_val_grads, grads=grads, val_losses=self.val_losses, all_reduce=self.all_reduce, world_size=self.world_size)
-            self.grad_scale = self.engine.grad_scale
-            return values.to(torch.float64)
+            return self._checked_values(slopes, self._stream_val_grads, grads)
         lin = optimizers.linearize(optimizer)
         params = [p for p in self.params() if p in lin]
         batch_grads = {p: self._batch_grad(p) for p in params}
@@ -196,10 +194,17 @@ class StepComputer:
         self.engine.clear_val()  # a repeated call on one capture takes the validation passes anew
         with self.engine.capture_val() if self._val_capture_used(slopes) else contextlib.nullcontext():
             val_grads = self.validation_gradients(params, shift)
-        values = self.engine.values(slopes, val_grads, grads=grads, val_losses=self.val_losses, all_reduce=self.all_reduce, world_size=self.world_size)
-        self.grad_scale = self.engine.grad_scale
+        values = self._checked_values(slopes, val_grads, grads)
         if not torch.isfinite(values).all():
             self.nonfinite_cause = _nonfinite_cause(slopes, val_grads, self.engine)
+        return values
+
+    def _checked_values(self, slopes, val_grads, grads) -> torch.Tensor:
+        """The engine's values ``[n, K]`` (float64) with the completeness check against ``grads``; sets :attr:`grad_scale`."""
+        values = self.engine.values(
+            slopes, val_grads, grads=grads, val_losses=self.val_losses, all_reduce=self.all_reduce, world_size=self.world_size
+        )
+        self.grad_scale = self.engine.grad_scale
         return values.to(torch.float64)
 
     def _batch_grad(self, p: torch.Tensor) -> torch.Tensor:

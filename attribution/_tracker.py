@@ -346,8 +346,7 @@ class InRunShapley:
         (Muon on the matrices and AdamW on the rest), and the values would silently leave its
         share of the step out.
         """
-        outside = self._outside_params()
-        marks = {p: p._version for p in outside}
+        marks = _version_marks(self._outside_params())
         moved = [p for p, v in self._outside_marks.items() if p in marks and marks[p] != v]
         self._outside_marks = marks
         if moved:
@@ -377,12 +376,17 @@ class InRunShapley:
                     else ""
                 )
             )
-        ids, blocks = self._pending_ids, self._blocks
+        ids, blocks, marks = self._pending_ids, self._blocks, self._grad_marks
         self._pending_ids, self._blocks, self._grad_marks = [], [], {}
         try:
             self._check_blocks(blocks)
             params = [p for p in self._computer.params() if p.grad is not None]
-            if not _all_finite([p.grad for p in params]):
+            # The gradients the last block left were checked at its end; only edited ones are read again
+            # (no in-place edit turns finite values into inf/NaN without showing in the version counter,
+            # save an overflow in GradScaler's unscale, which the values' own finiteness check catches).
+            unchanged = len(marks) == len(params) and all(marks.get(p) == _grad_mark(p) for p in params)
+            finite = not self._pending_nonfinite if unchanged else _all_finite([p.grad for p in params])
+            if not finite:
                 self._staged = (ids, None, "non-finite gradients (NaN/inf)")
                 return
             try:
@@ -440,7 +444,7 @@ class InRunShapley:
             self._skip(reason)
         else:
             self._ledger.add(ids, values)
-        self._outside_marks = {p: p._version for p in self._outside_params()}
+        self._outside_marks = _version_marks(self._outside_params())
 
     def _skip(self, reason: str) -> None:
         warnings.warn(f"step {self._ledger.steps}: {reason}; this step's values were skipped", NonFiniteStepWarning)
@@ -699,6 +703,11 @@ def _detach(optimizer_ref, pre_hook, post_hook) -> None:
         _TRACKER_HOOKS.get(optimizer, set()).discard(pre_hook.id)
     pre_hook.remove()
     post_hook.remove()
+
+
+def _version_marks(params: list[torch.Tensor]) -> dict[torch.Tensor, int]:
+    """Version counters of parameters: an optimizer's in-place update changes them."""
+    return {p: p._version for p in params}
 
 
 def _grad_mark(p: torch.Tensor) -> tuple[int, int]:

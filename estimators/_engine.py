@@ -1028,7 +1028,8 @@ class GhostEngine:
             for p, ts in terms.items():
                 if p not in paths:
                     continue
-                ts_raw, ts = ts, [t.to(dtype) for t in ts]
+                captured_dtype = _coarsest_dtype(ts) if check is not None else None
+                ts = [t.to(dtype) for t in ts]
                 path = paths[p]
                 for k in range(K):
                     if path is GhostPath.DENSE:
@@ -1046,7 +1047,7 @@ class GhostEngine:
                     out[:, k] -= v
                     if check is not None:
                         t0 = time.perf_counter()
-                        check.add_samples(self._names[p], k, v, captured_dtype=_coarsest_dtype(ts_raw))
+                        check.add_samples(self._names[p], k, v, captured_dtype=captured_dtype)
                         self.check_seconds += time.perf_counter() - t0
             blocks.append(out)
         out = torch.cat(blocks, dim=0)
