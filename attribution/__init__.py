@@ -35,6 +35,7 @@ from ._config import AttributionConfig, EstimatorKind
 from ._ledger import LedgerFileError
 from ._step import step_values
 from ._check import ModelReport, check_model
+from ._step import UnsteppedParameterWarning
 from ._tracker import FallbackWarning, InRunShapley, NonFiniteStepWarning, SkippedStepWarning, TrackerUsageError
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "ModelReport",
     "NonFiniteStepWarning",
     "SkippedStepWarning",
+    "UnsteppedParameterWarning",
     "TrackerUsageError",
     "check_model",
     "step_values",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -135,7 +136,7 @@ class StepComputer:
         self.engine.clear()
         self._stream_slope = self._stream_val_grads = None
 
-    def begin_stream(self, optimizer: torch.optim.Optimizer) -> None:
+    def begin_stream(self, optimizer) -> None:
         """Prepare the coming step's in-backward contraction (``val_point="current"`` only).
 
         Before the training forward, θ_t and the optimizer's state are those of the step, so
@@ -144,7 +145,7 @@ class StepComputer:
         """
         if self.config.val_point is not ValPoint.CURRENT:
             raise ValueError(f"streaming needs val_point='current', not {self.config.val_point.value!r}")
-        stepped = {p for group in optimizer.param_groups for p in group["params"]}
+        stepped = _stepped(optimizer)
         params = [p for p in self.params() if p in stepped]
         lin = optimizers.linearize(optimizer, params=params)
         kind = self.config.linearization
@@ -160,8 +161,10 @@ class StepComputer:
         self.engine.stream(val_grads, slope)
         self._stream_slope, self._stream_val_grads = slope, val_grads
 
-    def step_values(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    def step_values(self, optimizer) -> torch.Tensor:
         """Values ``[n, K]`` (float64) of the captured samples for the step ``optimizer`` is about to take.
+
+        ``optimizer`` is one optimizer or a list of them (each parameter held by one).
 
         ``param.grad`` must hold the gradient the optimizer will use. The completeness identity
         (``GhostEngine.values(..., grads=...)``) is checked for every stepped parameter: a
@@ -170,7 +173,7 @@ class StepComputer:
         stored in :attr:`grad_scale`; anything else raises ``IncompleteGradientError``.
         """
         self.nonfinite_cause = None
-        stepped = {p for group in optimizer.param_groups for p in group["params"]}
+        stepped = _stepped(optimizer)
         attributed = self.engine._names  # every trainable parameter, or those of the attributed modules
         grads = {p: p.grad for p in stepped if p.grad is not None and (p in attributed or self.engine.modules is None)}
         if self._stream_slope is not None:
@@ -215,17 +218,45 @@ class StepComputer:
         """Whether the engine may read a captured validation pass for these slopes.
 
         ``ghost`` (path ``auto``) takes the pairwise path only for a weight whose J is one number
-        (the SGD proxy); with an elementwise J everywhere (Adam) every weight is dense, so the
-        validation activations and output gradients need not be kept.
+        (SGD, the SGD proxy); with a diagonal or operator J everywhere (Adam, Muon) every weight
+        is dense, so the validation activations and output gradients need not be kept.
         """
         if not self.engine.needs_val_capture:
             return False
         if self.config.estimator is not EstimatorKind.GHOST:
             return True
-        return any(
-            (not isinstance(j, torch.Tensor) and j != 0.0) or (isinstance(j, torch.Tensor) and (j.numel() <= 1 or bool((j == j.reshape(-1)[0]).all())))
-            for j in slopes.values()
+        return any((J := optimizers.as_preconditioner(j)).scalar is not None and not J.is_zero for j in slopes.values())
+
+
+class UnsteppedParameterWarning(UserWarning):
+    """A trainable parameter that gets a gradient is held by none of the given optimizers.
+
+    It is valued as not moving (J = 0). If another optimizer steps it (Muon on the matrices and
+    AdamW on the rest), pass that optimizer too: ``InRunShapley(model, [muon, adamw], ...)``.
+    """
+
+
+def warn_unstepped(model: nn.Module, optimizer, params=None, *, stacklevel: int = 3) -> None:
+    """Warn, naming them, about trainable parameters (or ``params``) that no given optimizer holds."""
+    stepped = {id(p) for p in _stepped(optimizer)}
+    candidates = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    wanted = {id(p) for p in candidates}
+    names = [n for n, p in model.named_parameters() if id(p) in wanted and id(p) not in stepped]
+    if names:
+        shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(
+            f"trainable parameter(s) {shown} are held by none of the given optimizers: they count as not moving "
+            "(no sample is credited for them). If another optimizer steps them, pass that optimizer too "
+            "(a list: [muon, adamw]); if they are meant to stay fixed, freeze them with requires_grad_(False)",
+            UnsteppedParameterWarning,
+            stacklevel=stacklevel,
         )
+
+
+def _stepped(optimizer) -> set[torch.Tensor]:
+    """The parameters held by ``optimizer`` (one optimizer or a list of them)."""
+    opts = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+    return {p for opt in opts for group in opt.param_groups for p in group["params"]}
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
@@ -246,7 +277,8 @@ def _nonfinite_cause(slopes, val_grads, engine) -> str:
     """Which input of φ = −⟨J ⊙ ∇L_val, c_z⟩ is not finite, for the skipped-step warning."""
     names = engine._names
     for p, j in slopes.items():
-        if isinstance(j, torch.Tensor) and not torch.isfinite(j).all():
+        d = optimizers.as_preconditioner(j).diagonal
+        if isinstance(d, torch.Tensor) and not torch.isfinite(d).all():
             return f"the optimizer's slope J of parameter {names.get(p, '?')!r} is not finite (NaN/inf in its state)"
     for k, grads in enumerate(val_grads):
         for p, g in grads.items():
@@ -260,7 +292,7 @@ def _nonfinite_cause(slopes, val_grads, engine) -> str:
 
 def step_values(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
     loss_fn: Callable,
     batch: tuple,
     val_batch,
@@ -279,6 +311,9 @@ def step_values(
 
     Args:
         model, optimizer, loss_fn: as in training; ``loss_fn(model(inputs), targets)`` -> scalar.
+            ``optimizer`` may be a list (Muon on the matrices and AdamW on the rest): each
+            parameter must be held by exactly one; a parameter with a gradient that none holds
+            counts as not moving, with an :class:`UnsteppedParameterWarning`.
         batch: ``(inputs, targets)`` with n samples.
         val_batch: ``(inputs, targets)``, or a list of K such batches.
         linearization: ``"tangent"``, ``"secant"`` or ``"sgd"`` (the SGD proxy −lr).
@@ -304,6 +339,7 @@ def step_values(
         (torch.Size([5]), torch.float64)
     """
     config = AttributionConfig(linearization, val_point, estimator)
+    optimizers.as_optimizer_list(optimizer)  # each parameter held by exactly one optimizer
     val_batches, single = as_val_batches(val_batch)
     inputs, targets = batch
     saved_grads = {p: None if p.grad is None else p.grad.detach().clone() for p in model.parameters()}
@@ -315,6 +351,7 @@ def step_values(
             outputs = model(inputs)
             estimators.check_loss_additive(loss_fn, outputs, targets, what="the training batch")
             loss_fn(outputs, targets).backward()
+        warn_unstepped(model, optimizer, [p for p in model.parameters() if p.grad is not None])
         values = computer.step_values(optimizer)
     finally:
         computer.reset()

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 import estimators
+import optimizers
 from estimators import GhostEngineError, IncompleteGradientError, ValPoint
 
 from ._config import AttributionConfig, EstimatorKind
 from ._ledger import Ledger, atomic_save, check_same_validation, load_checked, normalize_ids, val_fingerprint
-from ._step import StepComputer, as_val_batches
+from ._step import StepComputer, UnsteppedParameterWarning, as_val_batches, warn_unstepped
 
 
 #: optimizer -> ids of the step pre-hooks that belong to trackers (several trackers may share one
@@ -65,7 +66,11 @@ class InRunShapley:
     Args:
         model: the model being trained (samples must not interact: BatchNorm with batch
             statistics is refused).
-        optimizer: its ``torch.optim`` optimizer (a registered linearization must exist).
+        optimizer: its ``torch.optim`` optimizer (a registered linearization must exist), or a
+            list of optimizers that each hold part of the parameters (Muon on the matrices and
+            AdamW on the rest); the first of them to step values the whole step, before any of
+            them has moved. A trainable parameter none holds counts as not moving
+            (:class:`UnsteppedParameterWarning` at construction).
         loss_fn: ``loss_fn(model(inputs), targets)`` -> scalar, the same reduction as training;
             used for the validation loss (and for per-sample gradients when ``estimator="materialized"``).
             It must be additive over samples (checked on the validation batch: a loss with
@@ -143,10 +148,13 @@ class InRunShapley:
         if self.stream and self.config.estimator is EstimatorKind.MATERIALIZED:
             raise ValueError("stream=True needs estimator='ghost' or 'ghost-factored'; 'materialized' builds per-sample gradients after the backward")
         self.model = model
+        #: the optimizer as given (one, or a list); ``optimizers`` is always a list
         self.optimizer = optimizer
+        self.optimizers = optimizers.as_optimizer_list(optimizer)
         self.loss_fn = loss_fn
         self.val_batches, self._single_target = as_val_batches(val_batch)
-        _check_optimizer_owns_model(model, optimizer)
+        for opt in self.optimizers:
+            _check_optimizer_owns_model(model, opt)
         module, self._world_size = _unwrap_distributed(model)
         if self.stream and self._world_size > 1:
             raise ValueError(
@@ -157,6 +165,7 @@ class InRunShapley:
             module, loss_fn, self.val_batches, self.config, val_train_mode=val_mode == "train", strict=strict, modules=modules
         )
         _warn_fallback(self._computer.engine)
+        warn_unstepped(module, self.optimizers)
         if self._world_size > 1:
             self._computer.all_reduce, self._computer.world_size = _ddp_all_reduce(model), self._world_size
         _check_val_batches_fit(self._computer)
@@ -171,12 +180,17 @@ class InRunShapley:
         self._staged: tuple[list[Hashable], torch.Tensor | None, str | None] | None = None
         #: version counters of trainable parameters the optimizer does not hold (see _check_outside_params)
         self._outside_marks: dict[torch.Tensor, int] = {}
-        # The optimizer's hooks hold the tracker weakly: a tracker nobody references any more (a
+        #: optimizers of a valued step that have not stepped yet (several optimizers per run)
+        self._awaiting: list[torch.optim.Optimizer] = []
+        # The optimizers' hooks hold the tracker weakly: a tracker nobody references any more (a
         # notebook cell run twice) detaches itself instead of refusing every later step.
-        self._hook = optimizer.register_step_pre_hook(_weak_hook(self, "_before_step"))
-        self._post_hook = optimizer.register_step_post_hook(_weak_hook(self, "_after_step"))
-        _TRACKER_HOOKS.setdefault(optimizer, set()).add(self._hook.id)
-        self._finalizer = weakref.finalize(self, _detach, weakref.ref(optimizer), self._hook, self._post_hook)
+        self._hooks, self._finalizers = {}, []
+        for opt in self.optimizers:
+            pre = opt.register_step_pre_hook(_weak_hook(self, "_before_step"))
+            post = opt.register_step_post_hook(_weak_hook(self, "_after_step"))
+            _TRACKER_HOOKS.setdefault(opt, set()).add(pre.id)
+            self._hooks[opt] = pre
+            self._finalizers.append(weakref.finalize(self, _detach, weakref.ref(opt), pre, post))
         self._closed = False
 
     # ------------------------------------------------------------------ the training-loop API
@@ -205,6 +219,7 @@ class InRunShapley:
             raise ValueError("tracker.batch(ids) got no ids: give one id per sample of the batch (an empty batch has nothing to value)")
         self._drop_untaken_step()
         self._check_no_missed_step()
+        self._awaiting = []
         self._check_outside_params()
         if self.stream:
             if self._pending_ids:
@@ -212,7 +227,7 @@ class InRunShapley:
                     "stream=True values one batch context per optimizer step, but this step already has "
                     f"{len(self._pending_ids)} samples (gradient accumulation); use stream=False to accumulate"
                 )
-            self._computer.begin_stream(self.optimizer)
+            self._computer.begin_stream(self._optimizer_arg)
         start = self._computer.passes_captured()
         self._in_batch = True
         try:
@@ -299,7 +314,7 @@ class InRunShapley:
     def _check_hook_is_last(self, optimizer) -> None:
         """Refuse step pre-hooks registered after ours: they could change the gradient after valuation."""
         ours = _TRACKER_HOOKS.get(optimizer, set())
-        later = [k for k in optimizer._optimizer_step_pre_hooks if k > self._hook.id and k not in ours]
+        later = [k for k in optimizer._optimizer_step_pre_hooks if k > self._hooks[optimizer].id and k not in ours]
         if later:
             raise TrackerUsageError(
                 f"{len(later)} optimizer step pre-hook(s) were registered after InRunShapley's; they run after it "
@@ -309,7 +324,7 @@ class InRunShapley:
             )
 
     def _before_step(self, optimizer, args, kwargs):
-        if optimizer is not self.optimizer:  # pragma: no cover - torch calls the hook of its own optimizer
+        if optimizer not in self._hooks:  # pragma: no cover - torch calls the hook of its own optimizer
             return None
         # torch passes the optimizer itself as args[0]; a positional closure is args[1].
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -319,7 +334,18 @@ class InRunShapley:
                 "complete) before the step. Call step() after the block"
                 + ("; with a closure, put the `with tracker.batch(ids):` block inside the closure" if callable(closure) else "")
             )
+        if any(o is optimizer for o in self._awaiting) and not self._pending_ids:
+            # Another optimizer of this tracker valued the step before any of them moved.
+            self._awaiting = [o for o in self._awaiting if o is not optimizer]
+            self._check_hook_is_last(optimizer)
+            return None
         self._drop_untaken_step()
+        if callable(closure) and len(self.optimizers) > 1:
+            raise TrackerUsageError(
+                "optimizer.step(closure) with several tracked optimizers: each step() would rerun the closure's "
+                "forward and backward. Run the `with tracker.batch(ids):` block and backward first, then call each "
+                "optimizer's step() without a closure"
+            )
         if callable(closure):
             # The closure runs the forward and backward inside step(), before the update: value the
             # step when it returns.
@@ -336,7 +362,7 @@ class InRunShapley:
 
     def _outside_params(self) -> list[torch.Tensor]:
         """Trainable parameters of the model that the tracked optimizer does not hold (valued as not moving)."""
-        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        held = {id(p) for opt in self.optimizers for group in opt.param_groups for p in group["params"]}
         return [p for p in self._computer.params() if id(p) not in held]
 
     def _check_outside_params(self) -> None:
@@ -354,14 +380,20 @@ class InRunShapley:
             shown = ", ".join(repr(names.get(p, "?")) for p in moved[:4]) + (f" and {len(moved) - 4} more" if len(moved) > 4 else "")
             raise TrackerUsageError(
                 f"parameter(s) {shown} changed between steps although the tracked optimizer "
-                f"({type(self.optimizer).__name__}) does not hold them: another optimizer steps them (e.g. Muon on the "
-                "weight matrices and AdamW on the rest). The tracker would value them as not moving and leave their "
-                "share of every step out. Track one optimizer that holds every trained parameter, or freeze the others "
-                "(requires_grad_(False)) while tracking"
+                f"({', '.join(type(o).__name__ for o in self.optimizers)}) does not hold them: another optimizer steps "
+                "them (e.g. Muon on the weight matrices and AdamW on the rest). The tracker would value them as not "
+                "moving and leave their share of every step out. Pass every optimizer of the run "
+                "(InRunShapley(model, [muon, adamw], ...)), or freeze the others (requires_grad_(False)) while tracking"
             )
 
+    @property
+    def _optimizer_arg(self):
+        """What the step computer is given: the optimizer, or the list of them."""
+        return self.optimizers[0] if len(self.optimizers) == 1 else self.optimizers
+
     def _value_step(self, optimizer) -> None:
-        self._check_hook_is_last(optimizer)
+        for opt in self.optimizers:  # every optimizer's later hooks run after the values are taken
+            self._check_hook_is_last(opt)
         self._check_outside_params()
         if not self._pending_ids:
             others = len(_TRACKER_HOOKS.get(optimizer, ())) - 1
@@ -378,6 +410,7 @@ class InRunShapley:
             )
         ids, blocks, marks = self._pending_ids, self._blocks, self._grad_marks
         self._pending_ids, self._blocks, self._grad_marks = [], [], {}
+        self._awaiting = [o for o in self.optimizers if o is not optimizer]
         try:
             self._check_blocks(blocks)
             params = [p for p in self._computer.params() if p.grad is not None]
@@ -390,7 +423,7 @@ class InRunShapley:
                 self._staged = (ids, None, "non-finite gradients (NaN/inf)")
                 return
             try:
-                values = self._computer.step_values(optimizer)
+                values = self._computer.step_values(self._optimizer_arg)
             except IncompleteGradientError as err:
                 raise TrackerUsageError(f"step {self._ledger.steps}: {err}") from err
         finally:
@@ -436,7 +469,7 @@ class InRunShapley:
                 )
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        if optimizer is not self.optimizer or self._staged is None:  # pragma: no cover
+        if optimizer not in self._hooks or self._staged is None:  # pragma: no cover
             return
         ids, values, reason = self._staged
         self._staged = None
@@ -639,8 +672,10 @@ class InRunShapley:
     def close(self) -> None:
         """Remove the optimizer hooks; the tracker keeps its values but records nothing more."""
         if not self._closed:
-            _TRACKER_HOOKS.get(self.optimizer, set()).discard(self._hook.id)
-            self._finalizer()
+            for opt, pre in self._hooks.items():
+                _TRACKER_HOOKS.get(opt, set()).discard(pre.id)
+            for fin in self._finalizers:
+                fin()
             self._clear_pending()
             self._closed = True
 

@@ -36,6 +36,7 @@ from ._config import Factorization, GhostPath, parse_enum
 from ._factorize import factored_error, rank_one
 from ._factors import Bilinear, OneHotFactor, PerSample, Term
 from ._rules import LayerRule, registered_rules, rule_for
+from optimizers._preconditioner import Preconditioner, as_preconditioner
 
 
 class UncoveredParameterError(ValueError):
@@ -193,7 +194,9 @@ class _Capture:
         self._engine._stop()
 
 
-JLike = float | Mapping[torch.Tensor, "torch.Tensor | float"]
+#: What ``values`` accepts as J: one float for every parameter, or a mapping parameter -> applied
+#: preconditioner (``optimizers.Preconditioner``), elementwise slopes (tensor) or float.
+JLike = float | Mapping[torch.Tensor, "Preconditioner | torch.Tensor | float"]
 
 
 class GhostEngine:
@@ -518,9 +521,9 @@ class GhostEngine:
         # No parameter-use checks here (nothing is differentiated): skip the capture's
         # TorchFunctionMode, whose Python dispatch would otherwise wrap every elementwise op of J.
         with torch.no_grad(), torch._C.DisableTorchFunction():
-            J = s.slope(p)
+            J = as_preconditioner(s.slope(p))
             s.done[p] = p.grad
-            if not isinstance(J, torch.Tensor) and float(J) == 0.0:
+            if J.is_zero:
                 return  # the step does not move p: no contribution
             # Every owner of a streamed parameter covers it (see _streamable).
             calls = [c for c in pas.calls if c.grad is not None and c.module in self._owners[p]]
@@ -535,11 +538,15 @@ class GhostEngine:
                 n = self._pass_n(pas)
                 if s.out is None:
                     s.out = torch.zeros(n, len(s.val_grads), dtype=s.dtype, device=p.device)
-                J = J.detach().to(s.dtype) if isinstance(J, torch.Tensor) else float(J)
-                factored = self._forced_path(name) is GhostPath.FACTORED and all(isinstance(t, Bilinear) for t in terms)
+                J = J.to(s.dtype)
+                factored = (
+                    self._forced_path(name) is GhostPath.FACTORED
+                    and J.diagonal is not None
+                    and all(isinstance(t, Bilinear) for t in terms)
+                )
                 if factored:
                     R, C = terms[0].rows.size, terms[0].cols.size
-                    Jm = _as_tensor(J, p, s.dtype).reshape(R, C)
+                    Jm = J.dense_diagonal(p.shape, s.dtype, p.device).reshape(R, C)
                     sigma, r, sv = rank_one(Jm, self.factorization)
                     self.factored_errors[name] = factored_error(Jm, self.factorization)
                 for k, G in enumerate(s.val_grads):
@@ -992,7 +999,7 @@ class GhostEngine:
         dtype = stream.dtype if stream is not None else self._compute_dtype(params or list(self._names))
         Js = {p: self._J_of(J, p, dtype) for p in params}
         # J = 0 exactly (a trainable parameter the optimizer does not step): no contribution.
-        params = [p for p in params if isinstance(Js[p], torch.Tensor) or Js[p] != 0.0]
+        params = [p for p in params if not Js[p].is_zero]
         device = params[0].device if params else next(iter(self._names)).device
 
         paths: dict[torch.Tensor, GhostPath | str] = {}
@@ -1120,8 +1127,8 @@ class GhostEngine:
                 elif path is not None:
                     Pk = P[k][p]
                 else:
-                    Jp = self._J_of(J, p, dtype) if not isinstance(J, Mapping) or p in J else 0.0
-                    if not isinstance(Jp, torch.Tensor) and Jp == 0.0:
+                    Jp = self._J_of(J, p, dtype) if not isinstance(J, Mapping) or p in J else as_preconditioner(0.0)
+                    if Jp.is_zero:
                         break  # the step does not move p
                     if val_grads is not None and p in val_grads[k]:
                         G = val_grads[k][p].to(dtype)
@@ -1141,7 +1148,7 @@ class GhostEngine:
             else:
                 G = sum(v.total(torch.Size((R, C))) for v in vs)
             if path is GhostPath.PAIRWISE:
-                Pt = _scalar(Jp) * G
+                Pt = Jp.scalar * G
             else:
                 sigma, r, s = factors[key]
                 Pt = sigma * (r.unsqueeze(1) * G * s.unsqueeze(0))
@@ -1163,13 +1170,13 @@ class GhostEngine:
         R, C = t.rows.size, t.cols.size
         key = (p, R, C)
         if path is GhostPath.FACTORED and key not in factors:
-            Jm = _as_tensor(Jp, p, dtype).reshape(R, C)
+            Jm = Jp.dense_diagonal(p.shape, dtype, p.device).reshape(R, C)
             factors[key] = rank_one(Jm, self.factorization)
             self.factored_errors[self._names[p]] = factored_error(Jm, self.factorization)
         if t.dense_cost() + R * C < sum(t.pairwise_cost(v) for v in vs):
             return t.dense_values(self._ptilde(p, k, path, Jp, val_grads, vs, dtype, factors, cache, R, C))
         if path is GhostPath.PAIRWISE:
-            return _scalar(Jp) * sum(t.pairwise_values(v) for v in vs)
+            return Jp.scalar * sum(t.pairwise_values(v) for v in vs)
         sigma, r, s = factors[key]
         scaled = Bilinear(t.rows.scaled(r), t.cols.scaled(s))
         return sigma * sum(scaled.pairwise_values(v) for v in vs)
@@ -1185,9 +1192,10 @@ class GhostEngine:
             )
         return dtypes.pop()
 
-    def _J_of(self, J: JLike, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
+    def _J_of(self, J: JLike, p: torch.Tensor, dtype: torch.dtype) -> Preconditioner:
+        """J of ``p`` as an applied preconditioner computing in ``dtype`` (floats and tensors are wrapped)."""
         if isinstance(J, (int, float)) and not isinstance(J, bool):
-            return float(J)
+            return as_preconditioner(float(J))
         if isinstance(J, Mapping):
             if p not in J:
                 raise ValueError(
@@ -1205,9 +1213,11 @@ class GhostEngine:
                         f"J for parameter {self._names[p]!r} has shape {tuple(value.shape)}, which does not broadcast "
                         f"to the parameter's shape {tuple(p.shape)}"
                     )
-                return value.detach().to(dtype)
-            return float(value)
-        raise TypeError(f"J must be a float or a mapping parameter -> tensor/float, got {type(J).__name__}")
+            try:
+                return as_preconditioner(value).to(dtype)
+            except TypeError as e:
+                raise TypeError(f"J for parameter {self._names[p]!r}: {e}") from None
+        raise TypeError(f"J must be a float or a mapping parameter -> preconditioner/tensor/float, got {type(J).__name__}")
 
     def _forced_path(self, name: str) -> GhostPath:
         """The path asked for parameter ``name``: its own ``layer_paths`` entry, its module's, or ``path``."""
@@ -1222,7 +1232,12 @@ class GhostEngine:
             not isinstance(v, Bilinear) for vt in val_terms for v in vt.get(p, [])
         ):
             return GhostPath.DENSE  # materialized parameters (bias, norms, fallback): J exactly
-        scalar = _scalar(Jp) is not None
+        scalar = Jp.scalar is not None
+        if forced is GhostPath.FACTORED and Jp.diagonal is None:
+            raise ValueError(
+                f"path 'factored' fits a rank-one matrix to an elementwise J, but J of parameter {name!r} is a "
+                f"{Jp.kind} (a linear map that couples the weight's entries); use path='dense', which applies it exactly"
+            )
         if forced in (GhostPath.PAIRWISE, GhostPath.FACTORED) and not have_val:
             raise GhostEngineError(
                 f"path {forced.value!r} for parameter {name!r} needs the validation pass captured: run the K "
@@ -1231,7 +1246,8 @@ class GhostEngine:
             )
         if forced is GhostPath.PAIRWISE and not scalar:
             raise ValueError(
-                f"path 'pairwise' is exact only for a scalar J, but J of parameter {name!r} varies across entries; "
+                f"path 'pairwise' is exact only for a scalar J, but J of parameter {name!r} is a {Jp.kind} that is not "
+                "one number; "
                 "use path='dense' (exact for any diagonal J) or path='factored' (rank-one approximation)"
             )
         if forced is not GhostPath.AUTO:
@@ -1336,26 +1352,11 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
-def _scalar(J: torch.Tensor | float) -> float | None:
-    """J as a float if it is one value everywhere, else None."""
-    if not isinstance(J, torch.Tensor):
-        return float(J)
-    flat = J.reshape(-1)
-    if flat.numel() and bool((flat == flat[0]).all()):
-        return float(flat[0])
-    return None
-
-
-def _as_tensor(J: torch.Tensor | float, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(J, torch.Tensor):
-        return J.to(dtype).expand(p.shape)
-    return torch.full(p.shape, J, dtype=dtype, device=p.device)
-
-
-def _precondition(J: torch.Tensor | float, g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def _precondition(J: Preconditioner, g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """P = Jᵀ g, the preconditioned validation gradient (shape ``shape``)."""
     if g.shape != shape:
         raise ValueError(f"a validation gradient has shape {tuple(g.shape)} but its parameter has shape {tuple(shape)}")
-    return J * g
+    return J.apply(g)
 
 
 def _leading_batch(args, kwargs) -> int | None:

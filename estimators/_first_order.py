@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from optimizers._preconditioner import Preconditioner, as_preconditioner
+
 from ._checks import check_samples_independent
 from ._config import LinearizationKind, PerSampleMethod, Reduction, ValPoint, parse_enum
 from ._per_sample import PerSampleGrads, sample_contributions
@@ -45,10 +47,11 @@ def _check_pair(batch: Any) -> None:
         )
 
 
-def preconditioning(lin: Any, param: torch.Tensor, batch_grad: torch.Tensor, kind: LinearizationKind | str) -> torch.Tensor | float:
-    """The preconditioning map J of ``param`` for one step, elementwise.
+def preconditioning(lin: Any, param: torch.Tensor, batch_grad: torch.Tensor, kind: LinearizationKind | str) -> Preconditioner:
+    """The applied preconditioner Jᵀ of ``param`` for one step (what every estimator consumes).
 
-    * tangent: J = ∂Δ/∂g at g_B;  * secant: J = (Δ(g_B) − Δ(0)) ⊘ g_B;  * sgd: J = −η.
+    * tangent: J = ∂Δ/∂g at g_B;  * secant: J = ∫₀¹ ∂Δ/∂g(s g_B) ds, for elementwise rules the
+      chord (Δ(g_B) − Δ(0)) ⊘ g_B;  * sgd: J = −η.
 
     Args:
         lin: a linearization (``optimizers.linearize(optimizer)``) read before ``step()``.
@@ -56,18 +59,27 @@ def preconditioning(lin: Any, param: torch.Tensor, batch_grad: torch.Tensor, kin
         batch_grad: the batch gradient g_B of ``param`` (what ``param.grad`` holds), shape ``S``.
         kind: a :class:`LinearizationKind` or its string value.
     Returns:
-        A tensor of shape ``S`` (tangent, secant) or a Python float (sgd).
+        An ``optimizers.Preconditioner``: ``Scalar`` (sgd), ``Diagonal`` (elementwise rules) or
+        ``Operator`` (Muon, Adafactor); ``.apply(v)`` gives Jᵀ v, shape ``S``.
     Raises:
         ValueError: ``kind`` is not one of the accepted values.
     Example:
-        >>> J = preconditioning(lin, w, w.grad, "secant")  # doctest: +SKIP
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+        >>> opt = torch.optim.Adam([w], lr=0.1); w.grad = torch.tensor([0.3, -0.1], dtype=torch.float64)
+        >>> import optimizers
+        >>> J = preconditioning(optimizers.linearize(opt), w, w.grad, "secant")
+        >>> J.kind, J.apply(torch.ones(2, dtype=torch.float64)).shape
+        ('diagonal', torch.Size([2]))
     """
     kind = parse_enum(LinearizationKind, kind, "kind")
+    if hasattr(lin, "preconditioner"):
+        return lin.preconditioner(param, batch_grad, kind.value)
+    # A duck-typed linearization with tensor slopes only (tangent/secant/learning_rate).
     if kind is LinearizationKind.TANGENT:
-        return lin.tangent(param, batch_grad)
+        return as_preconditioner(lin.tangent(param, batch_grad))
     if kind is LinearizationKind.SECANT:
-        return lin.secant(param, batch_grad)
-    return -float(lin.learning_rate(param))
+        return as_preconditioner(lin.secant(param, batch_grad))
+    return as_preconditioner(-float(lin.learning_rate(param)))
 
 
 def val_point_shift(
@@ -91,8 +103,9 @@ def val_point_shift(
         params: the parameters to shift (those covered by ``lin``; others do not move in a step).
         batch_grads: g_B per parameter; ``None`` reads ``param.grad``.
         val_point: a :class:`ValPoint` or its string value.
-        secant: optional secant slopes per parameter (``preconditioning(lin, p, g_B, "secant")``
-            at the same g_B, before any rescaling); parameters missing from it use two updates.
+        secant: optional secant preconditioners per parameter (``preconditioning(lin, p, g_B, "secant")``
+            at the same g_B, before any rescaling); parameters missing from it, and operator
+            secants (whose J g_B is a quadrature, not Δ(g_B) − Δ(0) to the last digit), use two updates.
     Returns:
         ``None`` for ``current``, else a dict parameter -> shift (shape of the parameter).
     Raises:
@@ -111,8 +124,9 @@ def val_point_shift(
                 f"parameter of shape {tuple(p.shape)} has no batch gradient; pass it in batch_grads "
                 "or run backward() first, or leave it out of params"
             )
-        if secant is not None and p in secant:
-            chord = secant[p] * g  # Δ(g_B) − Δ(0)
+        diagonal = None if secant is None or p not in secant else as_preconditioner(secant[p]).diagonal
+        if diagonal is not None:
+            chord = diagonal * g  # Δ(g_B) − Δ(0)
             step = torch.add(lin.update(p, torch.zeros_like(g)), chord, alpha=0.5 if val_point is ValPoint.MIDPOINT else 1.0)
         else:
             step = lin.update(p, g)
@@ -208,11 +222,12 @@ def validation_gradients(
     return out
 
 
-def preconditioned_val_grad(J: torch.Tensor | float, val_grad: torch.Tensor) -> torch.Tensor:
-    """P = J ⊙ ∇L_val, the preconditioned validation gradient of one parameter.
+def preconditioned_val_grad(J: Preconditioner | torch.Tensor | float, val_grad: torch.Tensor) -> torch.Tensor:
+    """P = Jᵀ ∇L_val, the preconditioned validation gradient of one parameter.
 
     Args:
-        J: the preconditioning map, a tensor broadcastable to ``val_grad`` or a float.
+        J: an applied preconditioner, or elementwise slopes (a tensor broadcastable to
+            ``val_grad``) or a float.
         val_grad: ∇L_val of the parameter, shape ``S``.
     Returns:
         P, shape ``S``, in ``val_grad``'s dtype.
@@ -233,7 +248,7 @@ def preconditioned_val_grad(J: torch.Tensor | float, val_grad: torch.Tensor) -> 
                 f"{tuple(val_grad.shape)}; pass J with the parameter's shape or a float"
             )
         return J.to(val_grad.dtype) * val_grad
-    return float(J) * val_grad
+    return as_preconditioner(J).apply(val_grad)
 
 
 def first_order_values(

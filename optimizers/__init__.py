@@ -14,6 +14,7 @@ Example (for SGD every slope is −η, the original In-Run Data Shapley precondi
     True
 """
 
+from ._autograd import UpdateJumpError, gauss_legendre
 from ._base import (
     OptimizerLinearization,
     ParamState,
@@ -23,6 +24,8 @@ from ._base import (
     linearize,
     registered,
 )
+from ._group import LinearizationGroup, as_optimizer_list
+from ._preconditioner import Diagonal, Operator, Preconditioner, Scalar, as_preconditioner
 from .adagrad import AdagradLinearization, AdagradState
 from .adam import AdamLinearization, AdamState, AdamWLinearization
 from .rmsprop import RMSpropLinearization, RMSpropState
@@ -34,14 +37,23 @@ __all__ = [
     "AdamLinearization",
     "AdamState",
     "AdamWLinearization",
+    "Diagonal",
+    "LinearizationGroup",
+    "Operator",
     "OptimizerLinearization",
     "ParamState",
+    "Preconditioner",
     "RMSpropLinearization",
     "RMSpropState",
     "SGDLinearization",
     "SGDState",
+    "Scalar",
     "StaleStateError",
     "UnsupportedOptimizerError",
+    "UpdateJumpError",
+    "as_optimizer_list",
+    "as_preconditioner",
+    "gauss_legendre",
     "linearization_class",
     "linearize",
     "registered",

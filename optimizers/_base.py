@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import sympy
 import torch
+
+from ._preconditioner import Diagonal, Preconditioner, Scalar
 
 _REGISTRY: dict[type[torch.optim.Optimizer], type[OptimizerLinearization]] = {}
 _HALF = (torch.float16, torch.bfloat16)
@@ -161,6 +163,15 @@ class OptimizerLinearization(abc.ABC):
     optimizer_class: ClassVar[type[torch.optim.Optimizer]]
     #: Param-group keys that change the maths in ways the subclass does not model.
     refused_flags: ClassVar[tuple[str, ...]] = ("capturable", "differentiable")
+    #: ``"elementwise"``: Δ acts coordinate by coordinate, J is diagonal (``tangent``/``secant``
+    #: return it as a tensor). ``"operator"``: Δ couples a parameter's entries (Muon, Adafactor);
+    #: J is only applied (VJPs of :meth:`update_rule`), see :meth:`preconditioner`.
+    structure: ClassVar[str] = "elementwise"
+    #: Operator secants: Gauss–Legendre nodes to start with, the most to refine to, and the largest
+    #: accepted efficiency gap (``None``: 1e-9 in float64, 1e-4 in float32).
+    secant_nodes: ClassVar[int] = 8
+    secant_max_nodes: ClassVar[int] = 64
+    secant_tolerance: ClassVar[float | None] = None
 
     def __init_subclass__(cls, optimizer: type[torch.optim.Optimizer] | None = None, replace: bool = False, **kw):
         super().__init_subclass__(**kw)
@@ -298,12 +309,13 @@ class OptimizerLinearization(abc.ABC):
         """
 
     @classmethod
-    @abc.abstractmethod
     def tangent_rule(cls, theta: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
         """J = ∂Δ/∂g elementwise at ``grad``; finite for finite input.
 
         Shapes and dtypes as :meth:`update_rule`. Where the closed form is 0/0 (Adam with
-        v̂ = 0 and g = 0) the subclass returns the limit, never NaN.
+        v̂ = 0 and g = 0) the subclass returns the limit, never NaN. The default derives it
+        from :meth:`update_rule` by one forward-mode JVP along a ones vector (exact for an
+        elementwise rule); closed forms override it for speed and for their limits.
 
         Example:
             >>> from optimizers import AdamLinearization, AdamState
@@ -312,6 +324,14 @@ class OptimizerLinearization(abc.ABC):
             >>> bool(torch.isfinite(J).all()), bool(J[0].abs() < 1e-6)   # step 1: sign descent, flat slope
             (True, True)
         """
+        if cls.structure != "elementwise":
+            raise TypeError(
+                f"{cls.__name__} models a non-elementwise update (structure={cls.structure!r}); its tangent is an "
+                "operator: use lin.preconditioner(param, grad, 'tangent').apply(v)"
+            )
+        from ._autograd import tangent_diagonal
+
+        return tangent_diagonal(lambda x: cls.update_rule(theta, x, state), grad)
 
     @classmethod
     def secant_rule(cls, theta: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
@@ -337,9 +357,11 @@ class OptimizerLinearization(abc.ABC):
         return torch.where(zero, cls.tangent_rule(theta, grad, state), chord / safe)
 
     @classmethod
-    @abc.abstractmethod
     def symbolic_update(cls, g: sympy.Symbol, theta: sympy.Symbol, state: ParamState) -> sympy.Expr:
-        """Δ for one coordinate as a sympy expression in ``g`` and ``theta``.
+        """Δ for one coordinate as a sympy expression in ``g`` and ``theta`` (optional).
+
+        Without it (the default raises ``NotImplementedError``) the conformance check compares
+        the slopes with finite differences of the real ``step()`` instead of sympy.
 
         ``state`` is a :class:`ParamState` whose tensor fields were replaced by sympy symbols
         (or ``None`` where the state does not exist yet). Write it as a literal transcription
@@ -352,6 +374,7 @@ class OptimizerLinearization(abc.ABC):
             >>> SGDLinearization.symbolic_update(g, theta, SGDState(lr=0.5, weight_decay=0.1))
             -0.5*g - 0.05*theta
         """
+        raise NotImplementedError(f"{cls.__name__} has no sympy model (symbolic_update is optional)")
 
     @classmethod
     def sample_hyperparameters(cls, rng) -> dict[str, Any]:
@@ -459,6 +482,7 @@ class OptimizerLinearization(abc.ABC):
             >>> torch.allclose(lin.tangent(w, w.grad), fd, rtol=1e-6)
             True
         """
+        self._refuse_operator("tangent")
         return self.tangent_rule(*self._inputs(param, grad))
 
     def secant(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -483,7 +507,70 @@ class OptimizerLinearization(abc.ABC):
             >>> torch.allclose(lin.secant(w, g) * g, lin.update(w, g) - lin.update(w, torch.zeros_like(g)))
             True
         """
+        self._refuse_operator("secant")
         return self.secant_rule(*self._inputs(param, grad))
+
+    def _refuse_operator(self, kind: str) -> None:
+        if self.structure != "elementwise":
+            raise TypeError(
+                f"{type(self).__name__} models a non-elementwise update (structure={self.structure!r}): its {kind} is a "
+                f"linear map, not a tensor of slopes. Use lin.preconditioner(param, grad, {kind!r}).apply(v), which "
+                "every estimator consumes"
+            )
+
+    def preconditioner(self, param: torch.Tensor, grad: torch.Tensor, kind: Any = "tangent") -> Preconditioner:
+        """The applied preconditioner Jᵀ of ``param`` for this step: what every estimator consumes.
+
+        * ``"tangent"``: J = ∂Δ/∂g at ``grad``;
+        * ``"secant"``: J = ∫₀¹ ∂Δ/∂g(s·grad) ds (the chord (Δ(g) − Δ(0)) ⊘ g for elementwise rules),
+          whose values add up to −⟨∇L_val, Δ(g_B) − Δ(0)⟩;
+        * ``"sgd"``: J = −η (the original In-Run Data Shapley proxy).
+
+        Elementwise rules give a :class:`Diagonal`, the SGD proxy a :class:`Scalar`, operator rules
+        (``structure = "operator"``) an :class:`Operator` applying VJPs of :meth:`update_rule`
+        (the secant by Gauss–Legendre quadrature with its efficiency check).
+
+        Args:
+            param: a covered parameter, shape ``S``.
+            grad: the batch gradient g_B, shape ``S``.
+            kind: ``"tangent"``, ``"secant"`` or ``"sgd"`` (or a ``LinearizationKind``).
+        Returns:
+            A :class:`Preconditioner`; ``.apply(v)`` maps ``[*S]`` to ``[*S]``.
+        Raises:
+            ValueError: unknown ``kind``.
+            UpdateJumpError: ``"secant"`` of an operator rule whose update jumps at g = 0.
+            KeyError, StaleStateError: as :meth:`update`.
+        Example:
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+            >>> opt = torch.optim.Adam([w], lr=0.1); w.grad = torch.tensor([0.3, -0.1], dtype=torch.float64)
+            >>> lin = linearize(opt)
+            >>> P = lin.preconditioner(w, w.grad, "tangent")
+            >>> P.kind, torch.allclose(P.apply(torch.ones(2, dtype=torch.float64)), lin.tangent(w, w.grad))
+            ('diagonal', True)
+            >>> lin.preconditioner(w, w.grad, "sgd")
+            Scalar(-0.1)
+        """
+        kind = str(getattr(kind, "value", kind))
+        if kind == "sgd":
+            return Scalar(-float(self.learning_rate(param)))
+        if kind not in ("tangent", "secant"):
+            raise ValueError(f"kind must be 'tangent', 'secant' or 'sgd', got {kind!r}")
+        if self.structure == "elementwise":
+            return Diagonal(self.tangent(param, grad) if kind == "tangent" else self.secant(param, grad))
+        from ._autograd import secant_operator, tangent_operator
+
+        theta, g, state = self._inputs(param, grad)
+        cls = type(self)
+
+        def update(x: torch.Tensor) -> torch.Tensor:
+            return cls.update_rule(theta, x, state)
+
+        if kind == "tangent":
+            return tangent_operator(update, g)
+        return secant_operator(
+            update, g, nodes=self.secant_nodes, max_nodes=self.secant_max_nodes, tolerance=self.secant_tolerance,
+            what=f"a {cls.optimizer_class.__name__} parameter of shape {tuple(param.shape)}",
+        )
 
     def learning_rate(self, param: torch.Tensor) -> float:
         """The learning rate of ``param``'s group at linearization time (the SGD proxy is J = −lr).
@@ -547,6 +634,20 @@ def registered() -> dict[type[torch.optim.Optimizer], type[OptimizerLinearizatio
     return dict(_REGISTRY)
 
 
+#: torch.optim classes refused by design, with the reason.
+_NOT_FIRST_ORDER = {
+    "LBFGS": (
+        "its step runs a line search that re-evaluates the loss through a closure several times, so the update is "
+        "not a function of one batch gradient under a fixed state, and no per-step first-order game exists. Train "
+        "with a first-order optimizer while tracking"
+    ),
+    "SparseAdam": (
+        "it steps only the rows of sparse gradients (nn.Embedding(sparse=True)), and per-sample contributions are "
+        "captured for dense gradients only. Use nn.Embedding(sparse=False) with Adam or AdamW"
+    ),
+}
+
+
 def linearization_class(optimizer_class: type[torch.optim.Optimizer]) -> type[OptimizerLinearization]:
     """The registered linearization class for ``optimizer_class`` (exact type match).
 
@@ -563,6 +664,11 @@ def linearization_class(optimizer_class: type[torch.optim.Optimizer]) -> type[Op
     try:
         return _REGISTRY[optimizer_class]
     except KeyError:
+        reason = _NOT_FIRST_ORDER.get(optimizer_class.__name__)
+        if reason is not None and optimizer_class.__module__.startswith("torch.optim"):
+            raise UnsupportedOptimizerError(
+                f"torch.optim.{optimizer_class.__name__} is not linearized: {reason}"
+            ) from None
         names = ", ".join(sorted(c.__name__ for c in _REGISTRY))
         raise UnsupportedOptimizerError(
             f"no linearization is registered for {optimizer_class.__module__}.{optimizer_class.__name__} "
@@ -573,9 +679,16 @@ def linearization_class(optimizer_class: type[torch.optim.Optimizer]) -> type[Op
 
 
 def linearize(
-    optimizer: torch.optim.Optimizer, *, copy_state: bool = False, params: Iterable[torch.Tensor] | None = None
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    *,
+    copy_state: bool = False,
+    params: Iterable[torch.Tensor] | None = None,
 ) -> OptimizerLinearization:
     """The linearization of ``optimizer``'s CURRENT state, for every parameter that has a gradient.
+
+    Several optimizers (a list: Muon on the matrices, AdamW on the rest) give a
+    ``LinearizationGroup`` answering per parameter with the linearization of the optimizer
+    holding it; each parameter must be held by exactly one of them.
 
     Call it after ``backward()`` and before ``optimizer.step()``. By default it keeps
     references to the optimizer's state tensors (no memory cost) and raises
@@ -601,8 +714,16 @@ def linearize(
         >>> lin.update(w, w.grad)  # Adam's first step is about -lr * sign(g)
         tensor([-0.1000,  0.1000, -0.0000])
     """
+    if isinstance(optimizer, (list, tuple)):
+        from ._group import LinearizationGroup, as_optimizer_list, split_params
+
+        opts = as_optimizer_list(optimizer)
+        parts = [None] * len(opts) if params is None else split_params(opts, params)
+        return LinearizationGroup(
+            [linearization_class(type(o)).from_optimizer(o, copy_state=copy_state, params=ps) for o, ps in zip(opts, parts)]
+        )
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"linearize() expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        raise TypeError(f"linearize() expects a torch.optim.Optimizer (or a list of them), got {type(optimizer).__name__}")
     return linearization_class(type(optimizer)).from_optimizer(optimizer, copy_state=copy_state, params=params)
 
 

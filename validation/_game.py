@@ -234,20 +234,27 @@ def _loop_utilities(
     """Reference path: a fresh deep copy of (model, optimizer) per coalition, one real step."""
     rows = []
     for i in range(m):
-        # One deepcopy of the pair shares the memo, so the copied optimizer steps the copied model.
-        model2, opt2 = copy.deepcopy((model, optimizer))
-        for group in opt2.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        # One deepcopy shares the memo, so the copied optimizers step the copied model.
+        model2, opts2 = copy.deepcopy((model, _as_list(optimizer)))
+        for opt2 in opts2:
+            for group in opt2.param_groups:
+                for p in group["params"]:
+                    p.grad = None
         named = dict(model2.named_parameters())
         for name, g in grads.items():
             named[name].grad = g[i].clone()
-        opt2.step()
+        for opt2 in opts2:
+            opt2.step()
         losses = _val_losses(model2, loss_fn, val_batches, val_train_mode)
         rows.append(base - losses.double())
         if bar is not None:
             bar.update(1)
     return torch.stack(rows) if rows else base.new_zeros(0, len(val_batches))
+
+
+def _as_list(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """One optimizer or several (each parameter held by one: Muon on the matrices, AdamW on the rest)."""
+    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
 
 
 def _subset_grads(contribs: Mapping[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
@@ -275,8 +282,12 @@ def _evaluate(
     model's own mode. Neither leaves a trace on the model or the global RNG.
     """
     path = _as_path(path)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+    opts = _as_list(optimizer)
+    for opt in opts:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer (or a list of them), got {type(opt).__name__}.")
+    if len(opts) == 1:
+        optimizer = opts[0]
     if not isinstance(val_train_mode, bool):
         raise TypeError(
             f"val_train_mode must be a bool, got {val_train_mode!r}. Fix: False (default: the validation loss "
@@ -302,10 +313,11 @@ def _evaluate(
     params = {name: p.detach() for name, p in live.items()}
     m = subsets.shape[0]
 
-    stackable = type(optimizer) in _STACKABLE
+    stackable = len(opts) == 1 and type(opts[0]) in _STACKABLE
     if path is StepPath.STACKED and not stackable:
+        what = type(opts[0]).__name__ if len(opts) == 1 else f"a list of {len(opts)} optimizers"
         raise ValueError(
-            f"path='stacked' needs an optimizer whose step is elementwise; {type(optimizer).__name__} is not "
+            f"path='stacked' needs one optimizer whose step is elementwise; {what} is not "
             f"in the allow-list {[c.__name__ for c in STACKABLE_OPTIMIZERS]} (exact types). "
             "Fix: use path='auto' or 'loop' (deep copy per coalition, slower)."
         )
@@ -375,6 +387,7 @@ def utility(
 
     Args:
         model, optimizer: as in training, just before ``optimizer.step()``; never modified.
+            ``optimizer`` may be a list (each parameter held by one), valued on the loop path.
         loss_fn: ``loss_fn(model(inputs), targets)`` -> scalar mean or sum (training and validation).
         batch: the training batch ``(inputs, targets)`` with ``n`` samples.
         val_batch: ``(inputs, targets)``, or a list of K such batches (one column each).
@@ -435,6 +448,7 @@ def leave_one_out(
 
     Args:
         model, optimizer: as in training, just before ``optimizer.step()``; never modified.
+            ``optimizer`` may be a list (each parameter held by one), valued on the loop path.
         loss_fn: ``loss_fn(model(inputs), targets)`` -> scalar mean or sum over samples.
         batch: the training batch ``(inputs, targets)`` with ``n`` samples.
         val_batch: ``(inputs, targets)``, or a list of K such batches.

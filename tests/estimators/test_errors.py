@@ -63,7 +63,8 @@ def test_unknown_mode_strings_list_the_accepted_values(call, accepted):
 
 
 def test_kinds_accept_members_and_strings():
-    assert E.preconditioning(FakeLin(), torch.ones(1), torch.ones(1), E.LinearizationKind.SGD) == -0.1
+    assert E.preconditioning(FakeLin(), torch.ones(1), torch.ones(1), E.LinearizationKind.SGD).scalar == -0.1
+    assert E.preconditioning(FakeLin(), torch.ones(1), torch.ones(1), "sgd").kind == "scalar"
 
 
 # ---------------------------------------------------------------- engine construction

@@ -71,9 +71,14 @@ def test_preconditioning_kinds_read_the_linearization():
     token_ce(model(x), y).backward()
     lin = optimizers.linearize(opt)
     p = model.mix.weight
-    assert_close(E.preconditioning(lin, p, p.grad, "tangent"), lin.tangent(p, p.grad))
-    assert_close(E.preconditioning(lin, p, p.grad, E.LinearizationKind.SECANT), lin.secant(p, p.grad))
-    assert E.preconditioning(lin, p, p.grad, "sgd") == -1e-2
+    tangent, secant = E.preconditioning(lin, p, p.grad, "tangent"), E.preconditioning(lin, p, p.grad, E.LinearizationKind.SECANT)
+    assert (tangent.kind, secant.kind) == ("diagonal", "diagonal")
+    assert_close(tangent.diagonal, lin.tangent(p, p.grad))
+    assert_close(secant.diagonal, lin.secant(p, p.grad))
+    v = torch.randn_like(p)
+    assert_close(tangent.apply(v), lin.tangent(p, p.grad) * v)
+    sgd = E.preconditioning(lin, p, p.grad, "sgd")
+    assert (sgd.kind, sgd.scalar) == ("scalar", -1e-2)
 
 
 @pytest.mark.parametrize("val_point", ["lookahead", "midpoint"])

@@ -1,0 +1,216 @@
+"""The seam between optimizers and estimators: an applied preconditioner P = Jᵀ v.
+
+Every estimator needs, per parameter and validation target, only the preconditioned validation
+gradient P = Jᵀ ∇L_val, then φ_z = −⟨P, c_z⟩. A linearization returns one
+:class:`Preconditioner` per parameter and step; estimators *apply* it and never inspect J.
+
+Three kinds, each a small class:
+
+* :class:`Scalar` -- J = j·I (plain SGD, the SGD proxy −η). Every ghost path is exact, the
+  pairwise ghost dot-product included.
+* :class:`Diagonal` -- J = diag(d) (the Adam family, RMSprop, Adagrad, ...). The dense path is
+  exact; the factored path approximates d by a rank-one matrix.
+* :class:`Operator` -- J is a linear map given by its action v ↦ Jᵀ v (Muon's orthogonalised
+  momentum, Adafactor's factored second moment). The dense path is exact; pairwise and factored
+  need a scalar or diagonal J and are not taken.
+
+Example:
+    >>> import torch
+    >>> v = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    >>> Scalar(-0.1).apply(v).tolist(), Diagonal(torch.tensor([2.0, 3.0], dtype=torch.float64)).apply(v).tolist()
+    ([-0.1, 0.2], [2.0, -6.0])
+    >>> flip = Operator(lambda u: u.flip(0), shape=(2,))       # a non-elementwise J (a permutation)
+    >>> flip.apply(v).tolist(), flip.kind
+    ([-2.0, 1.0], 'operator')
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+
+class Preconditioner(abc.ABC):
+    """The transposed Jacobian Jᵀ of one parameter's update Δ(g) for one step, applied to vectors.
+
+    Subclasses: :class:`Scalar`, :class:`Diagonal`, :class:`Operator`. Estimators call
+    :meth:`apply` (every kind) and read :attr:`scalar` / :attr:`diagonal` only to choose a
+    cheaper exact path.
+
+    Attributes:
+        kind: ``"scalar"``, ``"diagonal"`` or ``"operator"``.
+        diagnostics: what building J measured (e.g. a secant quadrature's node count and
+            efficiency gap); empty for closed forms.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.diagnostics: dict[str, Any] = {}
+
+    @abc.abstractmethod
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """Jᵀ v: the preconditioned vector, same shape and dtype as ``v`` (shape ``S`` of the parameter)."""
+
+    @property
+    def scalar(self) -> float | None:
+        """J as one number if J = j·I, else ``None``."""
+        return None
+
+    @property
+    def diagonal(self) -> torch.Tensor | float | None:
+        """The elementwise J (a tensor broadcastable to the parameter, or a float), ``None`` for an operator."""
+        return None
+
+    @property
+    def is_zero(self) -> bool:
+        """True when J = 0 exactly (the step does not move the parameter): no contribution."""
+        return False
+
+    def dense_diagonal(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+        """The elementwise J expanded to ``shape`` (for the factored path's rank-one fit).
+
+        Raises:
+            TypeError: J is an operator (it has no elementwise form).
+        """
+        d = self.diagonal
+        if d is None:
+            raise TypeError(f"a {self.kind} preconditioner has no elementwise form; apply it with .apply(v)")
+        if isinstance(d, torch.Tensor):
+            return d.to(dtype).expand(torch.Size(shape))
+        return torch.full(tuple(shape), float(d), dtype=dtype, device=device)
+
+    def to(self, dtype: torch.dtype) -> Preconditioner:
+        """This preconditioner computing in ``dtype`` (a no-op for scalars and operators)."""
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Scalar(Preconditioner):
+    """J = j·I.
+
+    Args:
+        value: j, a Python float (0.0: the parameter does not move).
+    Example:
+        >>> Scalar(-0.5).apply(torch.ones(2)), Scalar(0.0).is_zero
+        (tensor([-0.5000, -0.5000]), True)
+    """
+
+    kind = "scalar"
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = float(value)
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        return self.value * v
+
+    @property
+    def scalar(self) -> float:
+        return self.value
+
+    @property
+    def diagonal(self) -> float:
+        return self.value
+
+    @property
+    def is_zero(self) -> bool:
+        return self.value == 0.0
+
+    def __repr__(self) -> str:
+        return f"Scalar({self.value!r})"
+
+
+class Diagonal(Preconditioner):
+    """J = diag(d), d a tensor broadcastable to the parameter's shape ``S``.
+
+    Args:
+        values: d; detached (J is a fixed linear map for the step).
+    Example:
+        >>> Diagonal(torch.tensor([[1.0], [2.0]])).apply(torch.ones(2, 3)).tolist()
+        [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]
+    """
+
+    kind = "diagonal"
+
+    def __init__(self, values: torch.Tensor):
+        super().__init__()
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(f"Diagonal expects a tensor of slopes, got {type(values).__name__}; use Scalar for one number")
+        self.values = values.detach()
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        return self.values.to(v.dtype) * v
+
+    @property
+    def scalar(self) -> float | None:
+        flat = self.values.reshape(-1)
+        if flat.numel() and bool((flat == flat[0]).all()):
+            return float(flat[0])
+        return None
+
+    @property
+    def diagonal(self) -> torch.Tensor:
+        return self.values
+
+    def to(self, dtype: torch.dtype) -> Diagonal:
+        return self if self.values.dtype == dtype else Diagonal(self.values.to(dtype))
+
+    def __repr__(self) -> str:
+        return f"Diagonal(shape={tuple(self.values.shape)}, dtype={self.values.dtype})"
+
+
+class Operator(Preconditioner):
+    """J given by its action: ``apply_fn(v)`` = Jᵀ v for v of the parameter's shape ``S``.
+
+    Args:
+        apply_fn: v ``[*S]`` -> Jᵀ v ``[*S]``, linear in v, same dtype as v.
+        shape: ``S``, the parameter's shape (checked on every call).
+        diagnostics: optional measurements to report (node count, efficiency gap, ...).
+    Example (a 2×2 rotation as J):
+        >>> R = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+        >>> op = Operator(lambda v: R.T @ v, shape=(2,))
+        >>> op.apply(torch.tensor([1.0, 0.0], dtype=torch.float64)).tolist()
+        [0.0, -1.0]
+    """
+
+    kind = "operator"
+
+    def __init__(self, apply_fn: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int], diagnostics: dict | None = None):
+        super().__init__()
+        self._apply = apply_fn
+        self.shape = torch.Size(shape)
+        if diagnostics is not None:
+            self.diagnostics = diagnostics  # shared with apply_fn, which may update it
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        if v.shape != self.shape:
+            raise ValueError(f"the operator acts on vectors of shape {tuple(self.shape)}, got {tuple(v.shape)}")
+        out = self._apply(v)
+        return out.to(v.dtype)
+
+    def __repr__(self) -> str:
+        return f"Operator(shape={tuple(self.shape)})"
+
+
+def as_preconditioner(J: Any) -> Preconditioner:
+    """A preconditioner from what callers used to pass as J: a float (scalar), a tensor (diagonal) or one already.
+
+    Raises:
+        TypeError: ``J`` is none of these.
+    Example:
+        >>> as_preconditioner(-0.1), as_preconditioner(torch.ones(3)).kind
+        (Scalar(-0.1), 'diagonal')
+    """
+    if isinstance(J, Preconditioner):
+        return J
+    if isinstance(J, torch.Tensor):
+        return Diagonal(J)
+    if isinstance(J, (int, float)) and not isinstance(J, bool):
+        return Scalar(float(J))
+    raise TypeError(f"J must be a Preconditioner, a tensor (elementwise slopes) or a float, got {type(J).__name__}")
