@@ -46,7 +46,7 @@ from pathlib import Path
 
 wheel, site = sys.argv[1], Path(sysconfig.get_paths()["purelib"]).resolve()
 packages = sorted(n[: -len("/__init__.py")].replace("/", ".") for n in zipfile.ZipFile(wheel).namelist() if n.endswith("/__init__.py"))
-for top in ("optimizers", "estimators", "attribution", "validation", "attribution.experiments", "estimators._rules"):
+for top in ("optimizers", "estimators", "attribution", "validation", "persample", "attribution.experiments", "estimators._rules"):
     if top not in packages:
         sys.exit(f"wheel_check: package {top!r} is not in the wheel; it has {packages}")
 for name in packages:

@@ -23,7 +23,17 @@ Example (the materialized reference path under SGD, J = −η = −0.1):
     [0.1, -0.1]
 """
 
-from ._checks import LossCouplingError, SampleInteractionError, check_loss_additive, check_samples_independent
+from persample import (
+    LossCouplingError,
+    PerSampleFallbackWarning,
+    PerSampleGrads,
+    SampleInteractionError,
+    check_loss_additive,
+    check_samples_independent,
+    isolated_pass,
+    per_sample_map,
+)
+
 from ._completeness import CompletenessCheck, IncompleteGradientError
 from ._config import Factorization, GhostPath, LinearizationKind, PerSampleMethod, Reduction, ValPoint, parse_enum
 from ._engine import GhostEngine, GhostEngineError, ParameterUseError, UncoveredParameterError
@@ -39,8 +49,6 @@ from ._first_order import (
     validation_gradients,
 )
 from ._ghost import ghost_values
-from ._isolation import isolated_pass
-from ._per_sample import PerSampleFallbackWarning, PerSampleGrads, per_sample_map
 from ._rules import LayerRule, registered_rules, rule_for
 
 __all__ = [

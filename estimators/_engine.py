@@ -18,180 +18,42 @@ which the ``pairwise`` and ``factored`` paths need (each captured model call = o
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from ._checks import check_samples_independent
+from optimizers._preconditioner import Preconditioner, as_preconditioner
+from persample import check_samples_independent
+
+from ._capture import (
+    _COMPOSITE,
+    _Call,
+    _Capture,
+    _changed_since,
+    _fingerprint,
+    _in_backward,
+    _leading_batch,
+    _ParamUseMode,
+    _Pass,
+    _refuse_reparametrized,
+    _Stream,
+    _Tracked,
+)
 from ._completeness import CompletenessCheck, IncompleteGradientError
 from ._completeness import tolerance as _TOLERANCE_OF
 from ._config import Factorization, GhostPath, parse_enum
-from ._factorize import factored_error, rank_one
-from ._factors import Bilinear, OneHotFactor, PerSample, Term
-from ._rules import LayerRule, registered_rules, rule_for
-from optimizers._preconditioner import Preconditioner, as_preconditioner
+from ._contraction import StepContraction, _coarsest_dtype, _precondition, _term_magnitude, contract
+from ._errors import GhostEngineError, ParameterUseError, UncoveredParameterError
+from ._factors import Bilinear, PerSample, Term
+from ._fallback import _broadcast_index_hooks, _fallback_grads
+from ._paths import choose_path
+from ._rules import registered_rules, rule_for
 
-
-class UncoveredParameterError(ValueError):
-    """A trainable parameter belongs to a layer no rule covers, and the fallback is not allowed."""
-
-
-class ParameterUseError(RuntimeError):
-    """A parameter was used in the forward outside the module(s) that own it, so hooks miss that use."""
-
-
-class GhostEngineError(RuntimeError):
-    """The captured passes cannot produce values (nothing captured, inconsistent batch sizes, ...)."""
-
-
-@dataclasses.dataclass
-class _Call:
-    """One forward call of a tracked module and the gradient its output received."""
-
-    module: nn.Module
-    args: tuple
-    kwargs: dict
-    grad: torch.Tensor | None = None
-    #: A rule whose terms are all materialized (norm weights and biases) and need no J: they are
-    #: computed as soon as the output gradient arrives, and the gradient itself is not kept.
-    eager: type[LayerRule] | None = None
-    terms: dict[str, Term] | None = None
-    #: Every covered parameter was contracted during the backward pass (streaming); the
-    #: captured input and output gradient were released.
-    streamed: bool = False
-
-    #: The output gradient arrived in a backward with ``create_graph=True`` (double backward).
-    create_graph: bool = False
-    #: ``(device_type, dtype)`` of the autocast the forward ran under (the fallback recomputes in it).
-    autocast: tuple[str, torch.dtype] | None = None
-    #: For a module returning several tensors (fallback only): leaf index -> (batch axis, output gradient).
-    leaf_grads: dict[int, tuple[int, torch.Tensor]] | None = None
-
-    def add_leaf_grad(self, i: int, axis: int, g: torch.Tensor) -> None:
-        """Hook of output leaf ``i`` (batch axis ``axis``) of a multi-output module."""
-        self.create_graph = self.create_graph or torch.is_grad_enabled()
-        g = g.detach()
-        old = self.leaf_grads.get(i)
-        self.leaf_grads[i] = (axis, g if old is None else old[1] + g)
-        n = g.shape[axis]
-        # A stride-0 stand-in [n]: the batch size and "a gradient arrived" for the pass bookkeeping.
-        self.grad = g.new_zeros(()).expand(n)
-
-    def add_grad(self, g: torch.Tensor) -> None:
-        # Autograd enables grad mode inside hooks exactly when the backward builds a graph
-        # (create_graph=True: gradient penalties, double backward).
-        self.create_graph = self.create_graph or torch.is_grad_enabled()
-        g = g.detach()
-        if self.eager is not None:
-            try:
-                terms = self.eager.call_terms(self.module, self.args, self.kwargs, g)
-            except Exception:  # noqa: BLE001 - keep the gradient; values() reports the error
-                terms = None
-            if terms is not None and all(isinstance(t, PerSample) for t in terms.values()):
-                if self.terms is not None:  # retain_graph: a second backward adds up
-                    terms = {a: PerSample(self.terms[a].c + t.c) for a, t in terms.items()}
-                self.terms = terms
-                # A stride-0 stand-in with the gradient's shape (the batch size is read from it).
-                self.grad = g.new_zeros(()).expand(g.shape)
-                return
-            self.eager = None
-        # A graph backpropagated twice (retain_graph) adds up in param.grad; do the same.
-        self.grad = g if self.grad is None else self.grad + g
-
-
-@dataclasses.dataclass
-class _Pass:
-    """The calls recorded during one call of the model (one micro-batch, or one target).
-
-    A pass starts at a call of the root model, at the first top-level call after
-    :meth:`GhostEngine.mark_boundary`, or when a top-level module of the current pass is called
-    again. Top-level calls of submodules (a ``Trainer`` calling the model a wrapper holds, a
-    ``LightningModule`` calling its encoder and decoder) join the current pass otherwise.
-    """
-
-    calls: list[_Call] = dataclasses.field(default_factory=list)
-    top: set = dataclasses.field(default_factory=set)
-
-    @property
-    def has_grad(self) -> bool:
-        return any(c.grad is not None for c in self.calls)
-
-
-@dataclasses.dataclass
-class _Stream:
-    """One step's in-backward contraction (see :meth:`GhostEngine.stream`)."""
-
-    val_grads: list[Mapping[torch.Tensor, torch.Tensor]]
-    slope: Callable[[torch.Tensor], torch.Tensor | float]
-    dtype: torch.dtype
-    #: φ[z, k] of the parameters contracted so far, ``[n, K]``.
-    out: torch.Tensor | None = None
-    #: parameter -> the ``.grad`` tensor its J was evaluated at.
-    done: dict[torch.Tensor, torch.Tensor | None] = dataclasses.field(default_factory=dict)
-    #: parameter -> (sum, norm) of that gradient, to see an in-place change after the backward.
-    fingerprints: dict[torch.Tensor, tuple[float, float]] = dataclasses.field(default_factory=dict)
-    #: Both sides of the completeness identity of the streamed parameters (at hook time).
-    check: CompletenessCheck = dataclasses.field(default_factory=CompletenessCheck)
-    error: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Tracked:
-    """A module with trainable parameters of its own: the rule's share and the fallback's share."""
-
-    name: str
-    rule: type[LayerRule] | None
-    covered: dict[str, nn.Parameter]
-    uncovered: dict[str, nn.Parameter]
-
-
-class _ParamUseMode(TorchFunctionMode):
-    """Raise when a tracked parameter enters a differentiable op outside the modules that own it."""
-
-    def __init__(self, engine: GhostEngine):
-        super().__init__()
-        self.engine = engine
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if torch.is_grad_enabled():
-            used = [a for a in _flat(args, kwargs) if isinstance(a, torch.Tensor) and a in self.engine._owners]
-            # Only differentiable uses matter: shape reads, detach() and autograd.grad itself do not
-            # add to the parameter's gradient.
-            if used and any(isinstance(o, torch.Tensor) and o.requires_grad for o in _flat((out,) if not isinstance(out, (list, tuple)) else out, {})):
-                for a in used:
-                    self.engine._check_use(a)
-        return out
-
-
-def _flat(args, kwargs) -> Iterator[Any]:
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, (list, tuple)):
-            yield from a
-        else:
-            yield a
-
-
-class _Capture:
-    """Context manager returned by :meth:`GhostEngine.capture_train` / :meth:`GhostEngine.capture_val`."""
-
-    def __init__(self, engine: GhostEngine, kind: str):
-        self._engine, self._kind = engine, kind
-
-    def __enter__(self) -> GhostEngine:
-        self._engine._start(self._kind)
-        return self._engine
-
-    def __exit__(self, *exc) -> None:
-        self._engine._stop()
+__all__ = ["GhostEngine", "GhostEngineError", "JLike", "ParameterUseError", "UncoveredParameterError"]
 
 
 #: What ``values`` accepts as J: one float for every parameter, or a mapping parameter -> applied
@@ -479,8 +341,10 @@ class GhostEngine:
             raise GhostEngineError("stream() must be called before the step's training capture; call clear() after each step")
         if not isinstance(val_grads, (list, tuple)) or not val_grads:
             raise ValueError("val_grads must be a non-empty list of K dicts parameter -> validation gradient")
-        self._stream = _Stream(list(val_grads), slope, self._compute_dtype(list(self._names)))
-        self.paths_taken, self.factored_errors = {}, {}
+        dtype = self._compute_dtype(list(self._names))
+        self._stream = _Stream(list(val_grads), slope, dtype, StepContraction(dtype, self.factorization))
+        self.paths_taken = {}
+        self.factored_errors = self._stream.contraction.factored_errors
 
     @property
     def streamed_params(self) -> set[torch.Tensor]:
@@ -544,11 +408,7 @@ class GhostEngine:
                     and J.diagonal is not None
                     and all(isinstance(t, Bilinear) for t in terms)
                 )
-                if factored:
-                    R, C = terms[0].rows.size, terms[0].cols.size
-                    Jm = J.dense_diagonal(p.shape, s.dtype, p.device).reshape(R, C)
-                    sigma, r, sv = rank_one(Jm, self.factorization)
-                    self.factored_errors[name] = factored_error(Jm, self.factorization)
+                R, C = (terms[0].rows.size, terms[0].cols.size) if factored else (0, 0)
                 for k, G in enumerate(s.val_grads):
                     if p not in G:
                         raise ValueError(
@@ -556,11 +416,11 @@ class GhostEngine:
                             "validation gradient (zeros if the validation loss does not use it)"
                         )
                     g = G[p].to(s.dtype)
-                    if factored:
-                        P = sigma * (r.unsqueeze(1) * g.reshape(R, C) * sv.unsqueeze(0))
+                    if factored:  # P̃ = σ r sᵀ ⊙ ∇L_val, not kept: it is freed with this layer
+                        P = s.contraction.preconditioned(p, name, k, GhostPath.FACTORED, J, g, R, C, keep=False)
                     else:
                         P = _precondition(J, g, p.shape)
-                    v = sum(t.dense_values(P) for t in terms)
+                    v = contract(terms, P)
                     s.out[:, k] -= v
                     t0 = time.perf_counter()
                     s.check.add_samples(name, k, v, captured_dtype=_coarsest_dtype(raw))
@@ -1005,9 +865,12 @@ class GhostEngine:
         paths: dict[torch.Tensor, GhostPath | str] = {}
         for p in params:
             all_terms = [t for _, ts, _ in train_terms for t in ts.get(p, [])]
-            paths[p] = self._choose_path(p, Js[p], all_terms, val_terms, bool(val_passes))
+            vts = [vt.get(p, []) for vt in val_terms]
+            paths[p] = choose_path(self._names[p], self._forced_path(self._names[p]), p, Js[p], all_terms, vts, bool(val_passes))
+        contraction = stream.contraction if stream is not None else StepContraction(dtype, self.factorization)
         if stream is None:
-            self.paths_taken, self.factored_errors = {}, {}
+            self.paths_taken = {}
+            self.factored_errors = contraction.factored_errors
         self.paths_taken.update({self._names[p]: ("fallback" if p in fallback else str(paths[p].value)) for p in params})
 
         # Exact paths need P = J ⊙ ∇L_val; rebuild ∇L_val from the capture when not given.
@@ -1026,8 +889,6 @@ class GhostEngine:
                     g = sum((t.total(p.shape) for t in val_terms[k].get(p, [])), torch.zeros_like(p))
                 P[k][p] = _precondition(Js[p], g.to(dtype), p.shape)
 
-        factors: dict[tuple[torch.Tensor, int, int], tuple[float, torch.Tensor, torch.Tensor]] = {}
-        ptilde: dict[tuple[torch.Tensor, int, int, int], torch.Tensor] = {}
         blocks = []
         for n, terms, _ in train_terms:
             materialized: dict[torch.Tensor, torch.Tensor] = {}
@@ -1040,7 +901,7 @@ class GhostEngine:
                 path = paths[p]
                 for k in range(K):
                     if path is GhostPath.DENSE:
-                        v = sum(t.dense_values(P[k][p]) for t in ts)
+                        v = contract(ts, P[k][p])
                     elif path is GhostPath.MATERIALIZED:
                         c = materialized.get(p)
                         if c is None:
@@ -1050,7 +911,9 @@ class GhostEngine:
                         vs = [v.to(dtype) for v in val_terms[k].get(p, [])]
                         if not vs:
                             continue  # the validation loss does not reach this layer: ∇L_val = 0
-                        v = sum(self._ghost_dot(p, t, vs, k, path, Js[p], val_grads, dtype, factors, ptilde) for t in ts)
+                        G = None if val_grads is None else val_grads[k][p]
+                        name = self._names[p]
+                        v = sum(contraction.ghost_dot(p, name, t, vs, k, path, Js[p], G) for t in ts)
                     out[:, k] -= v
                     if check is not None:
                         t0 = time.perf_counter()
@@ -1060,7 +923,7 @@ class GhostEngine:
         out = torch.cat(blocks, dim=0)
         if check is not None:
             t0 = time.perf_counter()
-            self._add_used_grads(check, J, grads, Js, paths, P, val_grads, val_terms, dtype, factors, ptilde, K)
+            self._add_used_grads(check, J, grads, Js, paths, P, val_grads, val_terms, dtype, contraction, K)
             by_name = {self._names[p]: p for p in params}
 
             def magnitude(name: str, k: int) -> float:
@@ -1073,7 +936,7 @@ class GhostEngine:
                     vs = [v.to(dtype) for v in val_terms[k].get(p, [])]
                     if not vs:
                         return 0.0
-                    Pk = self._ptilde(p, k, paths[p], Js[p], val_grads, vs, dtype, factors, ptilde, vs[0].rows.size, vs[0].cols.size)
+                    Pk = self._ptilde(contraction, p, k, paths[p], Js[p], val_grads, vs)
                 return float(torch.linalg.vector_norm(Pk, dtype=torch.float64)) * sum(_term_magnitude(t) for t in ts)
 
             if all_reduce is not None:
@@ -1098,7 +961,7 @@ class GhostEngine:
             out = out + stream.out
         return out
 
-    def _add_used_grads(self, check, J, grads, Js, paths, P, val_grads, val_terms, dtype, factors, ptilde, K) -> None:
+    def _add_used_grads(self, check, J, grads, Js, paths, P, val_grads, val_terms, dtype, contraction, K) -> None:
         """⟨P, grads[p]⟩ for the completeness check, with the same P each path contracted with.
 
         A parameter with a gradient but no captured term (it was unfrozen after the engine was
@@ -1122,8 +985,7 @@ class GhostEngine:
                     vs = [v.to(dtype) for v in val_terms[k].get(p, [])]
                     if not vs:
                         continue  # ∇L_val = 0 on this layer: P = 0
-                    R, C = vs[0].rows.size, vs[0].cols.size
-                    Pk = self._ptilde(p, k, path, Js[p], val_grads, vs, dtype, factors, ptilde, R, C).reshape(p.shape)
+                    Pk = self._ptilde(contraction, p, k, path, Js[p], val_grads, vs).reshape(p.shape)
                 elif path is not None:
                     Pk = P[k][p]
                 else:
@@ -1137,49 +999,12 @@ class GhostEngine:
                     Pk = _precondition(Jp, G, p.shape)
                 check.add_grad(name, k, Pk, g)
 
-    def _ptilde(self, p, k, path, Jp, val_grads, vs, dtype, factors, cache, R, C) -> torch.Tensor:
-        """P̃ = J̃ ⊙ ∇L_val^k of weight ``p`` as an R×C matrix (J̃: scalar J, or σ r sᵀ on the factored path)."""
-        key = (p, R, C)
-        Pt = cache.get((*key, k))
-        if Pt is None:
-            if val_grads is not None:
-                # ∇L_val^k of p from the same validation pass: Σ_v c_v over every captured term of p.
-                G = val_grads[k][p].to(dtype).reshape(R, C)
-            else:
-                G = sum(v.total(torch.Size((R, C))) for v in vs)
-            if path is GhostPath.PAIRWISE:
-                Pt = Jp.scalar * G
-            else:
-                sigma, r, s = factors[key]
-                Pt = sigma * (r.unsqueeze(1) * G * s.unsqueeze(0))
-            cache[(*key, k)] = Pt
-        return Pt
-
-    def _ghost_dot(self, p, t: Term, vs: list[Term], k: int, path: GhostPath, Jp, val_grads, dtype, factors, cache) -> torch.Tensor:
-        """Σ_v ⟨J̃ ⊙ c_v, c_z⟩ for one training term ``t`` of ``p`` on the pairwise or factored path: ``[n]``.
-
-        J̃ is the scalar J (pairwise) or σ r sᵀ (factored). Two contraction orders give the same
-        number; the cheaper one is taken for each term:
-
-        * ghost dot-products, Σ_v sum(((U_z⊙r) U_vᵀ) ∘ ((V_z⊙s) V_vᵀ)): n·T·m·S·(R + C) flops
-          (cheap when the validation passes hold few positions, e.g. an MLP);
-        * the dense contraction with the preconditioned validation matrix
-          P̃ = J̃ ⊙ Σ_v c_v (the validation gradient of this weight): n·T·R·C flops, and no
-          [n, m, T, S] position-pair Gram tensor (cheaper for long sequences).
-        """
-        R, C = t.rows.size, t.cols.size
-        key = (p, R, C)
-        if path is GhostPath.FACTORED and key not in factors:
-            Jm = Jp.dense_diagonal(p.shape, dtype, p.device).reshape(R, C)
-            factors[key] = rank_one(Jm, self.factorization)
-            self.factored_errors[self._names[p]] = factored_error(Jm, self.factorization)
-        if t.dense_cost() + R * C < sum(t.pairwise_cost(v) for v in vs):
-            return t.dense_values(self._ptilde(p, k, path, Jp, val_grads, vs, dtype, factors, cache, R, C))
-        if path is GhostPath.PAIRWISE:
-            return Jp.scalar * sum(t.pairwise_values(v) for v in vs)
-        sigma, r, s = factors[key]
-        scaled = Bilinear(t.rows.scaled(r), t.cols.scaled(s))
-        return sigma * sum(scaled.pairwise_values(v) for v in vs)
+    def _ptilde(self, contraction: StepContraction, p, k, path, Jp, val_grads, vs) -> torch.Tensor:
+        """P̃ of weight ``p`` for target ``k`` on the pairwise/factored path (``[R, C]``), built once per step."""
+        R, C = vs[0].rows.size, vs[0].cols.size
+        # ∇L_val^k of p: given, or Σ_v c_v over every captured validation term of p.
+        G = val_grads[k][p] if val_grads is not None else sum(v.total(torch.Size((R, C))) for v in vs)
+        return contraction.preconditioned(p, self._names[p], k, path, Jp, G, R, C)
 
     def _compute_dtype(self, params: list[torch.Tensor]) -> torch.dtype:
         if self.dtype is not None:
@@ -1223,239 +1048,5 @@ class GhostEngine:
         """The path asked for parameter ``name``: its own ``layer_paths`` entry, its module's, or ``path``."""
         return self.layer_paths.get(name, self.layer_paths.get(name.rpartition(".")[0], self.path))
 
-    def _choose_path(self, p, Jp, terms: list[Term], val_terms, have_val: bool) -> GhostPath:
-        name = self._names[p]
-        forced = self._forced_path(name)
-        if forced is GhostPath.MATERIALIZED:
-            return forced
-        if not terms or not all(isinstance(t, Bilinear) for t in terms) or any(
-            not isinstance(v, Bilinear) for vt in val_terms for v in vt.get(p, [])
-        ):
-            return GhostPath.DENSE  # materialized parameters (bias, norms, fallback): J exactly
-        scalar = Jp.scalar is not None
-        if forced is GhostPath.FACTORED and Jp.diagonal is None:
-            raise ValueError(
-                f"path 'factored' fits a rank-one matrix to an elementwise J, but J of parameter {name!r} is a "
-                f"{Jp.kind} (a linear map that couples the weight's entries); use path='dense', which applies it exactly"
-            )
-        if forced in (GhostPath.PAIRWISE, GhostPath.FACTORED) and not have_val:
-            raise GhostEngineError(
-                f"path {forced.value!r} for parameter {name!r} needs the validation pass captured: run the K "
-                "validation forward/backward passes inside `with engine.capture_val():` (validation_gradients("
-                "..., engine=engine) does this), or use path='dense'"
-            )
-        if forced is GhostPath.PAIRWISE and not scalar:
-            raise ValueError(
-                f"path 'pairwise' is exact only for a scalar J, but J of parameter {name!r} is a {Jp.kind} that is not "
-                "one number; "
-                "use path='dense' (exact for any diagonal J) or path='factored' (rank-one approximation)"
-            )
-        if forced is not GhostPath.AUTO:
-            return forced
-        if not (scalar and have_val):
-            return GhostPath.DENSE
-        K = max(1, len(val_terms))
-        dense = sum(t.dense_cost() for t in terms) * K + p.numel() * K
-        pairwise = sum(t.pairwise_cost(v) for t in terms for vt in val_terms for v in vt.get(p, []))
-        return GhostPath.PAIRWISE if pairwise < dense else GhostPath.DENSE
 
 
-def _refuse_reparametrized(name: str, module: nn.Module) -> None:
-    """Refuse modules whose weight is computed from other parameters before each forward.
-
-    ``torch.nn.utils.parametrize`` / ``parametrizations.weight_norm``, the older
-    ``torch.nn.utils.weight_norm`` and ``torch.nn.utils.prune`` replace ``weight`` by a function of
-    trainable tensors (``original``, ``weight_g``/``weight_v``, ``weight_orig``); the layer rules
-    see only the computed weight, so the trained tensors' per-sample gradients are not captured.
-    """
-    from torch.nn.utils import parametrize, prune
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    what = None
-    if parametrize.is_parametrized(module) or isinstance(module, parametrize.ParametrizationList):
-        what = "torch.nn.utils.parametrize (e.g. parametrizations.weight_norm, orthogonal, spectral_norm)"
-        fix = "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') before tracking"
-    else:
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, WeightNorm):
-                what, fix = "torch.nn.utils.weight_norm", "torch.nn.utils.remove_weight_norm(module) before tracking"
-            elif isinstance(hook, prune.BasePruningMethod):
-                what, fix = "torch.nn.utils.prune", "torch.nn.utils.prune.remove(module, 'weight') (the pruned entries stay zero) before tracking"
-    if what is not None:
-        raise ParameterUseError(
-            f"module {name or type(module).__name__!r} ({type(module).__name__}) computes its weight from other trainable "
-            f"tensors before each forward ({what}); the layer rules see only the computed weight, so the per-sample "
-            f"gradients of the trained tensors are not captured. Fix: {fix}, or train the plain weight"
-        )
-
-
-def _term_magnitude(t: Term) -> float:
-    """Σ_z ‖c_z‖_F bounded from the factors: Σ_{z,t} ‖u_zt‖ ‖v_zt‖ (‖c_z‖ itself for materialized terms)."""
-    if isinstance(t, PerSample):
-        return float(torch.linalg.vector_norm(t.c.reshape(t.c.shape[0], -1).double(), dim=1).sum())
-
-    def row_norms(f) -> torch.Tensor:
-        if isinstance(f, OneHotFactor):
-            w = f.weight
-            return torch.ones(f.index.shape, dtype=torch.float64, device=f.index.device) if w is None else w.double().abs()
-        return torch.linalg.vector_norm(f.dense().double(), dim=-1)
-
-    return float((row_norms(t.rows) * row_norms(t.cols)).sum())
-
-
-def _coarsest_dtype(terms: list[Term]) -> torch.dtype:
-    """The least precise dtype among the captured tensors of ``terms`` (autocast captures bf16 factors)."""
-    dtypes = set()
-    for t in terms:
-        for f in (t.c,) if isinstance(t, PerSample) else (t.rows, t.cols):
-            x = f if isinstance(f, torch.Tensor) else getattr(f, "x", None)
-            if isinstance(x, torch.Tensor) and x.is_floating_point():
-                dtypes.add(x.dtype)
-    return min(dtypes, key=lambda d: torch.finfo(d).bits - (0.5 if d is torch.bfloat16 else 0), default=torch.float64)
-
-
-#: Modules whose forward uses their children's parameters directly (``out_proj.weight`` inside
-#: ``F.multi_head_attention_forward``): they own their whole subtree's parameters.
-_COMPOSITE: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
-
-#: Keyword arguments shared by every sample even when their first axis happens to equal n.
-_SHARED_KWARGS = frozenset({"attn_mask", "is_causal", "need_weights", "average_attn_weights"})
-
-
-def _fingerprint(g: torch.Tensor) -> torch.Tensor:
-    """(sum, norm) of a gradient, ``[2]``: changes under any rescale, sign flip or edit (bitwise-equal tensors agree)."""
-    g = g.detach()
-    # The same norm kernel as _changed_since uses for all gradients at once (bitwise-equal results).
-    foreach_norm = getattr(torch, "_foreach_norm", None)
-    norm = foreach_norm([g])[0] if foreach_norm is not None else torch.linalg.vector_norm(g)
-    return torch.stack([g.sum(), norm.to(g.dtype)])
-
-
-def _changed_since(fingerprints: Mapping[torch.Tensor, torch.Tensor]) -> set[torch.Tensor]:
-    """Parameters whose ``.grad`` no longer has the fingerprint taken in the backward hook (one comparison for all)."""
-    params = [p for p in fingerprints if p.grad is not None]
-    if not params:
-        return set()
-    then = torch.stack([fingerprints[p] for p in params])
-    grads = [p.grad.detach() for p in params]
-    # One fused norm kernel for all gradients (as clip_grad_norm_ does), then one sum per gradient.
-    foreach_norm = getattr(torch, "_foreach_norm", None)
-    norms = foreach_norm(grads) if foreach_norm is not None else [torch.linalg.vector_norm(g) for g in grads]
-    now = torch.stack([torch.stack([g.sum(), n.to(g.dtype)]) for g, n in zip(grads, norms)])
-    same = (then == now).all(1).tolist()
-    return {p for p, ok in zip(params, same) if not ok}
-
-
-def _in_backward() -> bool:
-    """Whether the autograd engine is running (a forward now is a checkpoint recomputation)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
-
-
-def _precondition(J: Preconditioner, g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """P = Jᵀ g, the preconditioned validation gradient (shape ``shape``)."""
-    if g.shape != shape:
-        raise ValueError(f"a validation gradient has shape {tuple(g.shape)} but its parameter has shape {tuple(shape)}")
-    return J.apply(g)
-
-
-def _leading_batch(args, kwargs) -> int | None:
-    """The one leading dimension > 1 that the tensor arguments of a call agree on, else ``None``."""
-    from torch.utils import _pytree
-
-    sizes = {int(t.shape[0]) for t in _pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0}
-    sizes.discard(1)
-    return sizes.pop() if len(sizes) == 1 else None
-
-
-def _broadcast_index_hooks(engine: GhostEngine, tracked: Mapping[nn.Module, _Tracked]) -> list[Any]:
-    """Forward pre-hooks giving batch-1 embedding lookups (BERT's default ``[1, T]`` position ids) a batch axis.
-
-    A lookup of indices ``[1, T]`` whose output ``[1, T, d]`` is broadcast over the batch
-    downstream has no per-sample output gradient (autograd sums it over the batch). Since
-    ``embedding(ids.expand(n, T)) == embedding(ids).expand(n, T, d)`` and the downstream
-    broadcast gives the same result for either, the indices are expanded to the batch size n of
-    the top-level model call (the root model, or the submodule a ``Trainer`` calls); the rule
-    then sees one row per sample. Only trainable ``nn.Embedding`` weights covered by their rule,
-    only a leading dimension of 1 with at least 2 dims, and only when the call's tensor inputs
-    agree on one batch size n > 1; every other batch-size mismatch is still refused
-    (``GhostEngine`` values: "disagree on the batch size").
-    """
-    embeddings = [m for m, t in tracked.items() if isinstance(m, nn.Embedding) and "weight" in t.covered]
-
-    def expand_index(module, args):
-        n, x = engine._call_batch, args[0] if args else None
-        if n is None or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != 1:
-            return None
-        return (x.expand(n, *x.shape[1:]), *args[1:])
-
-    return [m.register_forward_pre_hook(expand_index) for m in embeddings]
-
-
-def _fallback_grads(call: _Call, tracked: _Tracked, n: int) -> dict[str, torch.Tensor]:
-    """Per-sample gradients of the module's uncovered parameters by torch.func (vmap of grad).
-
-    For sample z: c_z(p) = ∂/∂p ⟨module(x_z), ∂L/∂y_z⟩, the vector-Jacobian product of the
-    module's own forward with the captured output gradient, evaluated at the captured input.
-    """
-    module = call.module
-    fixed = {k: v.detach() for k, v in module.named_parameters()}
-    fixed.update(dict(module.named_buffers()))
-    train = {a: p.detach() for a, p in tracked.uncovered.items()}
-    batched = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n for a in call.args]
-    # Keyword tensors with the batch first (a key_padding_mask [n, S]) are split per sample too;
-    # an attention mask [T, S] is shared by every sample.
-    kw_batched = {
-        k: isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n and k not in _SHARED_KWARGS for k, v in call.kwargs.items()
-    }
-    if isinstance(module, nn.MultiheadAttention) and isinstance(call.kwargs.get("attn_mask"), torch.Tensor) and call.kwargs["attn_mask"].dim() == 3:
-        raise GhostEngineError(
-            f"module {tracked.name!r} (MultiheadAttention) got a 3-D attn_mask (one per sample and head); the "
-            "per-sample recomputation needs a shared [T, S] mask, or key_padding_mask [n, S] for per-sample padding"
-        )
-    kw_names = [k for k, b in kw_batched.items() if b]
-    leaf = call.leaf_grads
-    from torch.utils import _pytree
-
-    def contribution(train_params, go, *bargs):
-        it = iter(bargs)
-        args = tuple(next(it).unsqueeze(0) if b else a for a, b in zip(call.args, batched))
-        kwargs = {**call.kwargs, **{k: next(it).unsqueeze(0) for k in kw_names}}
-        out = torch.func.functional_call(module, {**fixed, **train_params}, args, kwargs)
-        if leaf is None:
-            return (out * go.unsqueeze(0)).sum()
-        leaves = _pytree.tree_leaves(out)
-        return sum((leaves[i] * g.unsqueeze(leaf[i][0])).sum() for i, g in zip(sorted(leaf), go))
-
-    if leaf is None:
-        go, go_dims = call.grad, 0
-    else:
-        go = [leaf[i][1] for i in sorted(leaf)]
-        go_dims = [leaf[i][0] for i in sorted(leaf)]
-    extra = [call.kwargs[k] for k in kw_names]
-    in_dims = (None, go_dims, *([0] * (sum(batched) + len(extra))))
-    # Recompute under the autocast the training forward ran in (bf16 matmuls see bf16 operands).
-    autocast = torch.autocast(*call.autocast) if call.autocast is not None else contextlib.nullcontext()
-    try:
-        with autocast:
-            return torch.func.vmap(torch.func.grad(contribution), in_dims=in_dims, randomness="error")(
-                train, go, *[a for a, b in zip(call.args, batched) if b], *extra
-            )
-    except RuntimeError as err:
-        if "randomness" in str(err):
-            raise GhostEngineError(
-                f"the fallback for module {tracked.name!r} recomputes its forward, which uses random operations "
-                "(e.g. dropout in train mode) and cannot be reproduced per sample; register a rule for "
-                f"{type(module).__name__} or put its random layers in eval mode"
-            ) from err
-        if not isinstance(module, nn.RNNBase):
-            raise
-    # vmap has no batching rule for the fused RNN kernels: the same gradient, one sample at a time.
-    grad_fn = torch.func.grad(contribution)
-    inputs = [a for a, b in zip(call.args, batched) if b] + extra
-    rows = []
-    with autocast:
-        for z in range(n):
-            go_z = go[z] if leaf is None else [g.select(axis, z) for g, axis in zip(go, go_dims)]
-            rows.append(grad_fn(train, go_z, *[a[z] for a in inputs]))
-    return {a: torch.stack([r[a] for r in rows]) for a in train}

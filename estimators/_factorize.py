@@ -56,13 +56,20 @@ def rank_one(J: torch.Tensor, method: Factorization | str = "geometric") -> tupl
     return sigma, u.clamp_min(0) * root, v.clamp_min(0) * root
 
 
-def factored_error(J: torch.Tensor | float, method: Factorization | str = "geometric", *, shape: tuple[int, int] | None = None) -> dict[str, float]:
+def factored_error(
+    J: torch.Tensor | float,
+    method: Factorization | str = "geometric",
+    *,
+    shape: tuple[int, int] | None = None,
+    factors: tuple[float, torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, float]:
     """How far the rank-one factorisation of J is from J itself.
 
     Args:
         J: the preconditioning map of one weight (a float is exact, error 0).
         method: the :class:`Factorization` to assess.
         shape: the ``[R, C]`` matrix view of J (default: J itself if 2-D, else ``[J.shape[0], -1]``).
+        factors: (σ, r, s) already fitted by :func:`rank_one` on that view (not fitted again).
     Returns:
         dict with ``rel_frobenius`` = ‖J − Ĵ‖_F / ‖J‖_F, ``max_rel`` = max |J − Ĵ| / max |J|,
         ``sign_mismatch`` = fraction of entries whose sign differs from the carried σ, and
@@ -82,7 +89,7 @@ def factored_error(J: torch.Tensor | float, method: Factorization | str = "geome
         M = J.reshape(shape)
     except RuntimeError:
         raise ValueError(f"J of shape {tuple(J.shape)} cannot be viewed as {shape}") from None
-    sigma, r, s = rank_one(M, method)
+    sigma, r, s = rank_one(M, method) if factors is None else factors
     approx = sigma * torch.outer(r, s)
     err = M - approx
     norm = float(M.norm())

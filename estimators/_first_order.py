@@ -18,9 +18,8 @@ from torch.utils import _pytree as pytree
 
 from optimizers._preconditioner import Preconditioner, as_preconditioner
 
-from ._checks import check_samples_independent
 from ._config import LinearizationKind, PerSampleMethod, Reduction, ValPoint, parse_enum
-from ._per_sample import PerSampleGrads, sample_contributions
+from persample import PerSampleGrads, check_samples_independent, sample_contributions
 
 # The project's loss convention (as in a training loop): loss_fn(model(inputs), targets) -> scalar,
 # with batches given as (inputs, targets); inputs may be any pytree the model accepts.

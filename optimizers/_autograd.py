@@ -58,9 +58,23 @@ def gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tangent_diagonal(update: Update, g: torch.Tensor) -> torch.Tensor:
-    """∂Δ_i/∂g_i at ``g`` for an elementwise rule: one JVP along ones. Shape and dtype of ``g``."""
+    """∂Δ_i/∂g_i at ``g`` for an elementwise rule: one JVP along ones. Shape and dtype of ``g``.
+
+    Where the JVP is not finite -- a removable 0/0 such as d/dg √(v + g²) at v = g = 0, which
+    closed forms write out as a limit -- the two one-sided slopes at g ± h (h ≈ √tiny, far below
+    any gradient) are averaged, the same limit the conformance check takes in sympy.
+    """
+    ones = torch.ones_like(g)
     with torch.enable_grad():
-        return torch.func.jvp(update, (g,), (torch.ones_like(g),))[1].detach()
+        out = torch.func.jvp(update, (g,), (ones,))[1].detach()
+        bad = ~torch.isfinite(out)
+        if bool(bad.any()):
+            h = 4 * torch.finfo(g.dtype).tiny ** 0.5
+            hs = torch.where(bad, torch.full_like(g, h), torch.zeros_like(g))
+            plus = torch.func.jvp(update, (g + hs,), (ones,))[1].detach()
+            minus = torch.func.jvp(update, (g - hs,), (ones,))[1].detach()
+            out = torch.where(bad, (plus + minus) / 2, out)
+    return out
 
 
 def secant_diagonal(update: Update, g: torch.Tensor, tangent: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -3,6 +3,8 @@
 Everything here runs the REAL torch optimizer (a copy of it and of its state) on real
 per-sample gradients from ``torch.func``; nothing uses the linearizations in ``optimizers``.
 The library never imports this package; tests and experiments use it to certify estimators.
+It imports neither ``estimators`` nor ``optimizers`` (only the neutral ``persample`` package, which
+holds the per-sample plumbing both use), so the oracle does not import what it certifies.
 
 * :func:`per_sample_grads` — each sample's share ``c_z`` of the batch gradient (``torch.func``
   vmap, or an exact per-sample loop for models vmap cannot trace; see :class:`PerSampleMethod`).
@@ -29,7 +31,7 @@ Example (the ground truth of a tiny step, and an estimate scored against it):
     1.0
 """
 
-from estimators import PerSampleFallbackWarning, PerSampleGrads, PerSampleMethod
+from persample import PerSampleFallbackWarning, PerSampleGrads, PerSampleMethod
 
 from ._fidelity import fidelity
 from ._game import STACKABLE_OPTIMIZERS, StepPath, leave_one_out, utility

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from estimators import isolated_pass
+from persample import isolated_pass
 
 from ._per_sample import LossFn, _batch_size, _contributions, _scalar_loss, _unpack_batch, _vmap_error
 

@@ -3,7 +3,7 @@
 This module is the oracle's deliberately plain route to ``c_z``: it shares no code with the
 hook-based (ghost) estimators, so that it can certify them. The per-sample rule itself (one
 vector-Jacobian product per sample with the batch loss's output gradient, see
-``estimators._per_sample.sample_contributions``) and its mapping over the batch (``vmap``, or a
+``persample.sample_contributions``) and its mapping over the batch (``vmap``, or a
 plain loop for models vmap cannot trace) are shared with the materialized estimator,
 ``estimators.per_sample_grads``: one implementation, one rule, so the two cannot disagree.
 """
@@ -17,8 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from estimators import PerSampleGrads, PerSampleMethod, check_samples_independent, parse_enum
-from estimators._per_sample import sample_contributions
+from persample import PerSampleGrads, PerSampleMethod, check_samples_independent, parse_enum, sample_contributions
 
 LossFn = Callable[[Any, Any], Tensor]
 

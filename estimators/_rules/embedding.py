@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._checks import SampleInteractionError
+from persample import SampleInteractionError
 from .._factors import Bilinear, DenseFactor, OneHotFactor
 from ._base import LayerRule, batch_first
 

@@ -21,8 +21,7 @@ def test_doc_code_block_runs(index, capsys):
 
 @pytest.mark.parametrize(
     "module",
-    ["estimators._config", "estimators._engine", "estimators._factorize", "estimators._factors", "estimators._first_order", "estimators._ghost",
-     "estimators._per_sample"],
+    ["estimators._config", "estimators._engine", "estimators._factorize", "estimators._factors", "estimators._first_order", "estimators._ghost"],
 )
 def test_docstring_examples_run(module):
     import doctest
