@@ -4,7 +4,7 @@
   diagonal, operator), and the only path for non-factored terms (biases, norms, the fallback);
 * pairwise -- exact for a scalar J only, chosen under ``auto`` when its ghost dot-products are
   cheaper than the dense contraction; * factored -- a rank-one approximation of a diagonal J,
-  only when forced (never for an operator, which has no elementwise form).
+  only when forced (an operator, which has no elementwise form, takes dense instead).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def choose_path(
     Returns:
         A :class:`GhostPath` other than ``auto``.
     Raises:
-        ValueError: ``pairwise`` forced for a J that is not one number; ``factored`` for an operator.
+        ValueError: ``pairwise`` forced for a J that is not one number.
         GhostEngineError: ``pairwise``/``factored`` forced without a captured validation pass.
     """
     if forced is GhostPath.MATERIALIZED:
@@ -51,10 +51,10 @@ def choose_path(
         return GhostPath.DENSE  # materialized parameters (bias, norms, fallback): J exactly
     scalar = Jp.scalar is not None
     if forced is GhostPath.FACTORED and Jp.diagonal is None:
-        raise ValueError(
-            f"path 'factored' fits a rank-one matrix to an elementwise J, but J of parameter {name!r} is a "
-            f"{Jp.kind} (a linear map that couples the weight's entries); use path='dense', which applies it exactly"
-        )
+        # The factored path approximates an elementwise J by a rank-one matrix; an operator (Muon,
+        # Adafactor) has no elementwise form, so its weights are applied exactly on the dense path
+        # (``paths_taken`` says "dense").
+        return GhostPath.DENSE
     if forced in (GhostPath.PAIRWISE, GhostPath.FACTORED) and not have_val:
         raise GhostEngineError(
             f"path {forced.value!r} for parameter {name!r} needs the validation pass captured: run the K "

@@ -26,25 +26,49 @@ from ._base import (
 )
 from ._group import LinearizationGroup, as_optimizer_list
 from ._preconditioner import Diagonal, Operator, Preconditioner, Scalar, as_preconditioner
+from .adadelta import AdadeltaLinearization, AdadeltaState
+from .adafactor import AdafactorLinearization, AdafactorState
 from .adagrad import AdagradLinearization, AdagradState
 from .adam import AdamLinearization, AdamState, AdamWLinearization
+from .adamax import AdamaxLinearization, AdamaxState
+from .asgd import ASGDLinearization, ASGDState
+from .muon import MuonLinearization, MuonState
+from .nadam import NAdamLinearization, NAdamState
+from .radam import RAdamLinearization, RAdamState
 from .rmsprop import RMSpropLinearization, RMSpropState
+from .rprop import RpropLinearization, RpropState
 from .sgd import SGDLinearization, SGDState
 
 __all__ = [
+    "ASGDLinearization",
+    "ASGDState",
+    "AdadeltaLinearization",
+    "AdadeltaState",
+    "AdafactorLinearization",
+    "AdafactorState",
     "AdagradLinearization",
     "AdagradState",
     "AdamLinearization",
     "AdamState",
     "AdamWLinearization",
+    "AdamaxLinearization",
+    "AdamaxState",
     "Diagonal",
     "LinearizationGroup",
+    "MuonLinearization",
+    "MuonState",
+    "NAdamLinearization",
+    "NAdamState",
     "Operator",
     "OptimizerLinearization",
     "ParamState",
     "Preconditioner",
+    "RAdamLinearization",
+    "RAdamState",
     "RMSpropLinearization",
     "RMSpropState",
+    "RpropLinearization",
+    "RpropState",
     "SGDLinearization",
     "SGDState",
     "Scalar",

@@ -130,13 +130,16 @@ def secant_operator(
     tolerance: float | None = None,
     what: str = "the parameter",
     threshold: float = 1e-2,
+    agreement: float | None = None,
 ) -> Operator:
     """The Aumann–Shapley secant P = ∫₀¹ J(s g)ᵀ v ds, applied by Gauss–Legendre quadrature.
 
     Each :meth:`Operator.apply` starts at ``nodes`` nodes and doubles them until the efficiency
     gap |⟨P, g⟩ − ⟨v, Δ(g) − Δ(0)⟩| / (‖v‖ ‖Δ(g) − Δ(0)‖) is below ``tolerance`` (default:
-    1e-9 in float64, 1e-4 in float32), so the values of the step add up to −⟨v, Δ(g) − Δ(0)⟩.
-    The operator's ``diagnostics`` hold the node count and gap of the last application.
+    1e-9 in float64, 1e-4 in float32), so the values of the step add up to −⟨v, Δ(g) − Δ(0)⟩,
+    AND P's component orthogonal to g agrees with the rule of half as many nodes to 1e-7
+    (float32: 1e-3) of ‖P‖: the identity checks only P's component along g. The operator's ``diagnostics`` hold the node
+    count, gap and that change of the last application.
 
     Args:
         update: Δ as a function of the gradient, ``[*S] -> [*S]``, differentiable in torch.func.
@@ -145,6 +148,8 @@ def secant_operator(
         tolerance: the largest accepted efficiency gap.
         what: how messages name the parameter.
         threshold: the largest ‖Δ(1e-6 g) − Δ(0)‖ / ‖Δ(g) − Δ(0)‖ taken as continuous at 0.
+        agreement: the largest accepted change of P's component orthogonal to g between the
+            rules of n/2 and n nodes, relative to ‖P‖ (default 1e-7 in float64, 1e-3 in float32).
     Returns:
         An :class:`Operator` of shape ``S``.
     Raises:
@@ -152,6 +157,8 @@ def secant_operator(
             tolerance at ``max_nodes`` (raised by ``apply``).
     """
     tol = tolerance if tolerance is not None else (1e-9 if g.dtype == torch.float64 else 1e-4)
+    if agreement is None:
+        agreement = 1e-7 if g.dtype == torch.float64 else 1e-3
     jump = jump_at_zero(update, g)
     if jump > threshold:
         raise UpdateJumpError(
@@ -159,7 +166,7 @@ def secant_operator(
             "update gives about 1e-6). The secant path integral along s·g_B misses the jump, so its values would not "
             "add up to the step's change (this is Muon's first step, whose update is scale-invariant in g, and any "
             "sign-based rule). Use linearization='tangent' for such steps (the tangent at g_B is defined), or value "
-            "them with the exact update of each coalition (validation.step_game / leave_one_out)."
+            "them with the exact update of each coalition (validation.leave_one_out, validation.shapley_values)."
         )
     with torch.no_grad():
         delta = update(g) - update(torch.zeros_like(g))
@@ -179,20 +186,30 @@ def secant_operator(
         v = v.to(g.dtype)
         target = float(torch.vdot(v.reshape(-1).double(), delta.reshape(-1).double()))
         scale = float(torch.linalg.vector_norm(v.double())) * delta_norm
-        n, gap = nodes, float("inf")
+        # Two criteria: the efficiency identity (the component of P along g_B) and agreement with
+        # the rule of half as many nodes (every other component, which the identity cannot see).
+        n, previous = nodes, integrate(v, max(1, nodes // 2))
+        gflat = g.reshape(-1).double()
+        gnorm2 = float(torch.vdot(gflat, gflat))
         while True:
             P = integrate(v, n)
             got = float(torch.vdot(P.reshape(-1).double(), g.reshape(-1).double()))
             gap = abs(got - target) / scale if scale > 0 else 0.0
-            if gap <= tol or n >= max_nodes:
+            size = float(torch.linalg.vector_norm(P.double()))
+            diff = (P - previous).double().reshape(-1)
+            # only the component orthogonal to g_B: the identity has already checked the rest
+            diff = diff - (torch.vdot(diff, gflat) / gnorm2) * gflat if gnorm2 > 0 else diff
+            change = float(torch.linalg.vector_norm(diff)) / size if size > 0 else 0.0
+            if (gap <= tol and change <= agreement) or n >= max_nodes:
                 break
-            n *= 2
-        diagnostics.update(nodes=n, efficiency_gap=gap)
-        if gap > tol:
+            n, previous = 2 * n, P
+        diagnostics.update(nodes=n, efficiency_gap=gap, node_change=change)
+        if gap > tol or change > agreement:
             raise UpdateJumpError(
                 f"the secant quadrature of {what} did not converge: with {n} Gauss–Legendre nodes the values add up "
-                f"to the step's change only to a relative gap of {gap:.3g} (tolerance {tol:.1g}); the update is not "
-                "smooth along s·g_B. Raise max_nodes (class attribute secant_max_nodes), or use linearization='tangent'."
+                f"to the step's change only to a relative gap of {gap:.3g} (tolerance {tol:.1g}) and differ from "
+                f"{n // 2} nodes' by {change:.3g} (tolerance {agreement:.1g}); the update is not smooth along s·g_B. "
+                "Raise max_nodes (class attribute secant_max_nodes), or use linearization='tangent'."
             )
         return P
 

@@ -557,7 +557,8 @@ class OptimizerLinearization(abc.ABC):
             raise ValueError(f"kind must be 'tangent', 'secant' or 'sgd', got {kind!r}")
         if self.structure == "elementwise":
             return Diagonal(self.tangent(param, grad) if kind == "tangent" else self.secant(param, grad))
-        from ._autograd import secant_operator, tangent_operator
+        from ._autograd import tangent_operator
+        from ._piecewise import piecewise_secant
 
         theta, g, state = self._inputs(param, grad)
         cls = type(self)
@@ -567,10 +568,28 @@ class OptimizerLinearization(abc.ABC):
 
         if kind == "tangent":
             return tangent_operator(update, g)
-        return secant_operator(
-            update, g, nodes=self.secant_nodes, max_nodes=self.secant_max_nodes, tolerance=self.secant_tolerance,
-            what=f"a {cls.optimizer_class.__name__} parameter of shape {tuple(param.shape)}",
+        name = cls.optimizer_class.__name__
+        return piecewise_secant(
+            update, g, cls.path_breakpoints(theta, g, state),
+            nodes=self.secant_nodes, max_nodes=self.secant_max_nodes, tolerance=self.secant_tolerance,
+            what=f"{'an' if name[0] in 'AEIOU' else 'a'} {name} parameter of shape {tuple(param.shape)}",
         )
+
+    @classmethod
+    def path_breakpoints(cls, theta: torch.Tensor, grad: torch.Tensor, state: ParamState) -> list[float]:
+        """Points of (0, 1) where s ↦ Δ(s·grad) is not smooth, for an operator rule's secant (default none).
+
+        The secant ∫₀¹ J(s g)ᵀ v ds is integrated piecewise between them (each piece by an
+        efficiency-checked Gauss–Legendre rule, bisected where it does not converge); give the
+        kinks of the rule (a clipping that switches on) and points graded towards near
+        singularities (Muon, Adafactor do). Shapes as :meth:`update_rule`.
+
+        Example:
+            >>> from optimizers import SGDLinearization, SGDState
+            >>> SGDLinearization.path_breakpoints(torch.zeros(2), torch.ones(2), SGDState(lr=0.1))
+            []
+        """
+        return []
 
     def learning_rate(self, param: torch.Tensor) -> float:
         """The learning rate of ``param``'s group at linearization time (the SGD proxy is J = −lr).
@@ -629,7 +648,7 @@ def registered() -> dict[type[torch.optim.Optimizer], type[OptimizerLinearizatio
 
     Example:
         >>> sorted(c.__name__ for c in registered())
-        ['Adagrad', 'Adam', 'AdamW', 'RMSprop', 'SGD']
+        ['ASGD', 'Adadelta', 'Adafactor', 'Adagrad', 'Adam', 'AdamW', 'Adamax', 'Muon', 'NAdam', 'RAdam', 'RMSprop', 'Rprop', 'SGD']
     """
     return dict(_REGISTRY)
 
@@ -656,10 +675,16 @@ def linearization_class(optimizer_class: type[torch.optim.Optimizer]) -> type[Op
     Example:
         >>> linearization_class(torch.optim.AdamW).__name__
         'AdamWLinearization'
-        >>> linearization_class(torch.optim.Adamax)
+        >>> class MySGD(torch.optim.SGD):   # a subclass is a different algorithm until registered
+        ...     pass
+        >>> linearization_class(MySGD)
         Traceback (most recent call last):
         ...
-        optimizers._base.UnsupportedOptimizerError: no linearization is registered for torch.optim.adamax.Adamax (supported: Adagrad, Adam, AdamW, RMSprop, SGD). ...
+        optimizers._base.UnsupportedOptimizerError: no linearization is registered for ...MySGD (supported: ASGD, Adadelta, ...
+        >>> linearization_class(torch.optim.LBFGS)
+        Traceback (most recent call last):
+        ...
+        optimizers._base.UnsupportedOptimizerError: torch.optim.LBFGS is not linearized: its step runs a line search ...
     """
     try:
         return _REGISTRY[optimizer_class]

@@ -61,8 +61,8 @@ class LinearizationGroup:
     Args:
         linearizations: one :class:`OptimizerLinearization` per optimizer, covering disjoint parameters.
     Example:
-        >>> a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
-        >>> a.grad, b.grad = torch.ones(2), torch.ones(2)
+        >>> a, b = (torch.nn.Parameter(torch.ones(2, dtype=torch.float64)) for _ in range(2))
+        >>> a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
         >>> from optimizers import linearize
         >>> lin = linearize([torch.optim.SGD([a], lr=0.1), torch.optim.Adam([b], lr=0.1)])
         >>> len(lin), lin.preconditioner(a, a.grad, "tangent").scalar, type(lin.owner(b)).__name__

@@ -21,6 +21,7 @@ import sympy
 import torch
 
 from ._base import OptimizerLinearization, ParamState, as_float
+from ._preconditioner import Preconditioner, Scalar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,21 @@ class SGDLinearization(OptimizerLinearization, optimizer=torch.optim.SGD):
         >>> opt.step(); torch.allclose(w.detach(), expected)
         True
     """
+
+    def preconditioner(self, param: torch.Tensor, grad: torch.Tensor, kind: Any = "tangent") -> Preconditioner:
+        """J = −η·s·k as a :class:`Scalar` (one number per parameter, so every ghost path is exact).
+
+        Nesterov's first step (the buffer starts as g̃): k = 1 + μ.
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)); w.grad = torch.ones_like(w)
+            >>> import optimizers
+            >>> optimizers.linearize(torch.optim.SGD([w], lr=0.1, momentum=0.9, nesterov=True)).preconditioner(w, w.grad, "secant")
+            Scalar(-0.19)
+        """
+        J = super().preconditioner(param, grad, kind)
+        value = J.scalar
+        return J if value is None or isinstance(J, Scalar) else Scalar(value)
 
     @classmethod
     def read_state(cls, param, state, group) -> SGDState:

@@ -197,3 +197,66 @@ def test_linearize_a_list_answers_per_parameter_with_its_owner():
         assert J.scalar == pytest.approx(-0.1 * 1.0)  # SGD with momentum after steps: −η(1 − d), d = 0
     only = optimizers.linearize(opts, params=list(model[2].parameters()))
     assert len(only) == 2 and model[0].weight not in only
+
+
+# ------------------------------------------------------------------ fuzzed: several optimizers per model
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tests.reliability._fuzz_models import OPTIMIZER_CLASS, fuzz_cases, group_hyperparameters  # noqa: E402
+
+SPLIT_KINDS = ["muon", "adam", "nadam", "sgd-momentum", "adafactor", "radam", "adamax", "rmsprop"]
+
+
+@st.composite
+def split_cases(draw):
+    """A fuzzed model whose 2-D weights are stepped by one optimizer (Muon or another) and the rest by a second."""
+    case = draw(fuzz_cases(optimizer_kinds=["sgd"], max_groups=1))
+    trainable = [p for p in case.model.parameters() if p.requires_grad]
+    first = draw(st.sampled_from(SPLIT_KINDS))
+    second = draw(st.sampled_from([k for k in SPLIT_KINDS if k != "muon"]))
+    matrices = [p for p in trainable if p.ndim == 2]
+    rest = [p for p in trainable if p.ndim != 2]
+    if not matrices or not rest:
+        matrices, rest = trainable[: len(trainable) // 2 or 1], trainable[len(trainable) // 2 or 1 :]
+        first = second if first == "muon" else first
+    opts = []
+    if first == "muon":
+        opts.append(torch.optim.Muon(matrices, lr=draw(st.sampled_from([1e-3, 2e-2])), momentum=draw(st.sampled_from([0.0, 0.95]))))
+    else:
+        opts.append(OPTIMIZER_CLASS[first](matrices, **draw(group_hyperparameters(first))))
+    if rest:
+        opts.append(OPTIMIZER_CLASS[second](rest, **draw(group_hyperparameters(second))))
+    warm = draw(st.integers(1, 3))  # Muon's first step is a jump: secant values start at step 2
+    for _ in range(warm):
+        for o in opts:
+            o.zero_grad()
+        x, y = case.make_batch(3, case.generator)
+        case.loss_fn(case.model(x), y).backward()
+        for o in opts:
+            o.step()
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    return case, opts
+
+
+@given(pair=split_cases(), linearization=st.sampled_from(["tangent", "secant", "sgd"]), val_point=st.sampled_from(["current", "midpoint"]))
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def test_fuzzed_models_with_two_optimizers_ghost_equals_materialized_and_each_share_adds_up(pair, linearization, val_point):
+    case, opts = pair
+    kw = dict(linearization=linearization, val_point=val_point)
+    val = list(case.val_batches)
+    try:
+        ghost = attribution.step_values(case.model, opts, case.loss_fn, case.batch, val, estimator="ghost", **kw)
+    except optimizers.UpdateJumpError:
+        # Muon without momentum orthogonalises g itself: Δ(s g) = Δ(g) at every step, a jump at 0.
+        assert linearization == "secant" and any(isinstance(o, torch.optim.Muon) and o.defaults["momentum"] == 0.0 for o in opts)
+        return
+    mat = attribution.step_values(case.model, opts, case.loss_fn, case.batch, val, estimator="materialized", **kw)
+    scale = float(mat.abs().max()) + 1e-300
+    assert_close(ghost, mat, rtol=1e-8, atol=1e-10 * scale)
+    if val_point == "current":  # each optimizer's share of the values is valued under its own rule
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnsteppedParameterWarning)
+            parts = [attribution.step_values(case.model, [o], case.loss_fn, case.batch, val, estimator="ghost", **kw) for o in opts]
+        assert_close(ghost, sum(parts), rtol=1e-8, atol=1e-10 * scale)

@@ -67,7 +67,10 @@ ACTIVATIONS = {
 }
 
 #: Interleaved so that Hypothesis' bias toward early entries does not starve the adaptive optimizers.
-OPTIMIZER_KINDS = ["adam", "sgd", "adamw", "sgd-momentum", "rmsprop", "amsgrad", "sgd-nesterov", "adagrad"]
+OPTIMIZER_KINDS = [
+    "adam", "sgd", "adafactor", "adamw", "sgd-momentum", "nadam", "rmsprop", "amsgrad", "radam", "sgd-nesterov",
+    "adamax", "adagrad", "adadelta", "asgd",
+]
 
 
 # ---------------------------------------------------------------------------------- losses
@@ -411,6 +414,26 @@ def group_hyperparameters(draw, kind: str) -> dict:
             "centered": draw(st.booleans()),
             "maximize": maximize,
         }
+    if kind == "adamax":
+        return {"lr": draw(st.sampled_from([2e-3, 2e-2])), "betas": (draw(st.sampled_from([0.0, 0.9])), 0.999),
+                "eps": draw(st.sampled_from([1e-8, 1e-3])), "weight_decay": wd, "maximize": maximize}
+    if kind == "nadam":
+        return {"lr": draw(st.sampled_from([2e-3, 2e-2])), "betas": (draw(st.sampled_from([0.5, 0.9])), draw(st.sampled_from([0.99, 0.999]))),
+                "eps": draw(st.sampled_from([1e-8, 1e-3])), "weight_decay": wd, "momentum_decay": draw(st.sampled_from([4e-3, 0.1])),
+                "decoupled_weight_decay": draw(st.booleans()), "maximize": maximize}
+    if kind == "radam":
+        return {"lr": draw(st.sampled_from([1e-3, 1e-2])), "betas": (0.9, draw(st.sampled_from([0.9, 0.999]))),
+                "eps": draw(st.sampled_from([1e-8, 1e-3])), "weight_decay": wd, "decoupled_weight_decay": draw(st.booleans()),
+                "maximize": maximize}
+    if kind == "adadelta":
+        return {"lr": draw(st.sampled_from([0.1, 1.0])), "rho": draw(st.sampled_from([0.5, 0.9])),
+                "eps": draw(st.sampled_from([1e-6, 1e-3])), "weight_decay": wd, "maximize": maximize}
+    if kind == "asgd":
+        return {"lr": draw(st.sampled_from([1e-2, 0.1])), "lambd": 1e-4, "alpha": 0.75, "t0": draw(st.sampled_from([1.0, 1e6])),
+                "weight_decay": wd, "maximize": maximize}
+    if kind == "adafactor":
+        return {"lr": draw(st.sampled_from([1e-3, 1e-2])), "beta2_decay": draw(st.sampled_from([-0.8, -0.5])),
+                "eps": (None, draw(st.sampled_from([1e-3, 1e-2]))), "weight_decay": wd, "maximize": maximize}
     assert kind == "adagrad", kind
     return {
         "lr": draw(st.sampled_from([1e-2, 0.1])),
@@ -431,6 +454,12 @@ OPTIMIZER_CLASS = {
     "amsgrad": torch.optim.Adam,
     "rmsprop": torch.optim.RMSprop,
     "adagrad": torch.optim.Adagrad,
+    "adamax": torch.optim.Adamax,
+    "nadam": torch.optim.NAdam,
+    "radam": torch.optim.RAdam,
+    "adadelta": torch.optim.Adadelta,
+    "asgd": torch.optim.ASGD,
+    "adafactor": torch.optim.Adafactor,
 }
 
 
