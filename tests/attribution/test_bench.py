@@ -195,3 +195,12 @@ def test_a_steady_run_prints_no_warning(tmp_path, capsys, monkeypatch):
         result["modes"][mode] = _mode(0.7, [0.7, 0.71, 0.69])
     assert cli(["bench", "--model", "mlp", "--device", "cpu"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_optimizer_cost_quick_prints_a_ratio_row_per_optimizer_and_linearization(capsys):
+    from attribution.experiments import optimizer_cost
+
+    assert optimizer_cost.main(["--quick", "--repeats", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 15 and {r[0] for r in rows} == {"sgd-momentum", "adam", "nadam", "adafactor", "muon+adamw"}
+    assert all(float(r[-1]) > 0 for r in rows) and all(float(r[-1]) == 1.0 for r in rows if r[1] == "sgd")
