@@ -131,6 +131,7 @@ def secant_operator(
     what: str = "the parameter",
     threshold: float = 1e-2,
     agreement: float | None = None,
+    reference: float = 0.0,
 ) -> Operator:
     """The Aumann–Shapley secant P = ∫₀¹ J(s g)ᵀ v ds, applied by Gauss–Legendre quadrature.
 
@@ -150,6 +151,9 @@ def secant_operator(
         threshold: the largest ‖Δ(1e-6 g) − Δ(0)‖ / ‖Δ(g) − Δ(0)‖ taken as continuous at 0.
         agreement: the largest accepted change of P's component orthogonal to g between the
             rules of n/2 and n nodes, relative to ‖P‖ (default 1e-7 in float64, 1e-3 in float32).
+        reference: a floor for ‖P‖ per unit ‖v‖ in that comparison: a piece of a longer path
+            (``piecewise_secant``) is judged against the whole path's size ‖Δ(g) − Δ(0)‖/‖g‖, so
+            a tiny piece that holds a kink is not held to its own vanishing size.
     Returns:
         An :class:`Operator` of shape ``S``.
     Raises:
@@ -199,7 +203,8 @@ def secant_operator(
             diff = (P - previous).double().reshape(-1)
             # only the component orthogonal to g_B: the identity has already checked the rest
             diff = diff - (torch.vdot(diff, gflat) / gnorm2) * gflat if gnorm2 > 0 else diff
-            change = float(torch.linalg.vector_norm(diff)) / size if size > 0 else 0.0
+            floor = reference * float(torch.linalg.vector_norm(v.double()))
+            change = float(torch.linalg.vector_norm(diff)) / max(size, floor) if max(size, floor) > 0 else 0.0
             if (gap <= tol and change <= agreement) or n >= max_nodes:
                 break
             n, previous = 2 * n, P

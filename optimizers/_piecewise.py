@@ -91,6 +91,9 @@ def piecewise_secant(
     # the allowances add up to tol·total, a piece over which Δ hardly moves still gets some, and floor_k
     # (16 eps (‖Δ(a g)‖ + ‖Δ(b g)‖)) is what the float64 chord of the piece is known to.
     budget = sum(piece_norms) + total_norm
+    # The whole path's P per unit ‖v‖ (‖Δ(g) − Δ(0)‖/‖g‖): the scale each piece's node agreement is judged on.
+    g_norm = float(torch.linalg.vector_norm(g.double()))
+    path_scale = total_norm / g_norm if g_norm > 0 else 0.0
 
     def rounding(*deltas: torch.Tensor) -> float:
         return 16 * eps * sum(float(torch.linalg.vector_norm(d.double())) for d in deltas)
@@ -113,7 +116,7 @@ def piecewise_secant(
         # two rounding errors, so it is off there (threshold=inf).
         op = secant_operator(
             shifted, (b - a) * g, nodes=nodes, max_nodes=max_nodes, tolerance=(allowance + floor) / n_ab if n_ab > 0 else tol,
-            what=label, threshold=float("inf"),
+            what=label, threshold=float("inf"), reference=path_scale,
         )
         return [a, b, allowance, op, floor]
 

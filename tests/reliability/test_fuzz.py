@@ -211,9 +211,10 @@ def _dense_jacobian(lin, p, linearization: str) -> _Matrix:
     the library's VJP quadrature and its node refinement (the fuzz models' parameters are small).
     """
     g = p.grad.detach()
+    theta, state, rule = p.detach(), lin.state(p), type(lin).update_rule  # (lin.update detaches its input)
 
     def jac(x):
-        return torch.autograd.functional.jacobian(lambda y: lin.update(p, y), x).reshape(p.numel(), p.numel())
+        return torch.autograd.functional.jacobian(lambda y: rule(theta, y, state), x).reshape(p.numel(), p.numel())
 
     step = float(lin.update(p, g).norm()) + float(lin.update(p, torch.zeros_like(g)).norm())
     terms = step / max(float(g.abs().min()), float(g.norm()) * 1e-6, 1e-300)
