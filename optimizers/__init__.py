@@ -25,7 +25,13 @@ from ._base import (
     registered,
 )
 from ._group import LinearizationGroup, as_optimizer_list
-from ._preconditioner import Diagonal, Operator, Preconditioner, Scalar, as_preconditioner
+from ._preconditioner import (
+    Diagonal,
+    Operator,
+    Preconditioner,
+    Scalar,
+    as_preconditioner,
+)
 from .adadelta import AdadeltaLinearization, AdadeltaState
 from .adafactor import AdafactorLinearization, AdafactorState
 from .adagrad import AdagradLinearization, AdagradState

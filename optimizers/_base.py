@@ -752,6 +752,27 @@ def linearize(
     return linearization_class(type(optimizer)).from_optimizer(optimizer, copy_state=copy_state, params=params)
 
 
+def state_tensor(state: Mapping[str, Any], name: str) -> torch.Tensor | None:
+    """``state[name]`` detached, or ``None`` where the optimizer has not created it yet (a ``read_state`` helper).
+
+    Example:
+        >>> state_tensor({"exp_avg": torch.ones(2, requires_grad=True)}, "exp_avg").requires_grad, state_tensor({}, "exp_avg")
+        (False, None)
+    """
+    x = state.get(name)
+    return None if x is None else x.detach()
+
+
+def zeros_or(x: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``x``, or zeros shaped like ``like`` where the state does not exist yet (torch's initial value).
+
+    Example:
+        >>> zeros_or(None, torch.ones(2)).tolist(), zeros_or(torch.ones(1), torch.ones(2)).tolist()
+        ([0.0, 0.0], [1.0])
+    """
+    return torch.zeros_like(like) if x is None else x
+
+
 def as_float(x: Any) -> float:
     """A hyper-parameter (float or 0-d tensor, as torch allows for lr and betas) as a Python float.
 

@@ -26,7 +26,7 @@ import sympy
 import torch
 
 from ._algebra import ratio_chord
-from ._base import OptimizerLinearization, ParamState, as_float
+from ._base import OptimizerLinearization, ParamState, as_float, state_tensor, zeros_or
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +52,6 @@ class AdadeltaState(ParamState):
     acc_delta: torch.Tensor | None = None
 
 
-def _zeros_or(x, like):
-    return torch.zeros_like(like) if x is None else x
-
-
 class AdadeltaLinearization(OptimizerLinearization, optimizer=torch.optim.Adadelta):
     """Linearization of ``torch.optim.Adadelta`` (L2 decay, maximize; ``foreach`` either way).
 
@@ -77,18 +73,14 @@ class AdadeltaLinearization(OptimizerLinearization, optimizer=torch.optim.Adadel
 
     @classmethod
     def read_state(cls, param, state, group) -> AdadeltaState:
-        def t(name):
-            x = state.get(name)
-            return None if x is None else x.detach()
-
         return AdadeltaState(
             lr=as_float(group["lr"]),
             rho=float(group["rho"]),
             eps=float(group["eps"]),
             weight_decay=as_float(group["weight_decay"]),
             maximize=bool(group["maximize"]),
-            square_avg=t("square_avg"),
-            acc_delta=t("acc_delta"),
+            square_avg=state_tensor(state, "square_avg"),
+            acc_delta=state_tensor(state, "acc_delta"),
         )
 
     @staticmethod
@@ -100,17 +92,17 @@ class AdadeltaLinearization(OptimizerLinearization, optimizer=torch.optim.Adadel
     def update_rule(cls, theta, grad, st: AdadeltaState):
         # torch's order (single-tensor path), out of place so that a stack of gradients broadcasts.
         g = cls._effective_grad(theta, grad, st)
-        q_new = torch.addcmul(torch.mul(_zeros_or(st.square_avg, g), st.rho), g, g, value=1 - st.rho)
+        q_new = torch.addcmul(torch.mul(zeros_or(st.square_avg, g), st.rho), g, g, value=1 - st.rho)
         std = q_new.add_(st.eps).sqrt_()
-        delta = torch.div(torch.add(_zeros_or(st.acc_delta, g), st.eps).sqrt_(), std).mul_(g)
+        delta = torch.div(torch.add(zeros_or(st.acc_delta, g), st.eps).sqrt_(), std).mul_(g)
         return delta.mul_(-st.lr)
 
     @classmethod
     def _slope(cls, theta, grad, st: AdadeltaState, a):
         sign = -1.0 if st.maximize else 1.0
         b = cls._effective_grad(theta, grad, st)
-        w = _zeros_or(st.square_avg, b) * st.rho + st.eps
-        scale = torch.add(_zeros_or(st.acc_delta, b), st.eps).sqrt_()
+        w = zeros_or(st.square_avg, b) * st.rho + st.eps
+        scale = torch.add(zeros_or(st.acc_delta, b), st.eps).sqrt_()
         return ratio_chord(0.0, 1.0, w, 1 - st.rho, 0.0, b if a is None else a, b) * scale * (-st.lr * sign)
 
     @classmethod

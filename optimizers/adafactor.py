@@ -58,6 +58,7 @@ from ._base import (
     ParamState,
     UnsupportedOptimizerError,
     as_float,
+    state_tensor,
 )
 
 
@@ -139,10 +140,6 @@ class AdafactorLinearization(OptimizerLinearization, optimizer=torch.optim.Adafa
         if getattr(param, "is_complex", lambda: False)():
             raise UnsupportedOptimizerError("complex parameters are not modelled (torch.optim.Adafactor refuses them too)")
 
-        def t(name):
-            x = state.get(name)
-            return None if x is None else x.detach()
-
         return AdafactorState(
             lr=as_float(group["lr"]),
             beta2_decay=float(group["beta2_decay"]),
@@ -152,9 +149,9 @@ class AdafactorLinearization(OptimizerLinearization, optimizer=torch.optim.Adafa
             weight_decay=as_float(group["weight_decay"]),
             maximize=bool(group["maximize"]),
             step=int(as_float(state.get("step", 0))),
-            row_var=t("row_var"),
-            col_var=t("col_var"),
-            variance=t("variance"),
+            row_var=state_tensor(state, "row_var"),
+            col_var=state_tensor(state, "col_var"),
+            variance=state_tensor(state, "variance"),
         )
 
     # -------------------------------------------------------------- the maths

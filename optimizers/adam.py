@@ -35,7 +35,14 @@ import sympy
 import torch
 
 from ._algebra import root_product_gap, safe_div
-from ._base import OptimizerLinearization, ParamState, UnsupportedOptimizerError, as_float
+from ._base import (
+    OptimizerLinearization,
+    ParamState,
+    UnsupportedOptimizerError,
+    as_float,
+    state_tensor,
+    zeros_or,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +76,6 @@ class AdamState(ParamState):
     max_exp_avg_sq: torch.Tensor | None = None
 
 
-def _zeros_or(x, like):
-    return torch.zeros_like(like) if x is None else x
-
-
 class _AdamFamily(OptimizerLinearization):
     """Shared maths of Adam and AdamW; the two registered classes differ only in ``read_state``."""
 
@@ -81,10 +84,6 @@ class _AdamFamily(OptimizerLinearization):
         if any(isinstance(b, torch.Tensor) and b.requires_grad for b in group["betas"]):
             raise UnsupportedOptimizerError("betas that require grad (differentiable=True) are not modelled")
         step = state.get("step", 0)
-
-        def t(name):
-            x = state.get(name)
-            return None if x is None else x.detach()
 
         return AdamState(
             lr=as_float(group["lr"]),
@@ -96,9 +95,9 @@ class _AdamFamily(OptimizerLinearization):
             amsgrad=bool(group["amsgrad"]),
             maximize=bool(group["maximize"]),
             step=int(as_float(step)),
-            exp_avg=t("exp_avg"),
-            exp_avg_sq=t("exp_avg_sq"),
-            max_exp_avg_sq=t("max_exp_avg_sq") if group["amsgrad"] else None,
+            exp_avg=state_tensor(state, "exp_avg"),
+            exp_avg_sq=state_tensor(state, "exp_avg_sq"),
+            max_exp_avg_sq=state_tensor(state, "max_exp_avg_sq") if group["amsgrad"] else None,
         )
 
     @classmethod
@@ -117,8 +116,8 @@ class _AdamFamily(OptimizerLinearization):
     def _moments(g, st: AdamState):
         """m', v' (before AMSGrad's max) and the bias corrections b1, b2."""
         t = st.step + 1
-        m = _zeros_or(st.exp_avg, g)
-        v = _zeros_or(st.exp_avg_sq, g)
+        m = zeros_or(st.exp_avg, g)
+        v = zeros_or(st.exp_avg_sq, g)
         m_new = st.beta1 * m + (1 - st.beta1) * g
         v_new = st.beta2 * v + (1 - st.beta2) * g * g
         return m, v, m_new, v_new, 1 - st.beta1**t, 1 - st.beta2**t
@@ -126,7 +125,7 @@ class _AdamFamily(OptimizerLinearization):
     @classmethod
     def _second_moment(cls, v_new, st: AdamState):
         if st.amsgrad:
-            return torch.maximum(_zeros_or(st.max_exp_avg_sq, v_new), v_new)
+            return torch.maximum(zeros_or(st.max_exp_avg_sq, v_new), v_new)
         return v_new
 
     @classmethod
@@ -137,8 +136,8 @@ class _AdamFamily(OptimizerLinearization):
         t = st.step + 1
         b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
         # Out of place first, so that a stack of gradients [m, *shape] broadcasts against the state.
-        m_new = torch.add(torch.mul(_zeros_or(st.exp_avg, g), st.beta1), g, alpha=1 - st.beta1)
-        v_new = torch.addcmul(torch.mul(_zeros_or(st.exp_avg_sq, g), st.beta2), g, g, value=1 - st.beta2)
+        m_new = torch.add(torch.mul(zeros_or(st.exp_avg, g), st.beta1), g, alpha=1 - st.beta1)
+        v_new = torch.addcmul(torch.mul(zeros_or(st.exp_avg_sq, g), st.beta2), g, g, value=1 - st.beta2)
         denom = cls._second_moment(v_new, st).div_(b2).sqrt_().add_(st.eps)
         delta = m_new.div_(denom).mul_(-(st.lr / b1))
         if st.weight_decay != 0 and st.decoupled_weight_decay:
@@ -152,7 +151,7 @@ class _AdamFamily(OptimizerLinearization):
         g = cls._effective_grad(theta, grad, st)
         t = st.step + 1
         b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
-        m, v = _zeros_or(st.exp_avg, g), _zeros_or(st.exp_avg_sq, g)
+        m, v = zeros_or(st.exp_avg, g), zeros_or(st.exp_avg_sq, g)
         v_new = torch.addcmul(torch.mul(v, st.beta2), g, g, value=1 - st.beta2)
         d = torch.div(cls._second_moment(v_new, st), b2).sqrt_()
         numer = torch.addcmul(torch.mul(v, (1 - st.beta1) * st.beta2), m, g, value=-(1 - st.beta2) * st.beta1)
@@ -163,7 +162,7 @@ class _AdamFamily(OptimizerLinearization):
         through_v = frac.add_((1 - st.beta1) * st.eps).div_(d_eps * d_eps)
         if st.amsgrad:
             # Where the stored max wins, the denominator does not depend on g.
-            vmax = _zeros_or(st.max_exp_avg_sq, v_new)
+            vmax = zeros_or(st.max_exp_avg_sq, v_new)
             through_v = torch.where(vmax > v_new, (1 - st.beta1) / d_eps, through_v)
         return through_v.mul_(-(st.lr / b1) * sign)
 
@@ -186,7 +185,7 @@ class _AdamFamily(OptimizerLinearization):
         )
         bracket = (1 - st.beta1) * st.eps + safe_div(n, b2 * (da + db))
         if st.amsgrad:
-            vmax = _zeros_or(st.max_exp_avg_sq, va_new)
+            vmax = zeros_or(st.max_exp_avg_sq, va_new)
             # Stored max above both second moments: the denominator is constant.
             frozen = (1 - st.beta1) * (da + st.eps)
             # Stored max in between: form the change of max(v_max, v') directly (rare).
@@ -219,8 +218,8 @@ class _AdamFamily(OptimizerLinearization):
         sign = -1.0 if st.maximize else 1.0
         t = st.step + 1
         b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
-        m = _zeros_or(st.exp_avg, b)
-        va = _zeros_or(st.exp_avg_sq, b) * st.beta2
+        m = zeros_or(st.exp_avg, b)
+        va = zeros_or(st.exp_avg_sq, b) * st.beta2
         da = (va / b2).sqrt_()
         db = torch.addcmul(va, b, b, value=1 - st.beta2).div_(b2).sqrt_()
         n = torch.mul(da, db).mul_(b2).add_(va).mul_(1 - st.beta1)

@@ -33,7 +33,7 @@ from typing import Any
 import sympy
 import torch
 
-from ._base import OptimizerLinearization, ParamState, as_float
+from ._base import OptimizerLinearization, ParamState, as_float, state_tensor, zeros_or
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +62,6 @@ class AdamaxState(ParamState):
     exp_inf: torch.Tensor | None = None
 
 
-def _zeros_or(x, like):
-    return torch.zeros_like(like) if x is None else x
-
-
 class AdamaxLinearization(OptimizerLinearization, optimizer=torch.optim.Adamax):
     """Linearization of ``torch.optim.Adamax`` (L2 decay, maximize; ``foreach`` either way).
 
@@ -88,10 +84,6 @@ class AdamaxLinearization(OptimizerLinearization, optimizer=torch.optim.Adamax):
 
     @classmethod
     def read_state(cls, param, state, group) -> AdamaxState:
-        def t(name):
-            x = state.get(name)
-            return None if x is None else x.detach()
-
         return AdamaxState(
             lr=as_float(group["lr"]),
             beta1=as_float(group["betas"][0]),
@@ -100,8 +92,8 @@ class AdamaxLinearization(OptimizerLinearization, optimizer=torch.optim.Adamax):
             weight_decay=as_float(group["weight_decay"]),
             maximize=bool(group["maximize"]),
             step=int(as_float(state.get("step", 0))),
-            exp_avg=t("exp_avg"),
-            exp_inf=t("exp_inf"),
+            exp_avg=state_tensor(state, "exp_avg"),
+            exp_inf=state_tensor(state, "exp_inf"),
         )
 
     @staticmethod
@@ -116,8 +108,8 @@ class AdamaxLinearization(OptimizerLinearization, optimizer=torch.optim.Adamax):
     @classmethod
     def _pieces(cls, g, st: AdamaxState):
         """N = m', c = β2 u and U = u' for the effective gradient ``g``."""
-        m_new = torch.lerp(_zeros_or(st.exp_avg, g), g, 1 - st.beta1)
-        c = _zeros_or(st.exp_inf, g) * st.beta2
+        m_new = torch.lerp(zeros_or(st.exp_avg, g), g, 1 - st.beta1)
+        c = zeros_or(st.exp_inf, g) * st.beta2
         return m_new, c, torch.maximum(c, g.abs() + st.eps)
 
     @classmethod
@@ -131,7 +123,7 @@ class AdamaxLinearization(OptimizerLinearization, optimizer=torch.optim.Adamax):
         sign = -1.0 if st.maximize else 1.0
         g = cls._effective_grad(theta, grad, st)
         _, c, u_new = cls._pieces(g, st)
-        m = _zeros_or(st.exp_avg, g)
+        m = zeros_or(st.exp_avg, g)
         # |g̃| + ε wins: (1 − β1)U − N sign(g̃) = (1 − β1)ε − β1 m sign(g̃), the |g̃| terms cancelled.
         steep = ((1 - st.beta1) * st.eps - st.beta1 * m * torch.sign(g)) / (u_new * u_new)
         slope = torch.where(g.abs() + st.eps > c, steep, (1 - st.beta1) / u_new)
@@ -144,7 +136,7 @@ class AdamaxLinearization(OptimizerLinearization, optimizer=torch.optim.Adamax):
         b = cls._effective_grad(theta, grad, st)
         na, c, ua = cls._pieces(a, st)
         _, _, ub = cls._pieces(b, st)
-        m = _zeros_or(st.exp_avg, b)
+        m = zeros_or(st.exp_avg, b)
         flat_a, flat_b = c >= a.abs() + st.eps, c >= b.abs() + st.eps
         # Both ends on |x| + ε with ab ≥ 0: ρ = sign(a + b) and the |a| terms cancel exactly.
         same = ((1 - st.beta1) * st.eps - st.beta1 * m * torch.sign(a + b)) / (ua * ub)

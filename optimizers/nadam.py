@@ -29,7 +29,7 @@ import sympy
 import torch
 
 from ._algebra import ratio_chord
-from ._base import OptimizerLinearization, ParamState, as_float
+from ._base import OptimizerLinearization, ParamState, as_float, state_tensor, zeros_or
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -69,10 +69,6 @@ class NAdamState(ParamState):
     exp_avg_sq: torch.Tensor | None = None
 
 
-def _zeros_or(x, like):
-    return torch.zeros_like(like) if x is None else x
-
-
 def _mu(beta1: float, step: float, momentum_decay: float) -> float:
     """torch's μ at ``step`` (a float, as ``_get_value(step_t)`` gives it)."""
     return beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
@@ -100,10 +96,6 @@ class NAdamLinearization(OptimizerLinearization, optimizer=torch.optim.NAdam):
 
     @classmethod
     def read_state(cls, param, state, group) -> NAdamState:
-        def t(name):
-            x = state.get(name)
-            return None if x is None else x.detach()
-
         beta1, psi = as_float(group["betas"][0]), float(group["momentum_decay"])
         step = int(as_float(state.get("step", 0)))
         mu = _mu(beta1, float(step + 1), psi)
@@ -123,8 +115,8 @@ class NAdamLinearization(OptimizerLinearization, optimizer=torch.optim.NAdam):
             maximize=bool(group["maximize"]),
             step=step,
             mu_product=mu_product,
-            exp_avg=t("exp_avg"),
-            exp_avg_sq=t("exp_avg_sq"),
+            exp_avg=state_tensor(state, "exp_avg"),
+            exp_avg_sq=state_tensor(state, "exp_avg_sq"),
         )
 
     @staticmethod
@@ -150,8 +142,8 @@ class NAdamLinearization(OptimizerLinearization, optimizer=torch.optim.NAdam):
         # torch's order (single-tensor path), out of place so that a stack of gradients broadcasts.
         g = cls._effective_grad(theta, grad, st)
         c1, c2, b2 = cls._coefficients(st)
-        m_new = torch.lerp(_zeros_or(st.exp_avg, g), g, 1 - st.beta1)
-        v_new = torch.addcmul(torch.mul(_zeros_or(st.exp_avg_sq, g), st.beta2), g, g, value=1 - st.beta2)
+        m_new = torch.lerp(zeros_or(st.exp_avg, g), g, 1 - st.beta1)
+        v_new = torch.addcmul(torch.mul(zeros_or(st.exp_avg_sq, g), st.beta2), g, g, value=1 - st.beta2)
         denom = torch.div(v_new, b2).sqrt_().add_(st.eps)
         delta = torch.mul(g / denom, -c1).add_(m_new / denom, alpha=-c2)
         if st.weight_decay != 0 and st.decoupled_weight_decay:
@@ -163,8 +155,8 @@ class NAdamLinearization(OptimizerLinearization, optimizer=torch.optim.NAdam):
         sign = -1.0 if st.maximize else 1.0
         b = cls._effective_grad(theta, grad, st)
         c1, c2, b2 = cls._coefficients(st)
-        p = c2 * st.beta1 * _zeros_or(st.exp_avg, b)
-        w = _zeros_or(st.exp_avg_sq, b) * (st.beta2 / b2)
+        p = c2 * st.beta1 * zeros_or(st.exp_avg, b)
+        w = zeros_or(st.exp_avg_sq, b) * (st.beta2 / b2)
         q = c1 + c2 * (1 - st.beta1)
         return ratio_chord(p, q, w, (1 - st.beta2) / b2, st.eps, b if a is None else a, b) * (-sign)
 

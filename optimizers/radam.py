@@ -29,7 +29,7 @@ import sympy
 import torch
 
 from ._algebra import ratio_chord
-from ._base import OptimizerLinearization, ParamState, as_float
+from ._base import OptimizerLinearization, ParamState, as_float, state_tensor, zeros_or
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +62,6 @@ class RAdamState(ParamState):
     exp_avg_sq: torch.Tensor | None = None
 
 
-def _zeros_or(x, like):
-    return torch.zeros_like(like) if x is None else x
-
-
 class RAdamLinearization(OptimizerLinearization, optimizer=torch.optim.RAdam):
     """Linearization of ``torch.optim.RAdam`` (both branches of ρ_t, L2 or decoupled decay, maximize).
 
@@ -92,10 +88,6 @@ class RAdamLinearization(OptimizerLinearization, optimizer=torch.optim.RAdam):
 
     @classmethod
     def read_state(cls, param, state, group) -> RAdamState:
-        def t(name):
-            x = state.get(name)
-            return None if x is None else x.detach()
-
         return RAdamState(
             lr=as_float(group["lr"]),
             beta1=as_float(group["betas"][0]),
@@ -105,8 +97,8 @@ class RAdamLinearization(OptimizerLinearization, optimizer=torch.optim.RAdam):
             decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
             maximize=bool(group["maximize"]),
             step=int(as_float(state.get("step", 0))),
-            exp_avg=t("exp_avg"),
-            exp_avg_sq=t("exp_avg_sq"),
+            exp_avg=state_tensor(state, "exp_avg"),
+            exp_avg_sq=state_tensor(state, "exp_avg_sq"),
         )
 
     @staticmethod
@@ -140,12 +132,12 @@ class RAdamLinearization(OptimizerLinearization, optimizer=torch.optim.RAdam):
         g = cls._effective_grad(theta, grad, st)
         step = float(st.step + 1)
         b1, b2 = 1 - st.beta1**step, 1 - st.beta2**step
-        corrected = torch.lerp(_zeros_or(st.exp_avg, g), g, 1 - st.beta1) / b1
+        corrected = torch.lerp(zeros_or(st.exp_avg, g), g, 1 - st.beta1) / b1
         rect = cls.rectification(st)
         if rect is None:
             delta = -(corrected * st.lr)
         else:
-            v_new = torch.addcmul(torch.mul(_zeros_or(st.exp_avg_sq, g), st.beta2), g, g, value=1 - st.beta2)
+            v_new = torch.addcmul(torch.mul(zeros_or(st.exp_avg_sq, g), st.beta2), g, g, value=1 - st.beta2)
             adaptive = (b2**0.5) / v_new.sqrt_().add_(st.eps)
             delta = -(corrected * st.lr * adaptive * rect)
         if st.weight_decay != 0 and st.decoupled_weight_decay:
@@ -162,8 +154,8 @@ class RAdamLinearization(OptimizerLinearization, optimizer=torch.optim.RAdam):
         if rect is None:
             return torch.full_like(b, -sign * st.lr * (1 - st.beta1) / b1)
         scale = st.lr * rect * math.sqrt(b2) / b1
-        p = st.beta1 * _zeros_or(st.exp_avg, b)
-        w = st.beta2 * _zeros_or(st.exp_avg_sq, b)
+        p = st.beta1 * zeros_or(st.exp_avg, b)
+        w = st.beta2 * zeros_or(st.exp_avg_sq, b)
         return ratio_chord(p, 1 - st.beta1, w, 1 - st.beta2, st.eps, b if a is None else a, b) * (-sign * scale)
 
     @classmethod

@@ -31,7 +31,7 @@ import sympy
 import torch
 
 from ._algebra import root_product_gap, safe_div
-from ._base import OptimizerLinearization, ParamState, as_float
+from ._base import OptimizerLinearization, ParamState, as_float, state_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +87,6 @@ class RMSpropLinearization(OptimizerLinearization, optimizer=torch.optim.RMSprop
 
     @classmethod
     def read_state(cls, param, state, group) -> RMSpropState:
-        def t(name):
-            x = state.get(name)
-            return None if x is None else x.detach()
-
         return RMSpropState(
             lr=as_float(group["lr"]),
             alpha=float(group["alpha"]),
@@ -99,9 +95,9 @@ class RMSpropLinearization(OptimizerLinearization, optimizer=torch.optim.RMSprop
             momentum=float(group["momentum"]),
             centered=bool(group["centered"]),
             maximize=bool(group["maximize"]),
-            square_avg=t("square_avg"),
-            grad_avg=t("grad_avg"),
-            momentum_buffer=t("momentum_buffer"),
+            square_avg=state_tensor(state, "square_avg"),
+            grad_avg=state_tensor(state, "grad_avg"),
+            momentum_buffer=state_tensor(state, "momentum_buffer"),
         )
 
     @staticmethod

@@ -30,7 +30,7 @@ import sympy
 import torch
 
 from ._autograd import UpdateJumpError
-from ._base import OptimizerLinearization, ParamState, as_float
+from ._base import OptimizerLinearization, ParamState, as_float, state_tensor
 from ._preconditioner import Preconditioner
 
 
@@ -92,10 +92,6 @@ class RpropLinearization(OptimizerLinearization, optimizer=torch.optim.Rprop):
 
     @classmethod
     def read_state(cls, param, state, group) -> RpropState:
-        def t(name):
-            x = state.get(name)
-            return None if x is None else x.detach()
-
         etaminus, etaplus = group["etas"]
         lo, hi = group["step_sizes"]
         return RpropState(
@@ -105,8 +101,8 @@ class RpropLinearization(OptimizerLinearization, optimizer=torch.optim.Rprop):
             step_size_min=float(lo),
             step_size_max=float(hi),
             maximize=bool(group["maximize"]),
-            prev=t("prev"),
-            step_size=t("step_size"),
+            prev=state_tensor(state, "prev"),
+            step_size=state_tensor(state, "step_size"),
         )
 
     @classmethod
