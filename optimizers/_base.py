@@ -570,7 +570,7 @@ class OptimizerLinearization(abc.ABC):
             return tangent_operator(update, g)
         name = cls.optimizer_class.__name__
         return piecewise_secant(
-            update, g, cls.path_breakpoints(theta, g, state),
+            update, g, lambda: cls.path_breakpoints(theta, g, state),  # only once the jump test has passed
             nodes=self.secant_nodes, max_nodes=self.secant_max_nodes, tolerance=self.secant_tolerance,
             what=f"{'an' if name[0] in 'AEIOU' else 'a'} {name} parameter of shape {tuple(param.shape)}",
         )

@@ -43,7 +43,7 @@ Update = Callable[[torch.Tensor], torch.Tensor]
 def piecewise_secant(
     update: Update,
     g: torch.Tensor,
-    breakpoints: Sequence[float],
+    breakpoints: Sequence[float] | Callable[[], Sequence[float]],
     *,
     nodes: int = 8,
     max_nodes: int = 64,
@@ -57,7 +57,8 @@ def piecewise_secant(
     Args:
         update: Δ as a function of the gradient, ``[*S] -> [*S]``, differentiable in torch.func.
         g: the batch gradient g_B, shape ``S``.
-        breakpoints: points of (0, 1) where s ↦ Δ(s g) is not smooth (others are ignored).
+        breakpoints: points of (0, 1) where s ↦ Δ(s g) is not smooth (others are ignored), or a
+            callable returning them, called only after the jump test has passed.
         nodes, max_nodes, tolerance, what, threshold: as :func:`~optimizers._autograd.secant_operator`;
             the tolerance bounds the whole path's efficiency gap, each piece gets its share, and the
             jump test (threshold) is made on the whole path, as there.
@@ -81,6 +82,8 @@ def piecewise_secant(
             "Use linearization='tangent' for such steps (the tangent at g_B is defined), or value them with the "
             "exact update of each coalition (validation.step_game / leave_one_out)."
         )
+    if callable(breakpoints):  # computed lazily: a step refused as a jump never pays for them
+        breakpoints = breakpoints()
     edges = [0.0, *sorted({float(s) for s in breakpoints if 0.0 < float(s) < 1.0}), 1.0]
     with torch.no_grad():
         at = [update(s * g) for s in edges]

@@ -289,9 +289,15 @@ class AdafactorLinearization(OptimizerLinearization, optimizer=torch.optim.Adafa
             s = torch.cat([torch.linspace(0.0, 1.0, grid, dtype=g.dtype), torch.tensor(sorted(points), dtype=g.dtype)]).unique()
 
             def clip(sv):
-                x = sv.reshape(-1, *([1] * g.dim()))
-                u = torch.rsqrt(variance(x).clamp(min=st.eps1 * st.eps1)) * (x * g)
-                return torch.linalg.vector_norm(u.reshape(len(sv), -1), dim=1) / ((g.numel() ** 0.5) * st.d) - 1.0
+                # In chunks of s values: [chunk, *shape] at a time, never [len(sv), *shape] (a step-1
+                # embedding has one clamp kink per entry, thousands of points).
+                chunk = max(1, (1 << 22) // max(1, g.numel()))
+                out = []
+                for part in sv.split(chunk):
+                    x = part.reshape(-1, *([1] * g.dim()))
+                    u = torch.rsqrt(variance(x).clamp(min=st.eps1 * st.eps1)) * (x * g)
+                    out.append(torch.linalg.vector_norm(u.reshape(len(part), -1), dim=1) / ((g.numel() ** 0.5) * st.d) - 1.0)
+                return torch.cat(out)
 
             above = clip(s) > 0
             for i in (above[1:] != above[:-1]).nonzero().reshape(-1).tolist():
