@@ -15,10 +15,25 @@ estimators {``sgd`` proxy (J = −lr), ``tangent``, ``secant``, ``factored`` (ta
 J per weight matrix)} × validation points {current, lookahead, midpoint} × truths {loo, shapley}
 × seeds. Everything runs in float64 so that the oracles' loss differences are not rounding noise.
 
-Outputs in ``--out`` (default ``results/fidelity``): ``cells.csv`` (one row per cell and
-estimate), ``values.csv`` (every per-sample value and its truth), ``results.md`` (tables),
-``r_by_phase_<truth>.png``, ``scatter_headline.png``, ``config.json`` (the frozen configuration)
-and ``run.json`` (machine, timings).
+``--grid optimizers`` (:data:`OPTIMIZER_GRID`) runs the optimizers linearized later instead:
+Muon (on the weight matrices, AdamW on the rest), Adafactor, NAdam, RAdam, Adamax, Adadelta and
+Rprop, with Adam as the reference, at steps 1, 3, 10, 100 and 400, and adds the diagnostic
+``twin`` (the step's game with the linearization's own update, exact in g and θ: for Muon it
+differs from the real step only by torch's bfloat16 Newton–Schulz). An estimator the
+linearization refuses for a cell (:class:`optimizers.UpdateJumpError`: Rprop's tangent and
+secant, the secant of Muon's and Adafactor's first step, and of an Adafactor step whose factored
+moment is still zero on a row the gradient now reaches, e.g. an LM embedding row seen for the
+first time) is recorded as a row with NaN metrics and the reason in the ``refused`` column, never
+dropped.
+
+Outputs in ``--out`` (default ``results/fidelity``, ``results/fidelity_optimizers`` for
+``--grid optimizers``): ``cells.csv`` (one row per cell and estimate: every
+:func:`validation.fidelity` metric, R against the tangent and the exact-g values of the same
+cell, ``refused`` (the reason, or empty) and ``update_rel_error``, the real step's distance from
+the linearization's update, :func:`update_error`), ``values.csv`` (every per-sample value and its
+truth), ``results.md`` (tables), ``r_by_phase_<truth>.png``,
+``scatter_headline.png``, ``config.json`` (the frozen configuration) and ``run.json`` (machine,
+timings).
 
 The LM is fed fixed-length chunks of the concatenated token stream, so every target token is
 real (no padding): the token-mean loss is then a mean over samples, as the oracles require.
@@ -33,6 +48,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -54,13 +70,47 @@ from attribution.experiments._report import frame_table
 #: name -> (torch.optim class, keyword arguments). Learning rates typical for each optimizer on
 #: these small models, plus Adam at a 10× larger lr, where the validation loss's curvature along
 #: one step matters (the ``val_point`` effect).
+#:
+#: The optimizers of the ``optimizers`` grid (:data:`NEW_OPTIMIZERS`) take torch's default lr, or
+#: the one their recipe uses where torch has none of its own:
+#:
+#: * ``muon``: lr 0.02, the Muon recipe's lr (torch's default 1e-3 is an AdamW-scale lr; Muon's
+#:   orthogonalised step has unit spectral norm, so it needs a larger one), torch's other defaults
+#:   (momentum 0.95, Nesterov, 5 quintic Newton–Schulz steps, weight decay 0.1). Muon steps the
+#:   2-D weights of the ``nn.Linear`` layers (:func:`muon_matrices`), the output layers included
+#:   (the MLP's and CNN's last layer, the untied LM head; Keller Jordan's recipe would give those
+#:   to AdamW, but then the CNN would have no Muon parameter at all); everything else
+#:   (embeddings and a head tied to one, LayerNorm, biases, the CNN's 4-D kernels, which torch's
+#:   Muon refuses) goes to :data:`MUON_COMPANION`, AdamW at the study's AdamW setting.
+#: * ``adafactor``: lr 1e-2, torch's default (a relative step: ρ_t = min(lr, 1/√t) times RMS(θ)).
+#: * ``nadam`` 2e-3, ``adamax`` 2e-3: torch's defaults (Adam-scale).
+#: * ``radam``: 1e-3, torch's default and Adam's lr here; its first ~5 steps are un-adapted
+#:   momentum SGD at that lr, so it starts slowly (digits MLP: val loss 2.15 at step 100).
+#: * ``adadelta``: lr 1.0, torch's default (the original, lr-free Adadelta).
+#: * ``rprop``: lr 1e-2 (torch's default initial step size) with step sizes capped at 0.05
+#:   instead of torch's 50: with mini-batches, sign agreement by chance grows the steps without
+#:   bound, and the LM diverged with the default cap (validation loss 15.6 at step 100; 5.2 at the
+#:   cap 0.05). Rprop is a full-batch method; the study trains it on batches of 32 like the others.
 OPTIMIZERS = {
     "sgd": (torch.optim.SGD, {"lr": 0.1}),
     "sgd-momentum": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
     "adam": (torch.optim.Adam, {"lr": 1e-3}),
     "adamw": (torch.optim.AdamW, {"lr": 3e-3, "weight_decay": 1e-2}),
     "adam-lr1e-2": (torch.optim.Adam, {"lr": 1e-2}),
+    "muon": (torch.optim.Muon, {"lr": 0.02}),
+    "adafactor": (torch.optim.Adafactor, {"lr": 1e-2}),
+    "nadam": (torch.optim.NAdam, {"lr": 2e-3}),
+    "radam": (torch.optim.RAdam, {"lr": 1e-3}),
+    "adamax": (torch.optim.Adamax, {"lr": 2e-3}),
+    "adadelta": (torch.optim.Adadelta, {"lr": 1.0}),
+    "rprop": (torch.optim.Rprop, {"lr": 1e-2, "step_sizes": (1e-6, 0.05)}),
 }
+#: The optimizer of the parameters Muon does not take (see :data:`OPTIMIZERS`).
+MUON_COMPANION = (torch.optim.AdamW, {"lr": 3e-3, "weight_decay": 1e-2})
+#: The optimizers of the original study (the default grid).
+ORIGINAL_OPTIMIZERS = ("sgd", "sgd-momentum", "adam", "adamw", "adam-lr1e-2")
+#: The optimizers linearized later (the ``optimizers`` grid, with Adam as the reference).
+NEW_OPTIMIZERS = ("muon", "adafactor", "nadam", "radam", "adamax", "adadelta", "rprop")
 MODELS = ("mlp", "cnn", "lm", "lm-tied")
 #: name -> step_values keyword arguments (besides val_point).
 ESTIMATORS = {
@@ -69,15 +119,20 @@ ESTIMATORS = {
     "secant": {"linearization": "secant", "estimator": "ghost"},
     "factored": {"linearization": "tangent", "estimator": "ghost-factored"},
 }
-#: A diagnostic, not an in-run method: first order in θ but the EXACT optimizer update in g,
-#: from materialized per-sample gradients (see :func:`exact_in_g_values`).
-DIAGNOSTICS = ("exact-g",)
+#: Diagnostics, not in-run methods, from materialized per-sample gradients: ``exact-g`` is first
+#: order in θ but the EXACT optimizer update in g (:func:`exact_in_g_values`); ``twin`` is the
+#: step's game with the linearization's own update Δ_lin, exact in g and θ
+#: (:func:`twin_game_values`): equal to the oracle wherever Δ_lin is the real step, so against
+#: the truth it measures what the linearization's update model misses (for Muon: torch's
+#: bfloat16 Newton–Schulz, which the float64 twin leaves out). ``twin`` has no validation point:
+#: its variant is ``twin/exact``.
+DIAGNOSTICS = ("exact-g", "twin")
 VAL_POINTS = ("current", "lookahead", "midpoint")
 TRUTHS = ("loo", "shapley")
 #: Metrics copied from validation.fidelity into every row.
 METRICS = ("pearson", "spearman", "kendall", "top_k_overlap", "sign_agreement", "relative_l2_error", "relative_efficiency_gap")
 #: Variants shown in the per-cell markdown tables (all twelve are in cells.csv).
-KEY_VARIANTS = ("sgd/current", "tangent/current", "tangent/lookahead", "secant/current", "secant/midpoint", "factored/lookahead", "exact-g/current")
+KEY_VARIANTS = ("sgd/current", "tangent/current", "tangent/lookahead", "secant/current", "secant/midpoint", "factored/lookahead", "exact-g/current", "twin/exact")
 
 
 def _check_names(values, accepted, field: str) -> tuple:
@@ -101,8 +156,8 @@ class FidelityConfig:
         optimizers: names from :data:`OPTIMIZERS`.
         phases: ``(name, step)`` pairs, steps strictly increasing; the cell values the batch of
             that step (1-based) just before the optimizer takes it.
-        estimators, val_points, truths: names from :data:`ESTIMATORS` (plus the diagnostic
-            ``"exact-g"``), :data:`VAL_POINTS`, :data:`TRUTHS`.
+        estimators, val_points, truths: names from :data:`ESTIMATORS` (plus the diagnostics
+            ``"exact-g"`` and ``"twin"``, :data:`DIAGNOSTICS`), :data:`VAL_POINTS`, :data:`TRUTHS`.
         loo_batch: batch size n of the training run and of the leave-one-out cells.
         shapley_batch: n of the exact Shapley cells (the first n samples of the step's batch,
             valued as a step with that batch under the same state); 2^n optimizer steps each.
@@ -120,9 +175,9 @@ class FidelityConfig:
 
     seeds: tuple[int, ...] = (0, 1, 2)
     models: tuple[str, ...] = ("mlp", "cnn", "lm", "lm-tied")
-    optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
+    optimizers: tuple[str, ...] = ORIGINAL_OPTIMIZERS
     phases: tuple[tuple[str, int], ...] = (("step 1", 1), ("early", 10), ("mid", 100), ("late", 400))
-    estimators: tuple[str, ...] = (*ESTIMATORS, *DIAGNOSTICS)
+    estimators: tuple[str, ...] = (*ESTIMATORS, "exact-g")
     val_points: tuple[str, ...] = VAL_POINTS
     truths: tuple[str, ...] = TRUTHS
     loo_batch: int = 32
@@ -172,6 +227,17 @@ QUICK = FidelityConfig(
     seeds=(0,), models=("mlp",), optimizers=("sgd", "adam"), phases=(("step 1", 1), ("mid", 30)), truths=("loo",),
     headline=("mlp", "adam", "mid", "loo"),
 )
+#: ``--grid optimizers``: the optimizers linearized later (:data:`NEW_OPTIMIZERS`) with Adam as
+#: the reference, at steps 1, 3, 10, 100, 400, on the MLP and the untied LM (the CNN and the tied
+#: LM are left out to fit the run in ~45 minutes on two shared cores; ``--models`` adds them),
+#: every estimator and both diagnostics.
+OPTIMIZER_GRID = FidelityConfig(
+    models=("mlp", "lm"), optimizers=(*NEW_OPTIMIZERS, "adam"),
+    phases=(("step 1", 1), ("step 3", 3), ("step 10", 10), ("step 100", 100), ("step 400", 400)),
+    estimators=(*ESTIMATORS, *DIAGNOSTICS), headline=("mlp", "muon", "step 100", "loo"),
+)
+#: ``--grid`` name -> (configuration, default output folder).
+GRIDS = {"default": (FidelityConfig(), "results/fidelity"), "optimizers": (OPTIMIZER_GRID, "results/fidelity_optimizers")}
 
 
 # ----------------------------------------------------------------------------------- data, models
@@ -243,10 +309,51 @@ def make_task(model_name: str, seed: int, config: FidelityConfig) -> Task:
     return Task(train, (val.inputs[: config.lm_val_size], val.targets[: config.lm_val_size]), lm_loss, build_lm)
 
 
-def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer ``name`` from :data:`OPTIMIZERS` over the model's trainable parameters."""
+def muon_matrices(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters Muon steps in the study: the trainable 2-D weights of the ``nn.Linear`` layers.
+
+    A weight that is also an ``nn.Embedding``'s (a tied LM head) is left out: it is an embedding.
+
+    Example:
+        >>> [tuple(p.shape) for p in muon_matrices(mlp(hidden=8, depth=1))]
+        [(8, 64), (10, 8)]
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out, seen = [], set()
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and w is not None and w.requires_grad and w.dim() == 2 and id(w) not in embeddings | seen:
+            seen.add(id(w))
+            out.append(w)
+    return out
+
+
+def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+    """The optimizer ``name`` from :data:`OPTIMIZERS` over the model's trainable parameters.
+
+    ``"muon"`` gives a list ``[Muon, AdamW]``: Muon on :func:`muon_matrices`, AdamW
+    (:data:`MUON_COMPANION`) on every other trainable parameter.
+
+    Example:
+        >>> [type(o).__name__ for o in make_optimizer("muon", mlp(depth=1))]
+        ['Muon', 'AdamW']
+    """
     cls, kwargs = OPTIMIZERS[name]
-    return cls([p for p in model.parameters() if p.requires_grad], **kwargs)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if name != "muon":
+        return cls(trainable, **kwargs)
+    matrices = muon_matrices(model)
+    if not matrices:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear weight matrix for Muon to step")
+    chosen = {id(p) for p in matrices}
+    rest = [p for p in trainable if id(p) not in chosen]
+    companion_cls, companion_kwargs = MUON_COMPANION
+    return [cls(matrices, **kwargs), *([companion_cls(rest, **companion_kwargs)] if rest else [])]
+
+
+def optimizer_list(opt) -> list[torch.optim.Optimizer]:
+    """``[opt]`` for one optimizer, the list itself for several."""
+    return list(opt) if isinstance(opt, (list, tuple)) else [opt]
 
 
 # ----------------------------------------------------------------------------------------- study
@@ -269,6 +376,43 @@ def _shapley_from_utilities(u: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+def coalition_updates(lin, p: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Δ(g_S) of parameter ``p`` for a stack of coalition gradients ``grads [m, *p.shape]``.
+
+    Elementwise rules broadcast over the leading coalition axis; operator rules (Muon's
+    Newton–Schulz, Adafactor's row and column means and its clipping norm) couple the entries of
+    one gradient and would silently mix coalitions, so they are mapped over it with ``torch.vmap``.
+    ``lin`` is a linearization or a ``LinearizationGroup`` (then ``p``'s owner's rule is used).
+    """
+    owner = lin.owner(p) if hasattr(lin, "owner") else lin
+    if owner.structure == "elementwise":
+        return type(owner).update_rule(p.detach(), grads, owner.state(p))
+    return torch.vmap(lambda g: owner.update(p, g))(grads)
+
+
+def _coalition_masks(n: int, truth: str) -> torch.Tensor:
+    """Row 0 the full batch, row z+1 the batch without z (``loo``); every coalition (``shapley``)."""
+    if truth == "loo":
+        masks = torch.ones(n + 1, n, dtype=torch.bool)
+        masks[1:].fill_diagonal_(False)
+        return masks
+    return _bit_masks(n)
+
+
+def _values_from_utilities(u: torch.Tensor, n: int, truth: str) -> torch.Tensor:
+    """Leave-one-out (``u`` on :func:`_coalition_masks` order) or exact Shapley values ``[n]``."""
+    return u[0] - u[1:] if truth == "loo" else _shapley_from_utilities(u, n)
+
+
+def _linearized_at_batch_grad(model, opt, contribs):
+    """The trainable parameters by name and the linearization read with ``.grad`` = the batch gradient."""
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saved = {p: p.grad for p in named.values()}
+    for name, p in named.items():
+        p.grad = contribs[name].sum(0)
+    return named, saved, optimizers.linearize(opt)
+
+
 def exact_in_g_values(model, opt, loss_fn, batch, val_batch, truth: str, val_points, chunk: int = 128) -> dict[str, torch.Tensor]:
     """Leave-one-out or exact Shapley values of the game that is first order in θ, exact in g.
 
@@ -279,23 +423,17 @@ def exact_in_g_values(model, opt, loss_fn, batch, val_batch, truth: str, val_poi
     linearizing the update in g (the tangent or secant J), (Ū vs the real game) is the curvature
     of the validation loss in θ that the chosen validation point leaves out. Needs materialized
     per-sample gradients and, for Shapley, the update of every coalition: not an in-run method.
+    ``opt`` may be a list of optimizers (each parameter held by one); operator rules (Muon,
+    Adafactor) are evaluated per coalition (:func:`coalition_updates`).
 
     Returns:
         ``{val_point: float64 [n]}``.
     """
-    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     contribs = validation.per_sample_grads(model, loss_fn, batch)
     n = next(iter(contribs.values())).shape[0]
-    if truth == "loo":
-        masks = torch.ones(n + 1, n, dtype=torch.bool)
-        masks[1:].fill_diagonal_(False)
-    else:
-        masks = _bit_masks(n)
-    saved = {p: p.grad for p in named.values()}
+    masks = _coalition_masks(n, truth)
+    named, saved, lin = _linearized_at_batch_grad(model, opt, contribs)
     try:
-        for name, p in named.items():
-            p.grad = contribs[name].sum(0)
-        lin = optimizers.linearize(opt)
         params = {name: p for name, p in named.items() if p in lin}
         grads = {p: p.grad for p in params.values()}
         val_grads = {
@@ -306,26 +444,80 @@ def exact_in_g_values(model, opt, loss_fn, batch, val_batch, truth: str, val_poi
             for vp in val_points
         }
         u = torch.zeros(len(masks), len(val_points), dtype=torch.float64)
-        rule = type(lin).update_rule  # elementwise, so a leading coalition axis broadcasts
         for name, p in params.items():
             c = contribs[name].reshape(n, -1)
             g_val = torch.stack([val_grads[vp][p].reshape(-1) for vp in val_points], dim=1)  # [P, V]
             for start in range(0, len(masks), chunk):
                 m = masks[start : start + chunk].to(c.dtype)
-                delta = rule(p.detach(), (m @ c).reshape(len(m), *p.shape), lin.state(p))
+                delta = coalition_updates(lin, p, (m @ c).reshape(len(m), *p.shape))
                 u[start : start + chunk] -= (delta.reshape(len(m), -1) @ g_val).double()
     finally:
         for p, g in saved.items():
             p.grad = g
-    if truth == "loo":
-        values = u[:1] - u[1:]
-        return {vp: values[:, k] for k, vp in enumerate(val_points)}
-    return {vp: _shapley_from_utilities(u[:, k], n) for k, vp in enumerate(val_points)}
+    return {vp: _values_from_utilities(u[:, k], n, truth) for k, vp in enumerate(val_points)}
 
+
+def twin_game_values(model, opt, loss_fn, batch, val_batch, truth: str, chunk: int = 64) -> torch.Tensor:
+    """Leave-one-out or exact Shapley values of the step's game played with the linearization's update.
+
+        U_lin(S) = L_val(θ_t) − L_val(θ_t + Δ_lin(g_S)),   Δ_lin = ``optimizers.linearize(opt).update``
+
+    exact in g and in θ (every coalition's update applied, the validation loss evaluated there).
+    Wherever Δ_lin is the real ``step()`` (to 1e-10 for every elementwise optimizer and for
+    Adafactor) this is the oracle's game; for Muon Δ_lin is the float64 twin of torch's
+    bfloat16 Newton–Schulz, so its distance from the oracle is the bf16 rounding of the real step.
+    Not an in-run method (per-sample gradients, one validation pass per coalition).
+
+    Returns:
+        float64 ``[n]``.
+    """
+    contribs = validation.per_sample_grads(model, loss_fn, batch)
+    n = next(iter(contribs.values())).shape[0]
+    masks = _coalition_masks(n, truth)
+    named, saved, lin = _linearized_at_batch_grad(model, opt, contribs)
+    training = model.training
+    u = torch.zeros(len(masks), dtype=torch.float64)
+    try:
+        model.eval()  # as the oracles' L_val (val_train_mode=False)
+        params = {name: p for name, p in named.items() if p in lin}
+        with torch.no_grad():
+            for start in range(0, len(masks), chunk):
+                m = masks[start : start + chunk]
+                deltas = {
+                    name: coalition_updates(lin, p, (m.to(contribs[name].dtype) @ contribs[name].reshape(n, -1)).reshape(len(m), *p.shape))
+                    for name, p in params.items()
+                }
+                for k in range(len(m)):
+                    moved = {name: p.detach() + deltas[name][k] for name, p in params.items()}
+                    out = torch.func.functional_call(model, moved, (val_batch[0],), tie_weights=True)
+                    u[start + k] = -loss_fn(out, val_batch[1]).double()
+    finally:
+        model.train(training)
+        for p, g in saved.items():
+            p.grad = g
+    return _values_from_utilities(u, n, truth)
+
+
+def _refusal(error: Exception) -> str:
+    """The one-line reason recorded for a refused estimate."""
+    return f"{type(error).__name__}: " + " ".join(str(error).split())
+
+
+def _pearson_vs(estimates: dict, refused: dict, variant: str, reference: str) -> float:
+    """Pearson R of ``variant``'s values against ``reference``'s (same cell); NaN if either is missing or refused."""
+    if reference not in estimates or variant in refused or reference in refused:
+        return float("nan")
+    return validation.fidelity(estimates[variant], estimates[reference])["pearson"]
 
 
 def _cell(model, opt, loss_fn, batch, val_batch, truth: str, config: FidelityConfig, n_shapley: int):
-    """Rows (one per estimate) and per-sample values of one cell: this step, this truth."""
+    """Rows (one per estimate) and per-sample values of one cell: this step, this truth.
+
+    An estimator the linearization refuses here (:class:`optimizers.UpdateJumpError`) gives rows
+    with NaN values and metrics and the reason in ``refused``. The refusal comes from the
+    step's preconditioner, which does not depend on the validation point, so the other validation
+    points of that estimator are recorded with the same reason without being recomputed.
+    """
     if truth == "loo":
         t0 = time.perf_counter()
         target, efficiency = validation.leave_one_out(model, opt, loss_fn, batch, val_batch, progress=False), None
@@ -335,37 +527,76 @@ def _cell(model, opt, loss_fn, batch, val_batch, truth: str, config: FidelityCon
         est = validation.shapley_values(model, opt, loss_fn, batch, val_batch, exact=True, progress=False)
         target, efficiency = est.values, est.efficiency_target
     oracle_s = time.perf_counter() - t0
-    estimates, seconds = {}, {}
+    estimates, seconds, refused = {}, {}, {}
     for est_name in config.estimators:
-        if est_name in DIAGNOSTICS:
+        if est_name == "exact-g":
             t0 = time.perf_counter()
             exact = exact_in_g_values(model, opt, loss_fn, batch, val_batch, truth, config.val_points)
             for vp in config.val_points:
                 estimates[f"{est_name}/{vp}"] = exact[vp]
                 seconds[f"{est_name}/{vp}"] = (time.perf_counter() - t0) / len(config.val_points)
             continue
-        for vp in config.val_points:
+        if est_name == "twin":
             t0 = time.perf_counter()
-            estimates[f"{est_name}/{vp}"] = step_values(model, opt, loss_fn, batch, val_batch, val_point=vp, **ESTIMATORS[est_name])
-            seconds[f"{est_name}/{vp}"] = time.perf_counter() - t0
+            estimates["twin/exact"] = twin_game_values(model, opt, loss_fn, batch, val_batch, truth)
+            seconds["twin/exact"] = time.perf_counter() - t0
+            continue
+        reason = None
+        for vp in config.val_points:
+            variant = f"{est_name}/{vp}"
+            t0 = time.perf_counter()
+            if reason is None:
+                try:
+                    estimates[variant] = step_values(model, opt, loss_fn, batch, val_batch, val_point=vp, **ESTIMATORS[est_name])
+                except optimizers.UpdateJumpError as error:
+                    reason = _refusal(error)
+            if reason is not None:
+                estimates[variant] = torch.full_like(target, float("nan"))
+                refused[variant] = reason
+            seconds[variant] = time.perf_counter() - t0
     rows = []
+    nan_metrics = {m: float("nan") for m in METRICS}
     for variant, value in estimates.items():
         est_name, vp = variant.split("/")
-        fid = validation.fidelity(value, target, efficiency_target=efficiency)
-        dense = estimates.get(f"tangent/{vp}")
-        vs_tangent = validation.fidelity(value, dense)["pearson"] if dense is not None else float("nan")
+        if variant in refused:
+            fid, undefined = {**nan_metrics, "estimate_sum": float("nan")}, "refused"
+        else:
+            fid = validation.fidelity(value, target, efficiency_target=efficiency)
+            undefined = ";".join(sorted(fid["undefined"]))
+        vs_tangent, vs_exact_g = (_pearson_vs(estimates, refused, variant, f"{ref}/{vp}") for ref in ("tangent", "exact-g"))
         rows.append({
             "truth": truth, "estimator": est_name, "val_point": vp, "variant": variant, "n": len(target),
             **{m: fid[m] for m in METRICS},
-            "pearson_vs_tangent": vs_tangent,
+            "pearson_vs_tangent": vs_tangent, "pearson_vs_exact_g": vs_exact_g,
             "estimate_sum": fid["estimate_sum"], "truth_sum": float(target.sum()),
             "efficiency_target": float("nan") if efficiency is None else float(efficiency),
-            "undefined": ";".join(sorted(fid["undefined"])),
+            "undefined": undefined, "refused": refused.get(variant, ""),
             "oracle_seconds": oracle_s, "estimate_seconds": seconds[variant],
         })
     values = pd.DataFrame({"truth": truth, "sample": np.arange(len(target)), "truth_value": target.numpy(),
                            **{v: e.numpy() for v, e in estimates.items()}})
     return rows, values
+
+
+def update_error(opt, take_step) -> float:
+    """‖θ_{t+1} − θ_t − Δ_lin(g_B)‖ / ‖Δ_lin(g_B) − Δ_lin(0)‖ over the first optimizer's parameters.
+
+    Call it after ``backward()``; it takes the step (``take_step()`` steps every optimizer). Δ_lin is the linearization's update, read just before; for ``"muon"`` the first
+    optimizer is Muon, so this is the relative size of torch's bfloat16 rounding in the real step
+    against the float64 twin, measured on the part of the update the values attribute.
+    """
+    opts = optimizer_list(opt)
+    lin = optimizers.linearize(opts[0], copy_state=True)
+    params = [p for p in lin.params]
+    with torch.no_grad():
+        predicted = [lin.update(p, p.grad) for p in params]
+        own = [d - lin.update(p, torch.zeros_like(p.grad)) for p, d in zip(params, predicted)]
+        before = [p.detach().clone() for p in params]
+    take_step()
+    with torch.no_grad():
+        gap = torch.sqrt(sum(((p - b - d) ** 2).sum() for p, b, d in zip(params, before, predicted)))
+        size = torch.sqrt(sum((d**2).sum() for d in own))
+    return float(gap / size) if size > 0 else float("nan")
 
 
 def run_one(model_name: str, optimizer: str, seed: int, config: FidelityConfig, bar=None):
@@ -376,6 +607,12 @@ def run_one(model_name: str, optimizer: str, seed: int, config: FidelityConfig, 
     task = make_task(model_name, seed, config)
     model = task.build()
     opt = make_optimizer(optimizer, model)
+    opts = optimizer_list(opt)
+
+    def take_step():
+        for o in opts:
+            o.step()
+
     gen = torch.Generator().manual_seed(seed)
     order, pointer = torch.randperm(len(task.train), generator=gen), 0
     phase_at = {step: name for name, step in config.phases}
@@ -387,22 +624,30 @@ def run_one(model_name: str, optimizer: str, seed: int, config: FidelityConfig, 
             order, pointer = torch.randperm(len(task.train), generator=gen), 0
         batch = task.train.batch(order[pointer : pointer + config.loo_batch])
         pointer += config.loo_batch
+        cell_rows, cell_values = [], []
         if step in phase_at:
             with torch.no_grad():
                 val_loss = float(task.loss_fn(model(task.val_batch[0]), task.val_batch[1]))
             for truth in config.truths:
                 r, v = _cell(model, opt, task.loss_fn, batch, task.val_batch, truth, config, n_shapley)
                 cell = {**meta, "phase": phase_at[step], "step": step, "val_loss": val_loss}
-                rows += [{**cell, **row} for row in r]
-                values.append(v.assign(**cell))
+                cell_rows += [{**cell, **row} for row in r]
+                cell_values.append(v.assign(**cell))
             if bar is not None:
                 bar.update(1)
-        opt.zero_grad()
+        for o in opts:
+            o.zero_grad()
         loss = task.loss_fn(model(batch[0]), batch[1])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{model_name}/{optimizer}/seed {seed}: training loss is {loss.item()} at step {step}")
         loss.backward()
-        opt.step()
+        if step in phase_at:
+            # The step just valued, taken for real: how far is it from the linearization's update?
+            error = update_error(opt, take_step)
+            rows += [{**row, "update_rel_error": error} for row in cell_rows]
+            values += cell_values
+        else:
+            take_step()
     return rows, values
 
 
@@ -449,7 +694,7 @@ def run(config: FidelityConfig = FidelityConfig(), out: str | Path = "results/fi
     vals.to_csv(out / "values.csv", index=False)
     info["rows"] = len(cells)
     (out / "run.json").write_text(json.dumps(info, indent=2))
-    (out / "results.md").write_text(markdown(cells, config, info))
+    (out / "results.md").write_text(markdown(cells, config, info, vals))
     plots(cells, vals, config, out)
     return cells, vals
 
@@ -457,11 +702,27 @@ def run(config: FidelityConfig = FidelityConfig(), out: str | Path = "results/fi
 # ---------------------------------------------------------------------------------------- report
 
 
-def _mean_spread(series: pd.Series) -> str:
+def _mean_spread(series: pd.Series, refused: pd.Series | None = None) -> str:
+    """``mean ±sd`` of the finite entries; ``refused`` where every entry was refused, and the count
+    of refused entries where some were (``refused``: a boolean series aligned with ``series``).
+
+    Example:
+        >>> _mean_spread(pd.Series([0.5, 0.7, float("nan")]), pd.Series([False, False, True]))
+        '0.600 ±0.141 (1/3 refused)'
+    """
+    k = 0 if refused is None else int(refused.sum())
+    if k and k == len(series):
+        return "refused"
     x = series.dropna()
-    if x.empty:
-        return "n/a"
-    return f"{x.mean():.3f}" if len(x) == 1 else f"{x.mean():.3f} ±{x.std(ddof=1):.3f}"
+    text = "n/a" if x.empty else (f"{x.mean():.3f}" if len(x) == 1 else f"{x.mean():.3f} ±{x.std(ddof=1):.3f}")
+    return f"{text} ({k}/{len(series)} refused)" if k else text
+
+
+def _is_refused(frame: pd.DataFrame) -> pd.Series:
+    """Rows whose estimate was refused (the ``refused`` column holds the reason; absent in older runs)."""
+    if "refused" not in frame:
+        return pd.Series(False, index=frame.index)
+    return frame["refused"].fillna("").astype(str) != ""
 
 
 def _ordered(frame: pd.DataFrame, config: FidelityConfig) -> pd.DataFrame:
@@ -477,12 +738,72 @@ def summary_table(cells: pd.DataFrame, config: FidelityConfig, truth: str, metri
     frame = _ordered(cells[cells.truth == truth].copy(), config)
     variants = [v for v in (variants or frame["variant"].unique()) if v in set(frame["variant"])]
     frame = frame[frame.variant.isin(variants)]
-    table = frame.groupby([*by, "variant"], observed=True)[metric].apply(_mean_spread).unstack("variant")
+    frame = frame.assign(_refused=_is_refused(frame))
+    table = frame.groupby([*by, "variant"], observed=True).apply(
+        lambda g: _mean_spread(g[metric], g["_refused"]), include_groups=False
+    ).unstack("variant")
     return table[variants]
 
 
-def markdown(cells: pd.DataFrame, config: FidelityConfig, info: dict) -> str:
-    """The study's tables as markdown (``results.md``)."""
+def refused_table(cells: pd.DataFrame, config: FidelityConfig) -> pd.DataFrame:
+    """Refused estimates: per (optimizer, model, estimator, truth), refused cells / cells, the
+    phases they fell in, and the reason (the first 140 characters of each distinct one)."""
+    frame = cells.assign(_refused=_is_refused(cells))
+    frame = frame[frame.val_point == frame.groupby("estimator").val_point.transform("first")]  # one row per cell
+    hit = frame[frame._refused]
+    if hit.empty:
+        return pd.DataFrame()
+    out = []
+    for key, g in _ordered(frame.copy(), config).groupby(["optimizer", "model", "estimator", "truth"], observed=True):
+        r = g[g._refused]
+        if r.empty:
+            continue
+        reasons = " / ".join(dict.fromkeys(x[:140] + ("…" if len(x) > 140 else "") for x in r.refused))
+        out.append({"optimizer": key[0], "model": key[1], "estimator": key[2], "truth": key[3],
+                    "refused cells": f"{len(r)}/{len(g)}", "phases": ", ".join(dict.fromkeys(map(str, r.phase))), "reason": reasons})
+    return pd.DataFrame(out).set_index(["optimizer", "model", "estimator", "truth"])
+
+
+def update_error_table(cells: pd.DataFrame, config: FidelityConfig) -> pd.DataFrame:
+    """``update_rel_error`` (one number per model, seed and phase) per optimizer × phase: median and max."""
+    one = cells.drop_duplicates(["model", "optimizer", "seed", "phase"])
+    one = _ordered(one.copy(), config)
+    g = one.groupby(["optimizer", "phase"], observed=True)["update_rel_error"]
+    return pd.DataFrame({"median": g.median().map("{:.1e}".format), "max": g.max().map("{:.1e}".format)}).unstack("phase").swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)
+
+
+def step1_dependence(vals: pd.DataFrame, config: FidelityConfig, truth: str = "loo") -> pd.DataFrame | None:
+    """Pearson R between the ``truth`` values of the step-1 batch under two optimizers, mean ±sd over models and seeds.
+
+    At step 1 every optimizer of a (model, seed) starts from the same θ and values the same batch
+    (the seed fixes both), so the R between two optimizers' true values measures how much the
+    optimizer alone changes the attribution. The row ``sgd proxy`` is the SGD proxy's value of
+    the first non-Muon optimizer's cell (−lr⟨∇L_val, c_z⟩: the first-order SGD value, the same for
+    every single-lr optimizer up to scale).
+    """
+    first = config.phases[0][0]
+    sub = vals[(vals.phase == first) & (vals.truth == truth)]
+    if sub.empty or len(config.optimizers) < 2:
+        return None
+    names = list(config.optimizers)
+    single = [o for o in names if o != "muon"]
+    rs = {}
+    for (_, _), g in sub.groupby(["model", "seed"]):
+        cols = {o: g[g.optimizer == o].sort_values("sample")["truth_value"].to_numpy() for o in names if (g.optimizer == o).any()}
+        if single and "sgd/current" in g and (g.optimizer == single[0]).any():
+            cols["sgd proxy"] = g[g.optimizer == single[0]].sort_values("sample")["sgd/current"].to_numpy()
+        keys = list(cols)
+        for a in keys:
+            for b in keys:
+                if len(cols[a]) == len(cols[b]):
+                    rs.setdefault((a, b), []).append(float(np.corrcoef(cols[a], cols[b])[0, 1]))
+    rows = [*names, "sgd proxy"]
+    table = pd.DataFrame({b: [_mean_spread(pd.Series(rs.get((a, b), []), dtype=float)) for a in rows] for b in rows}, index=pd.Index(rows, name="optimizer"))
+    return table
+
+
+def markdown(cells: pd.DataFrame, config: FidelityConfig, info: dict, vals: pd.DataFrame | None = None) -> str:
+    """The study's tables as markdown (``results.md``); ``vals`` (values.csv) adds the step-1 optimizer-dependence table."""
     m = info["machine"]
     truth_name = {"loo": "leave-one-out (n = {})".format(config.loo_batch),
                   "shapley": "exact Shapley (n = {}, LM n = {})".format(config.shapley_batch, config.lm_shapley_batch)}
@@ -493,6 +814,9 @@ def markdown(cells: pd.DataFrame, config: FidelityConfig, info: dict) -> str:
         f"{info['seconds']:.0f} s on {m['nproc']} × {m['cpu']} (torch {m['torch']}, {m['torch_threads']} threads).",
         f"Seeds {list(config.seeds)}; entries are Pearson R, mean ±sd over seeds unless stated.",
     ]
+    for truth in config.truths:
+        parts += ["", f"## Key variants, mean over models: Pearson R against {truth_name[truth]}", "",
+                  frame_table(summary_table(cells, config, truth, variants=KEY_VARIANTS, by=("optimizer", "phase")))]
     for truth in config.truths:
         parts += ["", f"## Mean over models: Pearson R against {truth_name[truth]}", "",
                   frame_table(summary_table(cells, config, truth, by=("optimizer", "phase")))]
@@ -508,6 +832,28 @@ def markdown(cells: pd.DataFrame, config: FidelityConfig, info: dict) -> str:
         parts += ["", "## Efficiency: (Σ estimate − (U(B) − U(∅))) / |U(B) − U(∅)| against exact Shapley, mean over models", "",
                   frame_table(summary_table(cells, config, "shapley", metric="relative_efficiency_gap", by=("optimizer", "phase"),
                                     variants=["sgd/current", "tangent/lookahead", "secant/current", "secant/midpoint"]))]
+    if _is_refused(cells).any():
+        parts += ["", "## Refused estimates (NaN metrics; the linearization's reason)", "",
+                  "One count per cell (all validation points of a refused estimator are refused with it).", "",
+                  frame_table(refused_table(cells, config))]
+    if "sgd" in config.estimators and "tangent" in config.estimators:
+        if "exact-g" in config.estimators and "pearson_vs_exact_g" in cells:
+            parts += ["", "## How optimizer-dependent the values are: Pearson R of each in-run variant vs the exact-g/current values "
+                      "(the optimizer's exact update in g, first order in θ; same cell, the cells of "
+                      f"{truth_name[config.truths[0]]}), mean over models", "",
+                      frame_table(summary_table(cells, config, config.truths[0], metric="pearson_vs_exact_g", by=("optimizer", "phase"),
+                                                variants=["sgd/current", "tangent/current", "secant/current"]))]
+    if vals is not None:
+        for truth in config.truths:
+            dep = step1_dependence(vals, config, truth)
+            if dep is not None:
+                parts += ["", f"## Optimizer dependence at {config.phases[0][0]}: Pearson R between the {truth_name[truth]} values "
+                          "of the same batch at the same θ under two optimizers, mean ±sd over models and seeds", "",
+                          frame_table(dep)]
+    if "update_rel_error" in cells and cells["update_rel_error"].notna().any():
+        parts += ["", "## The linearization's update against the real step: ‖θ_{t+1} − θ_t − Δ_lin(g_B)‖ / ‖Δ_lin(g_B) − Δ_lin(0)‖ "
+                  "over the (first) optimizer's parameters (Muon's matrices for muon), median and max over models and seeds", "",
+                  frame_table(update_error_table(cells, config))]
     return "\n".join(parts) + "\n"
 
 
@@ -561,6 +907,10 @@ def plots(cells: pd.DataFrame, vals: pd.DataFrame, config: FidelityConfig, out: 
             if sub.empty:
                 ax.set_axis_off()
                 continue
+            if not np.isfinite(sub[variant].to_numpy()).all():
+                ax.text(0.5, 0.5, f"{variant} ({ph})\nrefused", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
             r = validation.fidelity(sub[variant].to_numpy(), sub["truth_value"].to_numpy())["pearson"]
             ax.scatter(sub["truth_value"], sub[variant], s=10)
             ax.set_title(f"{variant} ({ph})\nR = {r:.3f}", fontsize=8)
@@ -574,21 +924,72 @@ def plots(cells: pd.DataFrame, vals: pd.DataFrame, config: FidelityConfig, out: 
     plt.close(fig)
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``python -m attribution fidelity``, each help stating its default."""
     parser = argparse.ArgumentParser(prog="python -m attribution fidelity", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="reduced grid (MLP, SGD and Adam, two phases, leave-one-out): under a minute (default: off, the full grid)")
-    parser.add_argument("--out", default=None, help="output folder (default: results/fidelity, or results/fidelity-quick with --quick)")
+    parser.add_argument("--grid", choices=tuple(GRIDS), default="default",
+                        help="which grid: 'default' (SGD, SGD+momentum, Adam, AdamW, Adam lr 1e-2 on four models) or 'optimizers' "
+                             f"({', '.join(NEW_OPTIMIZERS)} and Adam as the reference, steps 1, 3, 10, 100, 400, MLP and LM, "
+                             "with the twin diagnostic) (default: %(default)s)")
+    parser.add_argument("--optimizers", type=_csv, default=None,
+                        help=f"comma-separated optimizers from {', '.join(OPTIMIZERS)} (default: the grid's)")
+    parser.add_argument("--models", type=_csv, default=None, help=f"comma-separated models from {', '.join(MODELS)} (default: the grid's)")
+    parser.add_argument("--seeds", type=_csv, default=None, help="comma-separated seeds, e.g. 0,1 (default: the grid's, 0,1,2)")
+    parser.add_argument("--phases", type=_csv, default=None,
+                        help="comma-separated steps to value, named 'step N', e.g. 1,3,10 (default: the grid's)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: results/fidelity, results/fidelity_optimizers with --grid optimizers, "
+                             "or results/fidelity-quick with --quick)")
     return parser
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[FidelityConfig, str]:
+    """The configuration and the default output folder the options ask for (validated).
+
+    Example:
+        >>> config, out = config_from_args(build_parser().parse_args(["--grid", "optimizers", "--seeds", "0", "--phases", "1,3"]))
+        >>> config.seeds, config.phases, out
+        ((0,), (('step 1', 1), ('step 3', 3)), 'results/fidelity_optimizers')
+    """
+    if args.quick:
+        config, out = QUICK, "results/fidelity-quick"
+    else:
+        config, out = GRIDS[args.grid]
+    changes = {}
+    if args.optimizers is not None:
+        changes["optimizers"] = args.optimizers
+    if args.models is not None:
+        changes["models"] = args.models
+    if args.seeds is not None:
+        changes["seeds"] = tuple(int(x) for x in args.seeds)
+    if args.phases is not None:
+        changes["phases"] = tuple((f"step {int(x)}", int(x)) for x in args.phases)
+    if changes:
+        config = dataclasses.replace(config, **changes)
+        model, optimizer, phase, truth = config.headline
+        names = [name for name, _ in config.phases]
+        config = dataclasses.replace(config, headline=(
+            model if model in config.models else config.models[0],
+            optimizer if optimizer in config.optimizers else config.optimizers[0],
+            phase if phase in names else names[-1],
+            truth if truth in config.truths else config.truths[0],
+        ))
+    return config, out
 
 
 def main(argv=None) -> int:
     """Command-line entry point of ``python -m attribution fidelity``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    config = QUICK if args.quick else FidelityConfig()
-    out = args.out or ("results/fidelity-quick" if args.quick else "results/fidelity")
-    command = "python -m attribution fidelity" + (" --quick" if args.quick else "") + (f" --out {args.out}" if args.out else "")
+    config, default_out = config_from_args(args)
+    out = args.out or default_out
+    command = " ".join(["python -m attribution fidelity", *argv])
     cells, _ = run(config, out, command=command)
     info = json.loads((Path(out) / "run.json").read_text())
     pd.set_option("display.width", 160)
