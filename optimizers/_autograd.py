@@ -106,14 +106,18 @@ def tangent_operator(update: Update, g: torch.Tensor) -> Operator:
     return Operator(apply, g.shape, {"route": "vjp"})
 
 
-def jump_at_zero(update: Update, g: torch.Tensor, *, ratio: float = 1e-6) -> float:
+def jump_at_zero(
+    update: Update, g: torch.Tensor, *, ratio: float = 1e-6, d0: torch.Tensor | None = None, dg: torch.Tensor | None = None
+) -> float:
     """‖Δ(ratio·g) − Δ(0)‖ / ‖Δ(g) − Δ(0)‖: about ``ratio`` where Δ is smooth at 0, about 1 at a jump.
 
+    ``d0`` = Δ(0) and ``dg`` = Δ(g) may be passed when the caller has them (not evaluated again).
     Returns 0.0 when the step does not change with g (Δ(g) = Δ(0)).
     """
     with torch.no_grad():
-        d0 = update(torch.zeros_like(g))
-        full = torch.linalg.vector_norm((update(g) - d0).double())
+        d0 = update(torch.zeros_like(g)) if d0 is None else d0
+        dg = update(g) if dg is None else dg
+        full = torch.linalg.vector_norm((dg - d0).double())
         if float(full) == 0.0:
             return 0.0
         small = torch.linalg.vector_norm((update(ratio * g) - d0).double())
@@ -163,7 +167,11 @@ def secant_operator(
     tol = tolerance if tolerance is not None else (1e-9 if g.dtype == torch.float64 else 1e-4)
     if agreement is None:
         agreement = 1e-7 if g.dtype == torch.float64 else 1e-3
-    jump = jump_at_zero(update, g)
+    with torch.no_grad():
+        d0, dg = update(torch.zeros_like(g)), update(g)
+    delta = dg - d0
+    # threshold = inf: the caller made the jump test on a longer path (a piece of piecewise_secant).
+    jump = jump_at_zero(update, g, d0=d0, dg=dg) if threshold != float("inf") else 0.0
     if jump > threshold:
         raise UpdateJumpError(
             f"the update of {what} jumps at g = 0: ‖Δ(1e-6·g_B) − Δ(0)‖ is {jump:.3g} of ‖Δ(g_B) − Δ(0)‖ (a smooth "
@@ -172,8 +180,6 @@ def secant_operator(
             "sign-based rule). Use linearization='tangent' for such steps (the tangent at g_B is defined), or value "
             "them with the exact update of each coalition (validation.leave_one_out, validation.shapley_values)."
         )
-    with torch.no_grad():
-        delta = update(g) - update(torch.zeros_like(g))
     delta_norm = float(torch.linalg.vector_norm(delta.double()))
     diagnostics: dict = {"route": "gauss-legendre", "nodes": None, "efficiency_gap": None}
 
