@@ -275,9 +275,16 @@ class InRunShapley:
         """Values staged before a step whose update never ran (a later step pre-hook raised) are not counted."""
         if self._staged is not None:
             self._staged = None
+            if self._awaiting:
+                names = ", ".join(type(o).__name__ for o in self._awaiting)
+                cause = (
+                    f"the tracked optimizer(s) {names} did not step although the step was valued for all of them (call "
+                    "every optimizer's step(), or tracker.discard() before skipping the step)"
+                )
+            else:
+                cause = "optimizer.step() did not complete after this tracker valued it (another step pre-hook or the optimizer raised)"
             warnings.warn(
-                f"step {self._ledger.steps}: optimizer.step() did not complete after this tracker valued it (another "
-                "step pre-hook or the optimizer raised); its values were not counted",
+                f"step {self._ledger.steps}: {cause}; its values were not counted",
                 SkippedStepWarning,
                 stacklevel=3,
             )
@@ -470,6 +477,8 @@ class InRunShapley:
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if optimizer not in self._hooks or self._staged is None:  # pragma: no cover
+            return
+        if self._awaiting:  # several optimizers: the step is taken once the last of them has stepped
             return
         ids, values, reason = self._staged
         self._staged = None

@@ -260,3 +260,24 @@ def test_fuzzed_models_with_two_optimizers_ghost_equals_materialized_and_each_sh
             warnings.simplefilter("ignore", UnsteppedParameterWarning)
             parts = [attribution.step_values(case.model, [o], case.loss_fn, case.batch, val, estimator="ghost", **kw) for o in opts]
         assert_close(ghost, sum(parts), rtol=1e-8, atol=1e-10 * scale)
+
+
+def test_a_step_that_only_one_of_two_optimizers_takes_is_not_counted():
+    """The values were taken for both optimizers' parameters; if one does not step they are wrong: dropped, named."""
+    from attribution import SkippedStepWarning
+
+    model, opts, x, y = _setup()
+    tracker = InRunShapley(model, opts, loss_fn, (x[16:], y[16:]))
+    with tracker.batch([0, 1, 2, 3]):
+        loss_fn(model(x[:4]), y[:4]).backward()
+    opts[0].step()  # the SGD half never steps
+    assert tracker.steps == 0  # not committed before the last optimizer has stepped
+    for o in opts:
+        o.zero_grad()
+    with pytest.warns(SkippedStepWarning, match="SGD did not step"):
+        with tracker.batch([4, 5, 6, 7]):
+            loss_fn(model(x[4:8]), y[4:8]).backward()
+    for o in opts:
+        o.step()
+    assert tracker.steps == 1 and list(tracker.values().index) == [4, 5, 6, 7]
+    tracker.close()
