@@ -10,6 +10,8 @@ holds the per-sample plumbing both use), so the oracle does not import what it c
   vmap, or an exact per-sample loop for models vmap cannot trace; see :class:`PerSampleMethod`).
 * :func:`utility` — the per-step game ``U(S) = L_val(θ_t) − L_val(θ_t + Δ(g_S))``.
 * :func:`leave_one_out` — ``U(B) − U(B∖z)``.
+* :func:`replay_leave_one_out` — the trajectory truth: ``L_val`` K real steps after removing z
+  from its step only, minus ``L_val`` of the recorded replay (``K = 1`` is :func:`leave_one_out`).
 * :func:`shapley_values` — exact (n ≤ 16) or permutation-sampled Shapley values of ``U``.
 * :func:`fidelity` — correlations, top-k, sign agreement and efficiency gap of an estimate.
 
@@ -36,6 +38,7 @@ from persample import PerSampleFallbackWarning, PerSampleGrads, PerSampleMethod
 from ._fidelity import fidelity
 from ._game import STACKABLE_OPTIMIZERS, StepPath, leave_one_out, utility
 from ._per_sample import per_sample_grads
+from ._replay import replay_leave_one_out
 from ._shapley import MAX_EXACT_PLAYERS, ShapleyEstimate, shapley_values
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "fidelity",
     "leave_one_out",
     "per_sample_grads",
+    "replay_leave_one_out",
     "shapley_values",
     "utility",
 ]
