@@ -34,7 +34,8 @@ class AttributionConfig:
 
     Attributes:
         linearization: the slope J of the optimizer's update (``"tangent"``, ``"secant"`` or
-            the SGD proxy ``"sgd"``, J = −lr).
+            the SGD proxy ``"sgd"``, J = −lr), or ``"exact"`` / ``"exact-loo"`` (no slope: the
+            exact-update game, see :func:`step_values`).
         val_point: where the validation gradient is taken (``"current"``, ``"lookahead"``,
             ``"midpoint"``).
         estimator: ``"ghost"``, ``"ghost-factored"`` or ``"materialized"``.

@@ -180,6 +180,8 @@ class Ledger:
         self.history: list[tuple[int, int, Hashable, list[float]]] = []  # (step, position, id, values)
         self.steps = 0
         self.skipped: list[tuple[int, str]] = []
+        #: (step, route, nonlinearity ν or None, largest standard error or None) of every valued step
+        self.step_info: list[tuple[int, str, float | None, float | None]] = []
 
     def check_ids(self, ids: list[Hashable], pending: Sequence[Hashable] = ()) -> None:
         """Refuse ids (normalized, see :func:`normalize_ids`) that cannot share this ledger's index.
@@ -216,10 +218,11 @@ class Ledger:
             self.counts = torch.cat([self.counts, torch.zeros(len(new), dtype=torch.int64)])
         return torch.tensor([self.index[i] for i in ids], dtype=torch.long)
 
-    def add(self, ids: list[Hashable], values: torch.Tensor) -> None:
+    def add(self, ids: list[Hashable], values: torch.Tensor, info: tuple | None = None) -> None:
         """Add one step's values ``[n, K]`` (float64) for ``ids`` (n entries).
 
-        New ids get a row; repeated ids accumulate; the step counter advances by one.
+        New ids get a row; repeated ids accumulate; the step counter advances by one. ``info``
+        is the step's ``(route, nonlinearity, stderr)`` for :meth:`step_info_frame`.
 
         Example:
             >>> led = Ledger()
@@ -236,7 +239,33 @@ class Ledger:
         if self.record_steps:
             for pos, (i, v) in enumerate(zip(ids, values.tolist())):
                 self.history.append((self.steps, pos, i, v))
+        route, nu, err = info if info is not None else ("linear", None, None)
+        self.step_info.append((self.steps, route, nu, err))
         self.steps += 1
+
+    def credit(self, ids: list[Hashable], values: torch.Tensor, *, origin: int, step: int | None = None) -> None:
+        """Add values ``[n, K]`` that a later step credits to the samples of step ``origin`` (momentum credit).
+
+        Totals grow; counts and the step counter do not (the samples were counted at ``origin``).
+        History rows (with ``record_steps``) carry ``step`` (default: the last step added) and ``origin``.
+
+        Example:
+            >>> led = Ledger(record_steps=True)
+            >>> led.add(["a"], torch.tensor([[1.0]], dtype=torch.float64)); led.add(["b"], torch.tensor([[2.0]], dtype=torch.float64))
+            >>> led.credit(["a"], torch.tensor([[0.5]], dtype=torch.float64), origin=0)
+            >>> led.values_frame()["value"].tolist(), led.counts.tolist(), led.steps
+            ([1.5, 2.0], [1, 1], 2)
+            >>> led.history_frame()[["step", "id", "value", "origin"]].values.tolist()[-1]
+            [1, 'a', 0.5, 0]
+        """
+        if self.num_targets is None:
+            raise ValueError("credit() before any step was added")
+        rows = self._rows(ids)
+        self.totals.index_add_(0, rows, values.to(torch.float64))
+        if self.record_steps:
+            at = self.steps - 1 if step is None else step
+            for pos, (i, v) in enumerate(zip(ids, values.tolist())):
+                self.history.append((at, pos, i, v, origin))
 
     def merge(self, other: Ledger) -> None:
         """Add another ledger's totals, counts and history (for gathering ranks).
@@ -257,7 +286,9 @@ class Ledger:
         self.totals.index_add_(0, rows, other.totals)
         self.counts.index_add_(0, rows, other.counts)
         self.history += other.history
-        self.history.sort(key=lambda h: (h[0], h[1]))
+        self.history.sort(key=lambda h: (h[0], h[4] if len(h) > 4 else h[0], h[1]))
+        known = {row[0] for row in self.step_info}
+        self.step_info = sorted(self.step_info + [row for row in other.step_info if row[0] not in known])
         self.skipped = sorted(set(self.skipped) | set(other.skipped))
 
     def skip(self, reason: str) -> None:
@@ -309,11 +340,29 @@ class Ledger:
         Example:
             >>> led = Ledger(record_steps=True); led.add(["a"], torch.tensor([[0.5]], dtype=torch.float64))
             >>> led.history_frame().to_dict("records")
-            [{'step': 0, 'position': 0, 'id': 'a', 'value': 0.5}]
+            [{'step': 0, 'position': 0, 'id': 'a', 'value': 0.5, 'route': 'linear', 'origin': 0}]
         """
         cols = self._value_columns()
-        rows = [(s, p, i, *v) for s, p, i, v in self.history]
-        return pd.DataFrame(rows, columns=["step", "position", "id", *cols])
+        routes = {row[0]: row[1] for row in self.step_info}
+        rows = []
+        for h in self.history:
+            s, p, i, v = h[:4]
+            origin = h[4] if len(h) > 4 else s  # a momentum credit from a later step names its sample's step
+            rows.append((s, p, i, *v, routes.get(s, "linear") if origin == s else "carry", origin))
+        return pd.DataFrame(rows, columns=["step", "position", "id", *cols, "route", "origin"])
+
+    def step_info_frame(self) -> pd.DataFrame:
+        """One row per valued step: ``step``, ``route`` (``"linear"``, ``"exact"``, ``"exact-loo"``),
+        ``nonlinearity`` (ν, NaN where not computed) and ``stderr`` (the exact route's largest
+        standard error, NaN otherwise).
+
+        Example:
+            >>> led = Ledger(); led.add(["a"], torch.zeros(1, 1, dtype=torch.float64), info=("exact", 0.9, 1e-4))
+            >>> led.step_info_frame().to_dict("records")
+            [{'step': 0, 'route': 'exact', 'nonlinearity': 0.9, 'stderr': 0.0001}]
+        """
+        rows = [(s, r, float("nan") if nu is None else nu, float("nan") if e is None else e) for s, r, nu, e in self.step_info]
+        return pd.DataFrame(rows, columns=["step", "route", "nonlinearity", "stderr"])
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self, config: dict, val_fingerprint: str | None = None) -> dict:
@@ -346,6 +395,7 @@ class Ledger:
             "history": list(self.history),
             "steps": self.steps,
             "skipped": list(self.skipped),
+            "step_info": [list(row) for row in self.step_info],
             "val_fingerprint": val_fingerprint,
         }
 
@@ -369,6 +419,7 @@ class Ledger:
         ledger.history = [tuple(h) for h in state["history"]]
         ledger.steps = int(state["steps"])
         ledger.skipped = [tuple(s) for s in state["skipped"]]
+        ledger.step_info = [tuple(row) for row in state.get("step_info", [])]  # absent in files before it existed
         return ledger
 
 
@@ -621,6 +672,8 @@ def _check_fields(state: dict, path: Path) -> None:
             f"{str(path)!r} is corrupted: {n} ids and {k} targets but totals of shape {tuple(state['totals'].shape)} "
             f"and counts of shape {tuple(state['counts'].shape)}"
         )
+    if not isinstance(state.get("step_info", []), list):
+        raise LedgerFileError(f"{str(path)!r} is corrupted: field 'step_info' is not a list")
     if not isinstance(state.get("val_fingerprint"), (str, type(None))):
         raise LedgerFileError(f"{str(path)!r} is corrupted: field 'val_fingerprint' is not a string")
 

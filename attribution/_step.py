@@ -15,6 +15,12 @@ from estimators import LinearizationKind, ValPoint
 
 from ._config import AttributionConfig, EstimatorKind
 
+#: ν above which ``route="auto"`` values a step by the exact-update game (see docs/theory.md).
+DEFAULT_NONLINEARITY_THRESHOLD = 0.1
+
+# The slopes the automatic route stands in for (the SGD proxy is optimizer-agnostic on purpose).
+_AUTO_KINDS = (LinearizationKind.SECANT, LinearizationKind.TANGENT)
+
 _PATH_OF = {
     EstimatorKind.GHOST: "auto",
     EstimatorKind.GHOST_FACTORED: "factored",
@@ -84,6 +90,15 @@ class StepComputer:
         #: Under DDP (set by the tracker): sums a float64 tensor over ranks, and the world size.
         self.all_reduce: Callable | None = None
         self.world_size = 1
+        #: ``"auto"``: take the exact-update route at steps whose nonlinearity ν exceeds
+        #: ``nonlinearity_threshold`` (or whose update jumps at g = 0); ``"linear"``: never.
+        self.route = "linear"
+        self.nonlinearity_threshold = DEFAULT_NONLINEARITY_THRESHOLD
+        #: sampled orders of the exact route's Shapley values
+        self.exact_permutations = 32
+        self.last_route: str = "linear"
+        self.last_nonlinearity: float | None = None
+        self.last_stderr: torch.Tensor | None = None
         # Set by begin_stream() for one step: J of a parameter at its .grad, and ∇L_val(θ_t).
         self._stream_slope: Callable[[torch.Tensor], torch.Tensor | float] | None = None
         self._stream_val_grads: list[dict[torch.Tensor, torch.Tensor]] | None = None
@@ -135,6 +150,7 @@ class StepComputer:
         """Drop captured tensors and the streaming set-up (after the step, successful or not)."""
         self.engine.clear()
         self._stream_slope = self._stream_val_grads = None
+        self.last_lin = self.last_val_grads = self.last_moved = None
 
     def begin_stream(self, optimizer) -> None:
         """Prepare the coming step's in-backward contraction (``val_point="current"`` only).
@@ -161,7 +177,7 @@ class StepComputer:
         self.engine.stream(val_grads, slope)
         self._stream_slope, self._stream_val_grads = slope, val_grads
 
-    def step_values(self, optimizer) -> torch.Tensor:
+    def step_values(self, optimizer, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Values ``[n, K]`` (float64) of the captured samples for the step ``optimizer`` is about to take.
 
         ``optimizer`` is one optimizer or a list of them (each parameter held by one).
@@ -171,8 +187,17 @@ class StepComputer:
         uniform rescale c (param.grad = c · Σ_z c_z: clipping, loss-scale unscaling, wherever it
         happened) is valued as part of the step, φ_z = −c ⟨J(param.grad) ⊙ ∇L_val, c_z⟩, and
         stored in :attr:`grad_scale`; anything else raises ``IncompleteGradientError``.
+
+        The step's route is stored in :attr:`last_route`: ``"linear"`` (φ_z = −⟨P, c_z⟩), or
+        ``"exact"`` / ``"exact-loo"`` (the exact-update game, :func:`estimators.exact_update_values`),
+        taken when the configured linearization asks for it or, with :attr:`route` ``"auto"``, when
+        the update's nonlinearity ν (:func:`estimators.update_nonlinearity`, in
+        :attr:`last_nonlinearity`) exceeds :attr:`nonlinearity_threshold` or the update jumps at
+        g = 0 (no secant exists). ``generator`` draws the exact route's permutations.
         """
         self.nonfinite_cause = None
+        self.last_route, self.last_nonlinearity, self.last_stderr = "linear", None, None
+        self.last_lin = self.last_val_grads = self.last_moved = None
         stepped = _stepped(optimizer)
         attributed = self.engine._names  # every trainable parameter, or those of the attributed modules
         grads = {p: p.grad for p in stepped if p.grad is not None and (p in attributed or self.engine.modules is None)}
@@ -180,16 +205,32 @@ class StepComputer:
             # Parameters the backward hooks did not contract (fallback, materialized path, unused).
             streamed = self.engine.streamed_params
             slopes = {p: self._stream_slope(p) for p in self.params() if p not in streamed}
-            return self._checked_values(slopes, self._stream_val_grads, grads)
+            values = self._checked_values(slopes, self._stream_val_grads, grads)
+            if self.route == "auto" and self.config.linearization in _AUTO_KINDS:
+                lin = optimizers.linearize(optimizer)
+                bg = {p: self._batch_grad(p) for p in self.params() if p in lin}
+                self.last_nonlinearity = estimators.update_nonlinearity(lin, bg, self._stream_val_grads)
+            return values
         lin = optimizers.linearize(optimizer)
         params = [p for p in self.params() if p in lin]
         batch_grads = {p: self._batch_grad(p) for p in params}
         kind = self.config.linearization
-        slopes = {p: estimators.preconditioning(lin, p, batch_grads[p], kind) for p in params}
+        exact = kind.is_exact
+        watch = self.route == "auto" and kind in _AUTO_KINDS  # the diagnostic is computed
+        auto = watch and self.exact_available()  # and the route may switch
+        if not exact:
+            try:
+                slopes = {p: estimators.preconditioning(lin, p, batch_grads[p], kind) for p in params}
+            except optimizers.UpdateJumpError:
+                if not auto:
+                    raise
+                exact = True  # no secant across the jump: the exact-update game values the step
+        if exact:
+            # The completeness check (and the rescale c) needs some slope: the SGD proxy is the cheapest.
+            slopes = {p: estimators.preconditioning(lin, p, batch_grads[p], "sgd") for p in params}
         # The secant already holds Δ(g_B) − Δ(0): the shift then needs only Δ(0).
-        shift = estimators.val_point_shift(
-            lin, params, batch_grads, self.config.val_point, secant=slopes if kind is LinearizationKind.SECANT else None
-        )
+        secant = slopes if kind is LinearizationKind.SECANT and not exact else None
+        shift = estimators.val_point_shift(lin, params, batch_grads, self.config.val_point, secant=secant)
         # A trainable parameter the optimizer does not step (or that got no gradient) does not move: J = 0.
         slopes.update({p: 0.0 for p in self.params() if p not in slopes})
         if self.engine.modules is not None:  # partial values: only the attributed modules' parameters
@@ -198,9 +239,47 @@ class StepComputer:
         with self.engine.capture_val() if self._val_capture_used(slopes) else contextlib.nullcontext():
             val_grads = self.validation_gradients(params, shift)
         values = self._checked_values(slopes, val_grads, grads)
+        moved = [p for p in params if p in grads and not optimizers.as_preconditioner(slopes[p]).is_zero]
+        self.last_lin, self.last_val_grads, self.last_moved = lin, val_grads, moved
+        if watch and not exact:
+            self.last_nonlinearity = estimators.update_nonlinearity(lin, {p: batch_grads[p] for p in moved}, val_grads)
+            exact = auto and self.last_nonlinearity > self.nonlinearity_threshold
+        if exact:
+            if not self.exact_available():
+                raise ValueError(_no_exact_reason(self))
+            game = "loo" if kind in (LinearizationKind.EXACT_LOO, LinearizationKind.TANGENT) else "shapley"
+            contributions = self.engine.per_sample_contributions(moved, dtype=self.compute_dtype)
+            result = estimators.exact_update_values(
+                lin, contributions, val_grads, game=game, permutations=self.exact_permutations,
+                generator=generator, scale=self.grad_scale,
+            )
+            values, self.last_stderr = result.values, result.stderr
+            self.last_route = "exact" if game == "shapley" else "exact-loo"
         if not torch.isfinite(values).all():
             self.nonfinite_cause = _nonfinite_cause(slopes, val_grads, self.engine)
         return values
+
+    def carry_validation_gradients(self) -> list[dict[torch.Tensor, torch.Tensor]]:
+        """∇L_val where the carried update Δ(0) of the step just valued is credited (``credit="momentum"``).
+
+        The carried part of the step, U(∅) = L_val(θ_t) − L_val(θ_t + Δ(0)), is valued to second
+        order at its own midpoint θ_t + ½ Δ(0) (at θ_t with ``val_point="current"``); the step's
+        game U(B) − U(∅) keeps its own point. One more validation pass.
+        """
+        lin, params = self.last_lin, self.last_moved
+        if self.config.val_point is ValPoint.CURRENT:
+            shift = None
+        else:
+            shift = {p: 0.5 * lin.update(p, torch.zeros_like(self._batch_grad(p))).detach() for p in params}
+        losses = getattr(self, "val_losses", None)
+        try:
+            return self.validation_gradients(params, shift)
+        finally:
+            self.val_losses = losses
+
+    def exact_available(self) -> bool:
+        """Whether the exact-update route can value this tracker's steps (per-sample contributions exist)."""
+        return self.world_size == 1 and self._stream_slope is None
 
     def _checked_values(self, slopes, val_grads, grads) -> torch.Tensor:
         """The engine's values ``[n, K]`` (float64) with the completeness check against ``grads``; sets :attr:`grad_scale`."""
@@ -273,6 +352,18 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def _no_exact_reason(computer: StepComputer) -> str:
+    if computer.world_size > 1:
+        return (
+            "the exact-update route needs every sample's contribution in one process; under "
+            "DistributedDataParallel each rank holds only its own. Use linearization='secant' (or 'tangent')"
+        )
+    return (
+        "the exact-update route needs the captured per-sample factors, which stream=True releases during the "
+        "backward pass; use stream=False"
+    )
+
+
 def _nonfinite_cause(slopes, val_grads, engine) -> str:
     """Which input of φ = −⟨J ⊙ ∇L_val, c_z⟩ is not finite, for the skipped-step warning."""
     names = engine._names
@@ -300,6 +391,10 @@ def step_values(
     linearization: LinearizationKind | str = "secant",
     val_point: ValPoint | str = "midpoint",
     estimator: str = "ghost",
+    permutations: int = 32,
+    seed: int = 0,
+    route: str = "linear",
+    nonlinearity_threshold: float | None = None,
 ) -> torch.Tensor:
     """Per-sample values of ``batch`` for the step ``optimizer`` is about to take.
 
@@ -316,9 +411,19 @@ def step_values(
             counts as not moving, with an :class:`UnsteppedParameterWarning`.
         batch: ``(inputs, targets)`` with n samples.
         val_batch: ``(inputs, targets)``, or a list of K such batches.
-        linearization: ``"tangent"``, ``"secant"`` or ``"sgd"`` (the SGD proxy −lr).
+        linearization: ``"tangent"``, ``"secant"`` or ``"sgd"`` (the SGD proxy −lr); or
+            ``"exact"`` / ``"exact-loo"``: no slope, the Shapley values (permutation sampled) or
+            leave-one-out marginals of the exact-update game Ū(S) = −⟨∇L_val(θ*), Δ(g_S)⟩, the
+            optimizer's real update under its frozen state for each coalition (for steps no
+            single J fits: Adam's first steps, Muon's first step; cost n + 1 updates per order).
         val_point: ``"current"``, ``"lookahead"`` or ``"midpoint"``.
         estimator: ``"ghost"``, ``"ghost-factored"`` or ``"materialized"``.
+        permutations, seed: sampled orders of ``"exact"`` and the seed of their own generator
+            (the global RNG is not used).
+        route, nonlinearity_threshold: ``"linear"`` (default here): the slope asked for;
+            ``"auto"``: what :class:`InRunShapley` does by default, the exact-update game where
+            the update's nonlinearity ν exceeds the threshold (default
+            :data:`DEFAULT_NONLINEARITY_THRESHOLD`) or jumps at g = 0.
     Returns:
         float64 tensor ``[n]`` (one validation batch) or ``[n, K]``; positive = the sample
         reduces validation loss.
@@ -339,11 +444,19 @@ def step_values(
         (torch.Size([5]), torch.float64)
     """
     config = AttributionConfig(linearization, val_point, estimator)
+    if permutations < 1:
+        raise ValueError(f"permutations={permutations} must be at least 1")
+    if route not in ("auto", "linear"):
+        raise ValueError(f"route={route!r} is not accepted; use 'linear' (default) or 'auto'")
     optimizers.as_optimizer_list(optimizer)  # each parameter held by exactly one optimizer
     val_batches, single = as_val_batches(val_batch)
     inputs, targets = batch
     saved_grads = {p: None if p.grad is None else p.grad.detach().clone() for p in model.parameters()}
     computer = StepComputer(model, loss_fn, val_batches, config)
+    computer.exact_permutations = permutations
+    computer.route = route
+    if nonlinearity_threshold is not None:
+        computer.nonlinearity_threshold = float(nonlinearity_threshold)
     try:
         for p in model.parameters():
             p.grad = None
@@ -352,7 +465,7 @@ def step_values(
             estimators.check_loss_additive(loss_fn, outputs, targets, what="the training batch")
             loss_fn(outputs, targets).backward()
         warn_unstepped(model, optimizer, [p for p in model.parameters() if p.grad is not None])
-        values = computer.step_values(optimizer)
+        values = computer.step_values(optimizer, generator=torch.Generator().manual_seed(seed))
     finally:
         computer.reset()
         for p, g in saved_grads.items():

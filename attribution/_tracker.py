@@ -14,11 +14,12 @@ from torch import nn
 
 import estimators
 import optimizers
-from estimators import GhostEngineError, IncompleteGradientError, ValPoint
+from estimators import IncompleteGradientError, ValPoint
 
 from ._config import AttributionConfig, EstimatorKind
+from ._momentum import MomentumCredit
 from ._ledger import Ledger, atomic_save, check_same_validation, load_checked, normalize_ids, val_fingerprint
-from ._step import StepComputer, UnsteppedParameterWarning, as_val_batches, warn_unstepped
+from ._step import DEFAULT_NONLINEARITY_THRESHOLD, StepComputer, as_val_batches, warn_unstepped
 
 
 #: optimizer -> ids of the step pre-hooks that belong to trackers (several trackers may share one
@@ -32,6 +33,10 @@ class TrackerUsageError(RuntimeError):
 
 class NonFiniteStepWarning(UserWarning):
     """A step's gradients, validation loss or values were not finite; its values were skipped."""
+
+
+class PoorLinearizationWarning(UserWarning):
+    """A step's update is far from linear in g and the exact-update route could not be taken."""
 
 
 class SkippedStepWarning(UserWarning):
@@ -96,6 +101,36 @@ class InRunShapley:
             −Σ_{p in modules} ⟨J ⊙ ∇L_val, c_z⟩ (other parameters still move and still set the
             validation point; they get no hooks, so tracking is cheaper). ``None``: every
             trainable parameter.
+        route: ``"auto"`` (default): a step whose update is far from linear in g — the update's
+            nonlinearity ν (:func:`estimators.update_nonlinearity`: 0 for an affine update, 1 for
+            a sign-like one such as Adam's first step) above ``nonlinearity_threshold``, or an
+            update that jumps at g = 0 (Muon's first step) — is valued by the exact-update game
+            instead of a slope (``linearization="exact"``, or ``"exact-loo"`` when the
+            linearization is the tangent); ``"linear"``: always the slope. Only the tangent and
+            the secant are switched (the SGD proxy is kept as asked). Each step's route and ν are
+            in :meth:`step_info`. Under DistributedDataParallel or ``stream=True`` the route cannot
+            switch (per-sample factors are not all at hand) and a :class:`PoorLinearizationWarning`
+            names the steps the slope fits poorly.
+        nonlinearity_threshold: ν above which ``route="auto"`` takes the exact route (default
+            0.1; see docs/theory.md for how it was chosen).
+        exact_permutations: sampled orders of the exact route's Shapley values (antithetic
+            pairs; their standard errors are in :meth:`step_info`). Cost per exact step: this
+            many times n + 1 update evaluations of every parameter.
+        seed: seed of the tracker's own random source (the exact route's orders); the global RNG
+            is never used.
+        credit: ``"step"`` (default): each step's game, whose empty coalition keeps the update
+            carried by momentum from earlier steps (Δ(0)) and credits it to nobody; under
+            SGD-momentum or Adam a run's values then add up to a fraction (about 1 − β1) of its
+            improvement. ``"momentum"``: that carried part of every later update is credited, to
+            first order, to the samples whose gradients are in the buffer (see docs/theory.md),
+            so a run's values add up to its first-order improvement; per-step values are
+            unchanged, the carried credits arrive at later steps (rows with ``origin < step`` in
+            :meth:`history`). Needs a linearization that declares its momentum buffer (SGD, Adam,
+            AdamW, NAdam, RAdam, Adamax; rules without momentum pass through) and ``stream=False``.
+        momentum_window: steps after its own during which a sample's carried credit is exact;
+            the captured factors of that many steps are kept (:attr:`momentum_bytes`), and the
+            remaining geometric tail is credited when the window closes, assuming later steps
+            look like the last one of the window.
 
     Gradient accumulation: several ``batch`` contexts before one ``step()`` are one step; their
     samples are valued together. ``optimizer.step(closure)`` is supported when the closure
@@ -134,9 +169,43 @@ class InRunShapley:
         val_mode: str = "eval",
         strict: bool = False,
         modules=None,
+        route: str = "auto",
+        nonlinearity_threshold: float | None = None,
+        exact_permutations: int = 32,
+        seed: int = 0,
+        credit: str = "step",
+        momentum_window: int = 16,
     ):
         self.config = AttributionConfig(linearization, val_point, estimator)
         self.stream = bool(stream)
+        if route not in ("auto", "linear"):
+            raise ValueError(f"route={route!r} is not accepted; use 'auto' (default) or 'linear'")
+        if nonlinearity_threshold is None:
+            nonlinearity_threshold = DEFAULT_NONLINEARITY_THRESHOLD
+        if not float(nonlinearity_threshold) >= 0:
+            raise ValueError(f"nonlinearity_threshold={nonlinearity_threshold!r} must be a number >= 0")
+        if int(exact_permutations) < 1:
+            raise ValueError(f"exact_permutations={exact_permutations!r} must be at least 1")
+        if self.stream and self.config.linearization.is_exact:
+            raise ValueError(
+                f"stream=True contracts during the backward pass and releases the per-sample factors that "
+                f"linearization={self.config.linearization.value!r} needs; use stream=False"
+            )
+        if credit not in ("step", "momentum"):
+            raise ValueError(f"credit={credit!r} is not accepted; use 'step' (default) or 'momentum'")
+        if credit == "momentum" and self.stream:
+            raise ValueError(
+                "credit='momentum' keeps each step's captured factors for later steps, which stream=True releases "
+                "during the backward pass; use stream=False"
+            )
+        if int(momentum_window) < 1:
+            raise ValueError(f"momentum_window={momentum_window!r} must be at least 1")
+        #: the tracker's options beyond the configuration, saved with the values (see :meth:`save`)
+        self.options = {
+            "route": route, "nonlinearity_threshold": float(nonlinearity_threshold),
+            "exact_permutations": int(exact_permutations), "seed": int(seed),
+            "credit": credit, "momentum_window": int(momentum_window),
+        }
         if val_mode not in ("eval", "train"):
             raise ValueError(f"val_mode={val_mode!r} is not accepted; use 'eval' (default) or 'train'")
         self.val_mode = val_mode
@@ -164,6 +233,15 @@ class InRunShapley:
         self._computer = StepComputer(
             module, loss_fn, self.val_batches, self.config, val_train_mode=val_mode == "train", strict=strict, modules=modules
         )
+        self._computer.route = route
+        self._computer.nonlinearity_threshold = float(nonlinearity_threshold)
+        self._computer.exact_permutations = int(exact_permutations)
+        self._warned_poor = False
+        self._momentum = None
+        if credit == "momentum":
+            _check_momentum_credit(self.optimizers)
+            self._momentum = MomentumCredit(int(momentum_window), self._computer.compute_dtype)
+        self._staged_credit = None
         _warn_fallback(self._computer.engine)
         warn_unstepped(module, self.optimizers)
         if self._world_size > 1:
@@ -427,12 +505,20 @@ class InRunShapley:
             unchanged = len(marks) == len(params) and all(marks.get(p) == _grad_mark(p) for p in params)
             finite = not self._pending_nonfinite if unchanged else _all_finite([p.grad for p in params])
             if not finite:
-                self._staged = (ids, None, "non-finite gradients (NaN/inf)")
+                self._staged = (ids, None, "non-finite gradients (NaN/inf)", None)
                 return
             try:
-                values = self._computer.step_values(self._optimizer_arg)
+                generator = torch.Generator().manual_seed(self.options["seed"] * 1_000_003 + self._ledger.steps)
+                values = self._computer.step_values(self._optimizer_arg, generator=generator)
             except IncompleteGradientError as err:
                 raise TrackerUsageError(f"step {self._ledger.steps}: {err}") from err
+            self._staged_credit = None
+            if self._momentum is not None and torch.isfinite(values).all():
+                c = self._computer
+                self._staged_credit = self._momentum.stage(
+                    c.last_lin, c.last_moved, c.carry_validation_gradients(), c.grad_scale, c.engine.captured_terms(), ids,
+                    self._ledger.steps, dtype=c.compute_dtype,
+                )
         finally:
             self._computer.reset()
         if self._world_size > 1:
@@ -440,9 +526,28 @@ class InRunShapley:
             values = values / self._world_size
         if not torch.isfinite(values).all():
             cause = getattr(self._computer, "nonfinite_cause", None) or "non-finite values"
-            self._staged = (ids, None, f"non-finite values: {cause}")
+            self._staged = (ids, None, f"non-finite values: {cause}", None)
             return
-        self._staged = (ids, values, None)
+        info = self._step_info()
+        self._staged = (ids, values, None, info)
+
+    def _step_info(self) -> tuple[str, float | None, float | None]:
+        """(route, ν, largest standard error) of the step just valued; warns once where the slope fits poorly."""
+        c = self._computer
+        nu = c.last_nonlinearity
+        if c.last_route == "linear" and nu is not None and nu > c.nonlinearity_threshold and not self._warned_poor:
+            self._warned_poor = True
+            why = "stream=True released the per-sample factors" if self.stream else "under DistributedDataParallel"
+            warnings.warn(
+                f"step {self._ledger.steps}: the optimizer's update is far from linear in the gradient (nonlinearity "
+                f"{nu:.3f} > {c.nonlinearity_threshold}), so the slope values of this step are unreliable, and the "
+                f"exact-update route cannot be taken ({why}). Steps like it are marked in step_info(); use "
+                "stream=False in a single process to value them exactly, or leave them out of the totals",
+                PoorLinearizationWarning,
+                stacklevel=4,
+            )
+        err = None if c.last_stderr is None else float(c.last_stderr.abs().max()) if c.last_stderr.numel() else 0.0
+        return c.last_route, nu, err
 
     def _check_blocks(self, blocks) -> None:
         """Each batch context captured exactly one sample per id (else say what its model calls held)."""
@@ -480,12 +585,16 @@ class InRunShapley:
             return
         if self._awaiting:  # several optimizers: the step is taken once the last of them has stepped
             return
-        ids, values, reason = self._staged
-        self._staged = None
+        ids, values, reason, info = self._staged
+        staged_credit, self._staged, self._staged_credit = self._staged_credit, None, None
         if values is None:
             self._skip(reason)
         else:
-            self._ledger.add(ids, values)
+            self._ledger.add(ids, values, info=info)
+            if staged_credit is not None:
+                for origin, origin_ids, credit in self._momentum.commit(staged_credit):
+                    # DDP averages gradients over ranks: this rank's samples are in the buffer as c_z / world_size.
+                    self._ledger.credit(origin_ids, credit / self._world_size, origin=origin)
         self._outside_marks = _version_marks(self._outside_params())
 
     def _skip(self, reason: str) -> None:
@@ -504,19 +613,34 @@ class InRunShapley:
         return self._computer.engine.fallback_modules
 
     @property
+    def momentum_bytes(self) -> int:
+        """Bytes of captured factors ``credit="momentum"`` keeps for its open window (0 otherwise)."""
+        return 0 if self._momentum is None else self._momentum.nbytes
+
+    @property
     def last_grad_scale(self) -> float:
         """c of the last valued step: param.grad = c · Σ_z c_z (the clip factor, 1/loss scale; 1.0 if untouched)."""
         return self._computer.grad_scale
 
     # ------------------------------------------------------------------ results
-    def _gathered(self) -> Ledger:
-        """This rank's ledger, or under DistributedDataParallel every rank's merged (a collective call)."""
+    def _gathered(self, closed: bool = False) -> Ledger:
+        """This rank's ledger, or under DistributedDataParallel every rank's merged (a collective call).
+
+        ``closed``: with ``credit="momentum"``, a copy in which the steps still open in the window
+        are credited their tail estimate (what :meth:`save` writes, so that a resumed run loses
+        nothing); the live tracker keeps its window.
+        """
+        ledger = self._ledger
+        if closed and self._momentum is not None and self._momentum.open:
+            ledger = Ledger.from_state_dict(ledger.state_dict({}))
+            for origin, ids, credit in self._momentum.tails():
+                ledger.credit(ids, credit / self._world_size, origin=origin, step=ledger.steps - 1)
         if self._world_size == 1:
-            return self._ledger
+            return ledger
         import torch.distributed as dist
 
         states = [None] * self._world_size
-        dist.all_gather_object(states, self._ledger.state_dict(self.config.as_dict()))
+        dist.all_gather_object(states, ledger.state_dict(self.config.as_dict()))
         merged = Ledger(self._ledger.num_targets, self._ledger.record_steps)
         for state in states:
             merged.merge(Ledger.from_state_dict(state))
@@ -575,6 +699,32 @@ class InRunShapley:
             raise TrackerUsageError("history() needs InRunShapley(..., record_steps=True)")
         return self._gathered().history_frame()
 
+    def step_info(self) -> pd.DataFrame:
+        """How each valued step was valued: ``step``, ``route``, ``nonlinearity`` (ν), ``stderr``.
+
+        ``route`` is ``"linear"`` (φ_z = −⟨P, c_z⟩), ``"exact"`` (Shapley values of the
+        exact-update game, permutation sampled; ``stderr`` is their largest standard error) or
+        ``"exact-loo"``; ν is the update's nonlinearity along g_B that ``route="auto"`` compares
+        with ``nonlinearity_threshold`` (NaN where not computed).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> torch.manual_seed(0) and None
+            >>> model = nn.Linear(3, 2); opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+            >>> x, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 1, 0])
+            >>> tracker = InRunShapley(model, opt, nn.functional.cross_entropy, (x[:2], y[:2]))
+            >>> for _ in range(2):
+            ...     opt.zero_grad()
+            ...     with tracker.batch([1, 2, 3, 4]):
+            ...         nn.functional.cross_entropy(model(x[2:]), y[2:]).backward()
+            ...     opt.step()
+            >>> list(tracker.step_info()["route"])          # Adam's first step is sign-like
+            ['exact', 'exact']
+            >>> tracker.close()
+        """
+        return self._gathered().step_info_frame()
+
     @property
     def steps(self) -> int:
         """Optimizer steps seen so far (including skipped ones)."""
@@ -611,7 +761,7 @@ class InRunShapley:
             >>> resumed.close()
         """
         # Under DDP every rank calls save(): the ranks' values are gathered and rank 0 writes the file.
-        ledger = self._gathered()
+        ledger = self._gathered(closed=True)
         if self._world_size > 1:
             import torch.distributed as dist
 
@@ -619,7 +769,7 @@ class InRunShapley:
                 dist.barrier()
                 return
         fingerprint = val_fingerprint(self.val_batches)
-        atomic_save(ledger.state_dict(self.config.as_dict(), val_fingerprint=fingerprint), path)
+        atomic_save(ledger.state_dict(self._saved_config(), val_fingerprint=fingerprint), path)
         if self._world_size > 1:
             dist.barrier()
 
@@ -669,14 +819,28 @@ class InRunShapley:
             True
             >>> tracker.close(); other.close()
         """
-        return self._gathered().state_dict(self.config.as_dict(), val_fingerprint=val_fingerprint(self.val_batches))
+        return self._gathered(closed=True).state_dict(self._saved_config(), val_fingerprint=val_fingerprint(self.val_batches))
+
+    def _saved_config(self) -> dict:
+        """The configuration and the options that change values: what a resumed tracker must share."""
+        return {**self.config.as_dict(), **self.options}
 
     def restore(self, state: dict) -> None:
         """Continue the values of :meth:`state` (same configuration and validation set, else ``ValueError``)."""
-        if state.get("config") != self.config.as_dict():
-            raise ValueError(f"the saved run used {state.get('config')!r}, this tracker {self.config.as_dict()!r}; pass the same options to resume")
+        saved, mine = state.get("config") or {}, self._saved_config()
+        # A state written before an option existed was made with its default.
+        defaults = InRunShapley._option_defaults()
+        if {**defaults, **saved} != {**defaults, **mine}:
+            raise ValueError(f"the saved run used {saved!r}, this tracker {mine!r}; pass the same options to resume")
         check_same_validation(state, val_fingerprint(self.val_batches), "the checkpoint")
         self._ledger = Ledger.from_state_dict(state)
+
+    @staticmethod
+    def _option_defaults() -> dict:
+        return {
+            "route": "auto", "nonlinearity_threshold": DEFAULT_NONLINEARITY_THRESHOLD, "exact_permutations": 32, "seed": 0,
+            "credit": "step", "momentum_window": 16,
+        }
 
     def close(self) -> None:
         """Remove the optimizer hooks; the tracker keeps its values but records nothing more."""
@@ -697,6 +861,20 @@ class InRunShapley:
 
 class FallbackWarning(UserWarning):
     """Some parameters have no ghost rule and use the slower per-module torch.func fallback (exact)."""
+
+
+def _check_momentum_credit(opts) -> None:
+    """Refuse ``credit="momentum"`` up front for an optimizer whose carried update cannot be credited."""
+    for opt in opts:
+        cls = optimizers.linearization_class(type(opt))
+        for index, group in enumerate(opt.param_groups):
+            for p in group["params"]:
+                state = cls.read_state(p, opt.state.get(p, {}), group)
+                reason = cls.momentum_credit_refusal(state)
+                if reason is not None:
+                    raise optimizers.UnsupportedOptimizerError(
+                        f"credit='momentum' with {type(opt).__name__} (param group {index}): {reason}. Use credit='step'"
+                    )
 
 
 def _warn_fallback(engine) -> None:

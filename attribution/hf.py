@@ -157,6 +157,8 @@ class InRunShapleyCallback(TrainerCallback):
         stream, val_mode: as for :class:`InRunShapley` (``stream=True`` needs
             ``val_point="current"``, ``gradient_accumulation_steps=1`` and a ``max_grad_norm`` that
             does not clip, e.g. 0: a clipped step is refused).
+        route, nonlinearity_threshold, exact_permutations, seed, credit, momentum_window: as for
+            :class:`InRunShapley` (the exact-update route of sign-like first steps; momentum credit).
     Raises:
         ValueError: a validation batch is not a dict with ``labels``.
         TrackerUsageError: during training, for batches without ``id_key``.
@@ -195,7 +197,8 @@ class InRunShapleyCallback(TrainerCallback):
 
     def __init__(self, val_batch, *, id_key: str = "sample_id", linearization="secant", val_point="midpoint",
                  estimator="ghost", record_steps: bool = False, resume_from: str | None = None, stream: bool = False,
-                 val_mode: str = "eval"):
+                 val_mode: str = "eval", route: str = "auto", nonlinearity_threshold: float | None = None,
+                 exact_permutations: int = 32, seed: int = 0, credit: str = "step", momentum_window: int = 16):
         batches = val_batch if isinstance(val_batch, list) else [val_batch]
         for k, b in enumerate(batches):
             if not isinstance(b, Mapping) or "labels" not in b:
@@ -203,7 +206,9 @@ class InRunShapleyCallback(TrainerCallback):
         self._val = [(dict(b), None) for b in batches] if isinstance(val_batch, list) else (dict(val_batch), None)
         self.id_key = id_key
         self._options = dict(
-            linearization=linearization, val_point=val_point, estimator=estimator, record_steps=record_steps, stream=stream, val_mode=val_mode
+            linearization=linearization, val_point=val_point, estimator=estimator, record_steps=record_steps, stream=stream,
+            val_mode=val_mode, route=route, nonlinearity_threshold=nonlinearity_threshold,
+            exact_permutations=exact_permutations, seed=seed, credit=credit, momentum_window=momentum_window,
         )
         self.tracker: InRunShapley | None = None
         self._open: contextlib.ExitStack | None = None

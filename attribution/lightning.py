@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 
-import torch
+import torch  # noqa: F401 - the doctests use it
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
 
@@ -102,6 +102,8 @@ class InRunShapleyCallback(Callback):
         id_key: the key of dict batches that holds one id per row ``[n]``.
         ids_fn: ``ids_fn(batch, batch_idx) -> ids`` (``[n]`` ints or strs); takes precedence.
         linearization, val_point, estimator, record_steps, stream, val_mode: as for :class:`InRunShapley`.
+        route, nonlinearity_threshold, exact_permutations, seed, credit, momentum_window: as for
+            :class:`InRunShapley` (the exact-update route of sign-like first steps; momentum credit).
 
     Checkpoints: the tracker's ledger is the callback's ``state_dict()``, which Lightning saves in
     every checkpoint; ``trainer.fit(..., ckpt_path=...)`` restores it, so the values continue (ids
@@ -155,6 +157,12 @@ class InRunShapleyCallback(Callback):
         record_steps: bool = False,
         stream: bool = False,
         val_mode: str = "eval",
+        route: str = "auto",
+        nonlinearity_threshold: float | None = None,
+        exact_permutations: int = 32,
+        seed: int = 0,
+        credit: str = "step",
+        momentum_window: int = 16,
     ):
         AttributionConfig(linearization, val_point, estimator)  # refuse a bad option now, not at fit()
         self.val_batch = val_batch
@@ -163,7 +171,9 @@ class InRunShapleyCallback(Callback):
         self.id_key = id_key
         self.ids_fn = ids_fn
         self._options = dict(
-            linearization=linearization, val_point=val_point, estimator=estimator, record_steps=record_steps, stream=stream, val_mode=val_mode
+            linearization=linearization, val_point=val_point, estimator=estimator, record_steps=record_steps, stream=stream,
+            val_mode=val_mode, route=route, nonlinearity_threshold=nonlinearity_threshold,
+            exact_permutations=exact_permutations, seed=seed, credit=credit, momentum_window=momentum_window,
         )
         #: The ledger of a checkpoint this fit resumes from (set by Lightning through load_state_dict).
         self._resume_state: dict | None = None

@@ -36,6 +36,7 @@ from persample import (
 
 from ._completeness import CompletenessCheck, IncompleteGradientError
 from ._config import Factorization, GhostPath, LinearizationKind, PerSampleMethod, Reduction, ValPoint, parse_enum
+from ._exact import ExactValues, exact_update_values, update_nonlinearity
 from ._engine import GhostEngine, GhostEngineError, ParameterUseError, UncoveredParameterError
 from ._factorize import factored_error, rank_one
 from ._factors import Bilinear, DenseFactor, Factor, OneHotFactor, PerSample, Term
@@ -55,6 +56,7 @@ __all__ = [
     "Bilinear",
     "CompletenessCheck",
     "DenseFactor",
+    "ExactValues",
     "Factor",
     "Factorization",
     "GhostEngine",
@@ -77,6 +79,7 @@ __all__ = [
     "ValPoint",
     "check_loss_additive",
     "check_samples_independent",
+    "exact_update_values",
     "factored_error",
     "first_order_values",
     "ghost_values",
@@ -89,6 +92,7 @@ __all__ = [
     "rank_one",
     "registered_rules",
     "rule_for",
+    "update_nonlinearity",
     "shifted_parameters",
     "val_point_shift",
     "validation_gradients",

@@ -16,9 +16,13 @@ class LinearizationKind(str, enum.Enum):
 
     * ``TANGENT`` -- J = ∂Δ/∂g at the batch gradient g_B (matches leave-one-out);
     * ``SECANT`` -- J = (Δ(g_B) − Δ(0)) ⊘ g_B (values sum to −⟨∇L_val, Δ(g_B) − Δ(0)⟩);
-    * ``SGD`` -- J = −η, the optimizer-agnostic proxy of earlier in-run methods.
+    * ``SGD`` -- J = −η, the optimizer-agnostic proxy of earlier in-run methods;
+    * ``EXACT`` -- no slope: the Shapley values of the exact-update game
+      Ū(S) = −⟨∇L_val, Δ(g_S)⟩ (the optimizer's real update for each coalition, permutation
+      sampled; see :func:`exact_update_values`), for steps no single J fits (Adam's first steps);
+    * ``EXACT_LOO`` -- the leave-one-out marginals Ū(B) − Ū(B∖z) of the same game (n + 1 updates).
 
-    Every estimator then computes φ_z = −⟨J ⊙ ∇L_val, c_z⟩. Members compare equal to their strings.
+    The slope kinds compute φ_z = −⟨J ⊙ ∇L_val, c_z⟩. Members compare equal to their strings.
 
     Example:
         >>> LinearizationKind("secant") is LinearizationKind.SECANT, LinearizationKind.SGD == "sgd"
@@ -28,6 +32,18 @@ class LinearizationKind(str, enum.Enum):
     TANGENT = "tangent"
     SECANT = "secant"
     SGD = "sgd"
+    EXACT = "exact"
+    EXACT_LOO = "exact-loo"
+
+    @property
+    def is_exact(self) -> bool:
+        """Whether this kind values the exact-update game (no slope J).
+
+        Example:
+            >>> LinearizationKind("exact-loo").is_exact, LinearizationKind.SECANT.is_exact
+            (True, False)
+        """
+        return self in (LinearizationKind.EXACT, LinearizationKind.EXACT_LOO)
 
 
 class ValPoint(str, enum.Enum):

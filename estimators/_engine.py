@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -736,6 +736,62 @@ class GhostEngine:
                     total[p] = total[p] + g if p in total else g
             return [total]
         return out
+
+    def captured_terms(self) -> list[tuple[int, dict[torch.Tensor, list[Term]]]]:
+        """The captured training passes as ``(n, {param: [Term]})`` per micro-batch (capture order).
+
+        The terms hold the captured factors; they stay valid after :meth:`clear` (``credit="momentum"``
+        keeps them for the steps its window spans).
+        """
+        return [(n, terms) for n, terms, _ in (self._pass_terms(p) for p in self._train if p.has_grad)]
+
+    def per_sample_contributions(
+        self, params: Sequence[torch.Tensor] | None = None, dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each captured sample's contribution c_z to the batch gradient, one parameter at a time.
+
+        Materialized from the captured factors (the exact-update route and the online audit
+        need them for a few steps); micro-batches are concatenated in capture order.
+
+        Args:
+            params: parameters to yield (default: every parameter a captured term covers).
+            dtype: dtype of the contributions (default: the captured one).
+        Yields:
+            ``(param, c)`` with ``c`` of shape ``[n_total, *param.shape]``; a parameter a pass did
+            not reach gets zeros for that pass's samples.
+        Raises:
+            GhostEngineError: no training backward was captured, or the step was contracted
+                during the backward (``stream``), which released the factors.
+        Example:
+            >>> model = nn.Linear(3, 2).double()
+            >>> engine = GhostEngine(model)
+            >>> with engine.capture_train():
+            ...     model(torch.randn(4, 3, dtype=torch.float64)).pow(2).sum().backward()
+            >>> c = dict(engine.per_sample_contributions())
+            >>> c[model.weight].shape, torch.allclose(c[model.weight].sum(0), model.weight.grad)
+            (torch.Size([4, 2, 3]), True)
+        """
+        if self.streamed_params:
+            raise GhostEngineError(
+                "the step was contracted during the backward pass (stream=True), which released the captured "
+                "factors, so per-sample contributions cannot be rebuilt; use stream=False"
+            )
+        train = [p for p in self._train if p.has_grad]
+        if not train:
+            raise GhostEngineError("no training backward pass was captured; run forward and backward inside capture_train()")
+        passes = [self._pass_terms(p) for p in train]
+        wanted = params if params is not None else [p for p in self._names if any(p in t for _, t, _ in passes)]
+        for p in wanted:
+            target = p.dtype if dtype is None else dtype
+            blocks = []
+            for n, terms, _ in passes:
+                ts = terms.get(p)
+                if ts:  # factors of a half-precision layer may mix dtypes: materialize in the target one
+                    c = sum(t.to(target).materialize(p.shape) for t in ts)
+                else:
+                    c = torch.zeros(n, *p.shape, dtype=target, device=p.device)
+                blocks.append(c)
+            yield p, torch.cat(blocks) if len(blocks) > 1 else blocks[0]
 
     def values(
         self,

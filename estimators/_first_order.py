@@ -71,6 +71,11 @@ def preconditioning(lin: Any, param: torch.Tensor, batch_grad: torch.Tensor, kin
         ('diagonal', torch.Size([2]))
     """
     kind = parse_enum(LinearizationKind, kind, "kind")
+    if kind.is_exact:
+        raise ValueError(
+            f"kind={kind.value!r} values the exact-update game and has no slope J to precondition with; use "
+            "estimators.exact_update_values (or step_values / InRunShapley with linearization='exact')"
+        )
     if hasattr(lin, "preconditioner"):
         return lin.preconditioner(param, batch_grad, kind.value)
     # A duck-typed linearization with tensor slopes only (tangent/secant/learning_rate).

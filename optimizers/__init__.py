@@ -16,6 +16,7 @@ Example (for SGD every slope is −η, the original In-Run Data Shapley precondi
 
 from ._autograd import UpdateJumpError, gauss_legendre
 from ._base import (
+    MomentumCarry,
     OptimizerLinearization,
     ParamState,
     StaleStateError,
@@ -81,6 +82,7 @@ __all__ = [
     "StaleStateError",
     "UnsupportedOptimizerError",
     "UpdateJumpError",
+    "MomentumCarry",
     "as_optimizer_list",
     "as_preconditioner",
     "gauss_legendre",

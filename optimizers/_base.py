@@ -118,6 +118,32 @@ class ParamState:
         return dataclasses.replace(self, **{k: float(v.reshape(-1)[index]) for k, v in self.tensors().items()})
 
 
+@dataclasses.dataclass(frozen=True)
+class MomentumCarry:
+    """How one parameter's momentum buffer carries earlier gradients into this step (``credit="momentum"``).
+
+    The buffer evolves as buf_t = decay · buf_{t−1} + gain · g_t, and the update with no gradient
+    this step is linear in it: Δ_t(0) = slope ⊙ buf_{t−1} + (terms without the buffer).
+
+    Attributes:
+        slope: ∂Δ_t(0)/∂buf_{t−1} elementwise, shape of the parameter; ``None`` before the buffer
+            exists (the first step).
+        decay: the buffer's decay applied in this step (μ of SGD, β1 of Adam).
+        gain: the factor this step's gradient enters the buffer with (1 − dampening, 1 − β1; 1 at
+            SGD's first step, which copies the gradient; negative under ``maximize``).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64)); w.grad = torch.ones(2, dtype=torch.float64)
+        >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9); opt.step()
+        >>> linearize(opt).momentum_carry(w)
+        MomentumCarry(slope=tensor([-0.0900, -0.0900], dtype=torch.float64), decay=0.9, gain=1.0)
+    """
+
+    slope: torch.Tensor | None
+    decay: float
+    gain: float
+
+
 class OptimizerLinearization(abc.ABC):
     """The linearization of one optimizer's update under its current, fixed state.
 
@@ -458,6 +484,97 @@ class OptimizerLinearization(abc.ABC):
             True
         """
         return self.update_rule(*self._inputs(param, grad))
+
+    def update_batch(self, param: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """Δ(g) for m gradients at once, each under the same frozen state (the exact-update route).
+
+        ``torch.func.vmap`` over :meth:`update_rule`; a rule vmap cannot trace (data-dependent
+        Python control flow) is evaluated row by row, with the same result.
+
+        Args:
+            param: a covered parameter, shape ``S``.
+            grads: ``[m, *S]``, m candidate gradients.
+        Returns:
+            ``[m, *S]``: row i is ``update(param, grads[i])``.
+        Raises:
+            ValueError: ``grads`` is not ``[m, *S]``; otherwise as :meth:`update`.
+        Example:
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+            >>> opt = torch.optim.Adam([w], lr=0.1); w.grad = torch.tensor([0.3, -0.1], dtype=torch.float64)
+            >>> lin = linearize(opt); G = torch.randn(3, 2, dtype=torch.float64)
+            >>> torch.allclose(lin.update_batch(w, G), torch.stack([lin.update(w, g) for g in G]))
+            True
+        """
+        if grads.dim() != param.dim() + 1 or grads.shape[1:] != param.shape:
+            raise ValueError(
+                f"grads has shape {tuple(grads.shape)}; pass m gradients stacked as [m, *{tuple(param.shape)}]"
+            )
+        theta, _, state = self._inputs(param, grads[0] if len(grads) else torch.zeros_like(param))
+        grads = grads.detach().to(theta.dtype)
+        cls = type(self)
+        try:
+            return torch.func.vmap(lambda g: cls.update_rule(theta, g, state))(grads)
+        except RuntimeError:  # e.g. .item() or Python branching on tensor values inside the rule
+            return torch.stack([cls.update_rule(theta, g, state) for g in grads]) if len(grads) else grads.clone()
+
+    # ------------------------------------------------------------------ momentum credit
+    #: Name of the state field holding a momentum buffer linear in past gradients (Adam's
+    #: ``exp_avg``, SGD's ``momentum_buffer``), for ``credit="momentum"``; ``None``: none declared.
+    momentum_buffer: ClassVar[str | None] = None
+
+    @classmethod
+    def momentum_coefficients(cls, state: ParamState) -> tuple[float, float]:
+        """``(decay, gain)`` of this step's buffer update buf_t = decay · buf_{t−1} + gain · g_t.
+
+        Needed when :attr:`momentum_buffer` is set. Example (Adam: β1 and 1 − β1):
+            >>> from optimizers import AdamLinearization, AdamState
+            >>> AdamLinearization.momentum_coefficients(AdamState(lr=0.1, step=1))
+            (0.9, 0.09999999999999998)
+        """
+        raise NotImplementedError(f"{cls.__name__} declares momentum_buffer but not momentum_coefficients")
+
+    @classmethod
+    def momentum_credit_refusal(cls, state: ParamState) -> str | None:
+        """Why ``credit="momentum"`` cannot value a step under ``state``; ``None`` if it can.
+
+        The default accepts a declared :attr:`momentum_buffer` and refuses otherwise; a rule with
+        no state carried into Δ(0) (Adagrad, plain RMSprop) returns ``None``.
+        """
+        if cls.momentum_buffer is not None:
+            return None
+        return (
+            f"{cls.__name__} declares no momentum buffer linear in past gradients (momentum_buffer is None), so the "
+            "part of its update carried from earlier steps cannot be credited back to their samples"
+        )
+
+    def momentum_carry(self, param: torch.Tensor) -> MomentumCarry | None:
+        """The :class:`MomentumCarry` of ``param`` at this step; ``None`` for a rule without momentum.
+
+        The slope is one forward-mode derivative of :meth:`update_rule` at g = 0 along the buffer
+        (exact: Δ(0) is linear in the buffer for every rule that declares one).
+
+        Raises:
+            UnsupportedOptimizerError: :meth:`momentum_credit_refusal` gives a reason.
+            KeyError, StaleStateError: as :meth:`update`.
+        """
+        theta, _, state = self._inputs(param, param.detach())
+        reason = self.momentum_credit_refusal(state)
+        if reason is not None:
+            raise UnsupportedOptimizerError(f"credit='momentum': {reason}. Use credit='step'")
+        name = self.momentum_buffer
+        if name is None:
+            return None
+        decay, gain = self.momentum_coefficients(state)
+        buf = getattr(state, name)
+        if buf is None:
+            return MomentumCarry(None, float(decay), float(gain))
+        cls, zero = type(self), torch.zeros_like(theta)
+
+        def carried(b: torch.Tensor) -> torch.Tensor:
+            return cls.update_rule(theta, zero, dataclasses.replace(state, **{name: b}))
+
+        _, slope = torch.func.jvp(carried, (buf.to(theta.dtype),), (torch.ones_like(theta),))
+        return MomentumCarry(slope.detach(), float(decay), float(gain))
 
     def tangent(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """J = ∂Δ/∂g at ``grad``, elementwise (shape of ``param``); finite for finite input.

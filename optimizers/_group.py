@@ -95,6 +95,12 @@ class LinearizationGroup:
     def update(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return self.owner(param).update(param, grad)
 
+    def update_batch(self, param: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        return self.owner(param).update_batch(param, grads)
+
+    def momentum_carry(self, param: torch.Tensor):
+        return self.owner(param).momentum_carry(param)
+
     def tangent(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return self.owner(param).tangent(param, grad)
 

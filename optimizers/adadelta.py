@@ -72,6 +72,10 @@ class AdadeltaLinearization(OptimizerLinearization, optimizer=torch.optim.Adadel
     """
 
     @classmethod
+    def momentum_credit_refusal(cls, state):
+        return None  # Δ(0) = 0: no state carries earlier gradients
+
+    @classmethod
     def read_state(cls, param, state, group) -> AdadeltaState:
         return AdadeltaState(
             lr=as_float(group["lr"]),

@@ -136,6 +136,10 @@ class AdafactorLinearization(OptimizerLinearization, optimizer=torch.optim.Adafa
     conformance_shapes = ((4, 5), (6, 3), (2, 3, 4), (1, 5), (7,), ())
 
     @classmethod
+    def momentum_credit_refusal(cls, state):
+        return None  # no first moment: Δ(0) carries no earlier gradient
+
+    @classmethod
     def read_state(cls, param, state, group) -> AdafactorState:
         if getattr(param, "is_complex", lambda: False)():
             raise UnsupportedOptimizerError("complex parameters are not modelled (torch.optim.Adafactor refuses them too)")

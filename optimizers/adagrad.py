@@ -67,6 +67,10 @@ class AdagradLinearization(OptimizerLinearization, optimizer=torch.optim.Adagrad
     """
 
     @classmethod
+    def momentum_credit_refusal(cls, state):
+        return None  # no state carries earlier gradients into Δ(0)
+
+    @classmethod
     def read_state(cls, param, state, group) -> AdagradState:
         step = state.get("step", 0)
         s = state.get("sum")

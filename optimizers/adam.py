@@ -79,6 +79,13 @@ class AdamState(ParamState):
 class _AdamFamily(OptimizerLinearization):
     """Shared maths of Adam and AdamW; the two registered classes differ only in ``read_state``."""
 
+    momentum_buffer = "exp_avg"
+
+    @classmethod
+    def momentum_coefficients(cls, state):
+        gain = 1.0 - state.beta1
+        return state.beta1, -gain if state.maximize else gain
+
     @classmethod
     def read_state(cls, param, state, group) -> AdamState:
         if any(isinstance(b, torch.Tensor) and b.requires_grad for b in group["betas"]):

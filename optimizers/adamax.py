@@ -82,6 +82,13 @@ class AdamaxLinearization(OptimizerLinearization, optimizer=torch.optim.Adamax):
         True
     """
 
+    momentum_buffer = "exp_avg"
+
+    @classmethod
+    def momentum_coefficients(cls, state):
+        gain = 1.0 - state.beta1
+        return state.beta1, -gain if state.maximize else gain
+
     @classmethod
     def read_state(cls, param, state, group) -> AdamaxState:
         return AdamaxState(

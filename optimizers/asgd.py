@@ -75,6 +75,10 @@ class ASGDLinearization(OptimizerLinearization, optimizer=torch.optim.ASGD):
     """
 
     @classmethod
+    def momentum_credit_refusal(cls, state):
+        return None  # the averaged iterate ax does not enter the update
+
+    @classmethod
     def read_state(cls, param, state, group) -> ASGDState:
         eta = state.get("eta")
         if eta is None:  # torch initializes eta = as_tensor(lr, dtype=scalar dtype) at the first step

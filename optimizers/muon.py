@@ -196,6 +196,13 @@ class MuonLinearization(OptimizerLinearization, optimizer=torch.optim.Muon):
     conformance_shapes = ((3, 5), (5, 3), (4, 4), (2, 7), (1, 4))
 
     @classmethod
+    def momentum_credit_refusal(cls, state):
+        return (
+            "Muon orthogonalises its momentum buffer (Newton–Schulz), so the carried part of the update is not "
+            "linear in the buffer"
+        )
+
+    @classmethod
     def read_state(cls, param, state, group) -> MuonState:
         if param.dim() != 2:
             raise UnsupportedOptimizerError(

@@ -94,6 +94,13 @@ class NAdamLinearization(OptimizerLinearization, optimizer=torch.optim.NAdam):
         True
     """
 
+    momentum_buffer = "exp_avg"
+
+    @classmethod
+    def momentum_coefficients(cls, state):
+        gain = 1.0 - state.beta1
+        return state.beta1, -gain if state.maximize else gain
+
     @classmethod
     def read_state(cls, param, state, group) -> NAdamState:
         beta1, psi = as_float(group["betas"][0]), float(group["momentum_decay"])

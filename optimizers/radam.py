@@ -86,6 +86,13 @@ class RAdamLinearization(OptimizerLinearization, optimizer=torch.optim.RAdam):
         True
     """
 
+    momentum_buffer = "exp_avg"
+
+    @classmethod
+    def momentum_coefficients(cls, state):
+        gain = 1.0 - state.beta1
+        return state.beta1, -gain if state.maximize else gain
+
     @classmethod
     def read_state(cls, param, state, group) -> RAdamState:
         return RAdamState(

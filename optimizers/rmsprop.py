@@ -86,6 +86,13 @@ class RMSpropLinearization(OptimizerLinearization, optimizer=torch.optim.RMSprop
     """
 
     @classmethod
+    def momentum_credit_refusal(cls, state):
+        return None if state.momentum == 0 else (
+            "RMSprop's momentum buffer accumulates g / (√v + ε), which is not linear in the gradients; "
+            "use momentum=0 or credit='step'"
+        )
+
+    @classmethod
     def read_state(cls, param, state, group) -> RMSpropState:
         return RMSpropState(
             lr=as_float(group["lr"]),

@@ -91,6 +91,10 @@ class RpropLinearization(OptimizerLinearization, optimizer=torch.optim.Rprop):
     """
 
     @classmethod
+    def momentum_credit_refusal(cls, state):
+        return None  # the step sizes depend on signs, not on a gradient buffer; Δ(0) = 0
+
+    @classmethod
     def read_state(cls, param, state, group) -> RpropState:
         etaminus, etaplus = group["etas"]
         lo, hi = group["step_sizes"]

@@ -84,6 +84,14 @@ class SGDLinearization(OptimizerLinearization, optimizer=torch.optim.SGD):
         value = J.scalar
         return J if value is None or isinstance(J, Scalar) else Scalar(value)
 
+    momentum_buffer = "momentum_buffer"
+
+    @classmethod
+    def momentum_coefficients(cls, state):
+        # The first step copies the gradient into the buffer (no dampening); maximize steps along −g.
+        gain = 1.0 if state.momentum_buffer is None else 1.0 - state.dampening
+        return state.momentum, -gain if state.maximize else gain
+
     @classmethod
     def read_state(cls, param, state, group) -> SGDState:
         buf = state.get("momentum_buffer")

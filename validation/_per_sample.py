@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
+import torch  # noqa: F401 - the doctests use it
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 

@@ -28,6 +28,8 @@ def _streamed():
 
 
 def _train(model, opt, loss_fn, batches, val, *, stream, **kw):
+    # The slope route on both sides: a streamed step cannot switch to the exact-update route.
+    kw.setdefault("route", "linear")
     with InRunShapley(model, opt, loss_fn, val, val_point="current", stream=stream, record_steps=True, **kw) as tracker:
         for ids, (x, y) in batches:
             opt.zero_grad()

@@ -41,8 +41,10 @@ def test_totals_equal_the_sum_of_step_values(linearization, val_point):
     kw = dict(linearization=linearization, val_point=val_point)
     tracker = InRunShapley(model, opt, LOSS, VAL, record_steps=True, **kw)
     expected = {}
-    for idx in _batches(4) + [torch.arange(0, 6)]:  # ids 0..5 appear twice
-        phi = step_values(twin_model, twin_opt, LOSS, (X[idx], Y[idx]), VAL, **kw)
+    for step, idx in enumerate(_batches(4) + [torch.arange(0, 6)]):  # ids 0..5 appear twice
+        # The tracker's default route is "auto" (the exact-update game at sign-like steps), its
+        # orders drawn from a generator seeded by the step: step_values(route="auto", seed=step).
+        phi = step_values(twin_model, twin_opt, LOSS, (X[idx], Y[idx]), VAL, route="auto", seed=step, **kw)
         for i, v in zip(idx.tolist(), phi.tolist()):
             expected[i] = expected.get(i, 0.0) + v
         twin_opt.zero_grad()
@@ -61,7 +63,7 @@ def test_totals_equal_the_sum_of_step_values(linearization, val_point):
     # values are sums of per-layer terms that partly cancel: compare at float64 precision of the terms
     assert_close(torch.tensor(got["value"].sort_index().to_numpy()), want, rtol=1e-7, atol=1e-10 * want.abs().max().item())
     hist = tracker.history()
-    assert len(hist) == 30 and set(hist.columns) == {"step", "position", "id", "value"}
+    assert len(hist) == 30 and set(hist.columns) == {"step", "position", "id", "value", "route", "origin"}
     assert_close(torch.tensor(hist.groupby("id")["value"].sum().to_numpy()), torch.tensor(got["value"].sort_index().to_numpy()))
     tracker.close()
 
@@ -71,7 +73,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     twin_model, twin_opt = copy.deepcopy((model, opt))
     big = torch.arange(12)
-    expected = step_values(twin_model, twin_opt, LOSS, (X[big], Y[big]), VAL)
+    expected = step_values(twin_model, twin_opt, LOSS, (X[big], Y[big]), VAL, route="auto")
     tracker = InRunShapley(model, opt, LOSS, VAL)
     for half in (big[:6], big[6:]):
         with tracker.batch(half):
@@ -111,7 +113,7 @@ def test_param_groups_and_frozen_parameters():
     tracker = InRunShapley(model, opt, LOSS, VAL, estimator="ghost")
     total = torch.zeros(6)
     for idx in _batches(3):
-        total += step_values(twin_model, twin_opt, LOSS, (X[idx], Y[idx]), VAL, estimator="materialized") if idx[0] == 0 else 0
+        total += step_values(twin_model, twin_opt, LOSS, (X[idx], Y[idx]), VAL, estimator="materialized", route="auto") if idx[0] == 0 else 0
         twin_opt.zero_grad()
         LOSS(twin_model(X[idx]), Y[idx]).backward()
         twin_opt.step()
@@ -310,7 +312,7 @@ def test_duplicate_ids_within_a_batch_are_two_occurrences():
     opt = torch.optim.Adam(model.parameters())
     twin_model, twin_opt = copy.deepcopy((model, opt))
     idx = torch.arange(6)
-    phi = step_values(twin_model, twin_opt, LOSS, (X[idx], Y[idx]), VAL)
+    phi = step_values(twin_model, twin_opt, LOSS, (X[idx], Y[idx]), VAL, route="auto")
     tracker = InRunShapley(model, opt, LOSS, VAL)
     with tracker.batch([7, 7, 8, 9, 9, 9]):
         LOSS(model(X[idx]), Y[idx]).backward()

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import estimators as E
 
-from ._models import DT, MLP, TinyLM, WithCustom
+from ._models import DT, MLP, WithCustom
 
 
 class FakeLin:

@@ -10,7 +10,7 @@ K = 1-3 validation targets, and the path.
 from __future__ import annotations
 
 import torch
-from hypothesis import example, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import estimators as E

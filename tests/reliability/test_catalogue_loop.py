@@ -36,6 +36,9 @@ def _model(seed: int = 0) -> nn.Module:
 
 def _tracker(model, opt, **kw) -> InRunShapley:
     kw.setdefault("val_point", "current")
+    # The slope route, which _exact_values reproduces; the exact-update route of sign-like steps
+    # has its own oracle tests (tests/attribution/test_exact_route.py).
+    kw.setdefault("route", "linear")
     return InRunShapley(model, opt, LOSS, VAL, record_steps=True, **kw)
 
 

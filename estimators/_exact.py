@@ -1,0 +1,191 @@
+"""The exact-update route: values of the game Ū(S) = −⟨∇L_val, Δ(g_S)⟩ with the optimizer's real update.
+
+Where no single slope J fits the update (Adam's, RMSprop's and Adagrad's first steps are close
+to −η sign(g); Muon's first step jumps at g = 0), the linear closed form φ_z = −⟨P, c_z⟩ is a
+poor value. This route keeps the first order in θ (the validation gradient v at the step's
+validation point) but evaluates the optimizer's exact update Δ under its frozen state for each
+coalition of per-sample contributions:
+
+* ``shapley``: Shapley values of Ū by permutation sampling. Each sampled order contributes the
+  marginals of its n prefixes (n + 1 update evaluations per parameter); orders come in antithetic
+  pairs (an order and its reverse); the standard error is over pairs. Every order's marginals
+  telescope to Ū(B) − Ū(∅), so the values add up to it exactly whatever the sample.
+* ``loo``: leave-one-out marginals Ū(B) − Ū(B∖z), n + 1 update evaluations.
+
+Ū is a sum over parameters (every optimizer here updates each parameter from its own gradient
+and state), and Shapley values are additive over games, so parameters are processed one at a
+time: peak memory is n per-sample contributions of the largest parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+# Coalition gradients evaluated in one vmapped update call, in tensor elements.
+_CHUNK_ELEMENTS = 2**24
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactValues:
+    """Values of the exact-update game for one step.
+
+    Attributes:
+        values: ``[n, K]``, positive = the sample reduces the validation loss.
+        stderr: ``[n, K]`` standard errors of the permutation estimate (zeros for ``loo``).
+        permutations: sampled orders (0 for ``loo``).
+        total: ``[K]``, Ū(B) − Ū(∅), what the Shapley values add up to.
+    """
+
+    values: torch.Tensor
+    stderr: torch.Tensor
+    permutations: int
+    total: torch.Tensor
+
+
+def _orders(n: int, permutations: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``[M, n]`` sampled orders in antithetic pairs (an order, then its reverse); M even, ≥ 2."""
+    half = max(1, (permutations + 1) // 2)
+    base = torch.stack([torch.randperm(n, generator=generator) for _ in range(half)])
+    return torch.stack([base, base.flip(1)], dim=1).reshape(2 * half, n)
+
+
+def exact_update_values(
+    lin,
+    contributions: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    val_grads: Sequence[Mapping[torch.Tensor, torch.Tensor]],
+    *,
+    game: str = "shapley",
+    permutations: int = 32,
+    generator: torch.Generator | None = None,
+    scale: float = 1.0,
+) -> ExactValues:
+    """Values of Ū(S) = −⟨v, Δ(g_S)⟩, g_S = scale · Σ_{z∈S} c_z, with the exact update Δ of ``lin``.
+
+    Args:
+        lin: a linearization of the step (``optimizers.linearize``), read before ``step()``.
+        contributions: ``(param, c)`` pairs, ``c`` of shape ``[n, *param.shape]`` (the samples'
+            contributions to the batch gradient), consumed one at a time; parameters the step
+            does not move are left out.
+        val_grads: K dicts param -> v (the validation gradient at the step's validation point).
+        game: ``"shapley"`` (permutation-sampled Shapley values) or ``"loo"`` (Ū(B) − Ū(B∖z)).
+        permutations: sampled orders for ``"shapley"`` (rounded up to an even number).
+        generator: the random source of the orders; pass a seeded one so that the global RNG
+            (and so training) is untouched.
+        scale: c of ``param.grad = c · Σ_z c_z`` (clipping, loss-scale unscaling): coalitions
+            are rescaled the same way.
+    Returns:
+        :class:`ExactValues` with ``values`` and ``stderr`` ``[n, K]`` (float64).
+    Raises:
+        ValueError: unknown ``game``, ``permutations < 1``, no contributions, n disagreeing
+            between parameters, or a parameter missing from ``val_grads``.
+    Example (SGD is linear in g: the exact game's values are the slope values −⟨−η v, c_z⟩):
+        >>> import optimizers
+        >>> w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        >>> opt = torch.optim.SGD([w], lr=0.1); c = torch.randn(4, 3, dtype=torch.float64)
+        >>> w.grad = c.sum(0); v = torch.randn(3, dtype=torch.float64)
+        >>> out = exact_update_values(optimizers.linearize(opt), [(w, c)], [{w: v}])
+        >>> torch.allclose(out.values[:, 0], 0.1 * c @ v), out.values.shape
+        (True, torch.Size([4, 1]))
+    """
+    if game not in ("shapley", "loo"):
+        raise ValueError(f"game={game!r} is not accepted; use 'shapley' or 'loo'")
+    if permutations < 1:
+        raise ValueError(f"permutations={permutations} must be at least 1")
+    K = len(val_grads)
+    orders = None
+    marg = None  # [M, n, K] (shapley) or [n, K] (loo)
+    total = torch.zeros(K, dtype=torch.float64)
+    n = None
+    for p, c in contributions:
+        if n is None:
+            n = int(c.shape[0])
+            if game == "shapley":
+                orders = _orders(n, permutations, generator)
+                marg = torch.zeros(len(orders), n, K, dtype=torch.float64)
+            else:
+                marg = torch.zeros(n, K, dtype=torch.float64)
+        elif int(c.shape[0]) != n:
+            raise ValueError(f"contributions cover {int(c.shape[0])} samples for one parameter and {n} for another")
+        missing = [k for k in range(K) if p not in val_grads[k]]
+        if missing:
+            raise ValueError(f"val_grads[{missing[0]}] has no gradient for a parameter of shape {tuple(p.shape)}")
+        D = p.numel()
+        cs = (c.detach() * scale).reshape(n, D)
+        V = torch.stack([val_grads[k][p].detach().reshape(D).to(cs.dtype) for k in range(K)], dim=1)  # [D, K]
+        ends = lin.update_batch(p, torch.stack([torch.zeros_like(cs[0]), cs.sum(0)]).reshape(2, *p.shape)).reshape(2, D)
+        total += (-(ends[1] - ends[0]).to(V.dtype) @ V).to(torch.float64)
+        if game == "loo":
+            full = cs.sum(0)
+            for rows in _chunks(n, max(1, _CHUNK_ELEMENTS // max(D, 1))):
+                upd = lin.update_batch(p, (full - cs[rows]).reshape(-1, *p.shape)).reshape(-1, D)
+                # Ū(B) − Ū(B∖z) = −⟨v, Δ(g_B) − Δ(g_B − c_z)⟩
+                marg[rows] += (-(ends[1] - upd).to(V.dtype) @ V).to(torch.float64)
+            continue
+        per_order = max(1, _CHUNK_ELEMENTS // max((n + 1) * D, 1))
+        for rows in _chunks(len(orders), per_order):
+            o = orders[rows]  # [m, n]
+            prefix = torch.cat([torch.zeros(len(o), 1, D, dtype=cs.dtype), cs[o].cumsum(1)], dim=1)  # [m, n+1, D]
+            upd = lin.update_batch(p, prefix.reshape(-1, *p.shape)).reshape(len(o), n + 1, D)
+            # The first and last prefixes are 0 and g_B for every order: use the shared ends so
+            # that each order's marginals telescope to the same Ū(B) − Ū(∅).
+            upd[:, 0], upd[:, n] = ends[0], ends[1]
+            inc = -(upd[:, 1:] - upd[:, :-1]).to(V.dtype) @ V  # [m, n, K], marginal of the player at each position
+            marg[rows].scatter_add_(1, o[:, :, None].expand(-1, -1, K), inc.to(torch.float64))  # a view: in place
+    if n is None:
+        raise ValueError("no contributions were given; pass (param, c) pairs for the parameters the step moves")
+    if game == "loo":
+        return ExactValues(marg, torch.zeros_like(marg), 0, total)
+    values = marg.mean(0)
+    pairs = marg.reshape(-1, 2, n, K).mean(1)  # antithetic pairs are the independent draws
+    stderr = pairs.std(0, unbiased=True) / pairs.shape[0] ** 0.5 if pairs.shape[0] > 1 else torch.full_like(values, float("nan"))
+    return ExactValues(values, stderr, len(orders), total)
+
+
+def _chunks(m: int, size: int):
+    for start in range(0, m, size):
+        yield slice(start, min(start + size, m))
+
+
+def update_nonlinearity(
+    lin,
+    batch_grads: Mapping[torch.Tensor, torch.Tensor],
+    val_grads: Sequence[Mapping[torch.Tensor, torch.Tensor]],
+) -> float:
+    """How far the update is from linear along the batch gradient, weighted by the validation gradient.
+
+        ν = Σ_p Σ_i w_i |Δ_i(½ g_B) − ½ (Δ_i(g_B) + Δ_i(0))|  /  Σ_p Σ_i w_i |½ (Δ_i(g_B) − Δ_i(0))|,
+
+    with w = Σ_k |∇L_val^k| (shapes of each parameter). ν = 0 for an update affine in g (SGD,
+    Adam once v is dominated by the past) and ν = 1 for a sign-like update (Δ(s g) constant in
+    s > 0, as Adam's at step 1). Three update evaluations per parameter.
+
+    Args:
+        lin: a linearization of the step.
+        batch_grads: param -> g_B (what the optimizer will use).
+        val_grads: K dicts param -> validation gradient.
+    Returns:
+        ν ≥ 0 (a float; 0.0 when the step moves nothing the validation loss sees).
+    Example:
+        >>> import optimizers
+        >>> w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64)); w.grad = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+        >>> v = {w: torch.ones(3, dtype=torch.float64)}
+        >>> update_nonlinearity(optimizers.linearize(torch.optim.SGD([w], lr=0.1)), {w: w.grad}, [v])
+        0.0
+        >>> round(update_nonlinearity(optimizers.linearize(torch.optim.Adam([w], lr=0.1)), {w: w.grad}, [v]), 6)
+        1.0
+    """
+    num = den = 0.0
+    for p, g in batch_grads.items():
+        if p not in lin:
+            continue
+        w = sum(val_grads[k][p].detach().abs() for k in range(len(val_grads)) if p in val_grads[k])
+        if not isinstance(w, torch.Tensor):
+            continue
+        upd = lin.update_batch(p, torch.stack([torch.zeros_like(g), 0.5 * g, g]))
+        w = w.to(upd.dtype)
+        num += float((w * (upd[1] - 0.5 * (upd[0] + upd[2])).abs()).sum())
+        den += float((w * (0.5 * (upd[2] - upd[0])).abs()).sum())
+    return num / den if den > 0 else 0.0
