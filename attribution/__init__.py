@@ -36,16 +36,26 @@ from ._ledger import LedgerFileError
 from ._step import step_values
 from ._check import ModelReport, check_model
 from ._step import UnsteppedParameterWarning
-from ._tracker import FallbackWarning, InRunShapley, NonFiniteStepWarning, SkippedStepWarning, TrackerUsageError
+from ._tracker import (
+    AuditWarning,
+    FallbackWarning,
+    InRunShapley,
+    NonFiniteStepWarning,
+    PoorLinearizationWarning,
+    SkippedStepWarning,
+    TrackerUsageError,
+)
 
 __all__ = [
     "AttributionConfig",
+    "AuditWarning",
     "EstimatorKind",
     "FallbackWarning",
     "InRunShapley",
     "LedgerFileError",
     "ModelReport",
     "NonFiniteStepWarning",
+    "PoorLinearizationWarning",
     "SkippedStepWarning",
     "UnsteppedParameterWarning",
     "TrackerUsageError",

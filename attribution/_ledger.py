@@ -182,6 +182,8 @@ class Ledger:
         self.skipped: list[tuple[int, str]] = []
         #: (step, route, nonlinearity ν or None, largest standard error or None) of every valued step
         self.step_info: list[tuple[int, str, float | None, float | None]] = []
+        #: (step, route, samples, pearson, relative error, seconds) of every audited step
+        self.audits: list[tuple] = []
 
     def check_ids(self, ids: list[Hashable], pending: Sequence[Hashable] = ()) -> None:
         """Refuse ids (normalized, see :func:`normalize_ids`) that cannot share this ledger's index.
@@ -287,6 +289,7 @@ class Ledger:
         self.counts.index_add_(0, rows, other.counts)
         self.history += other.history
         self.history.sort(key=lambda h: (h[0], h[4] if len(h) > 4 else h[0], h[1]))
+        self.audits = sorted(set(self.audits) | set(other.audits))
         known = {row[0] for row in self.step_info}
         self.step_info = sorted(self.step_info + [row for row in other.step_info if row[0] not in known])
         self.skipped = sorted(set(self.skipped) | set(other.skipped))
@@ -396,6 +399,7 @@ class Ledger:
             "steps": self.steps,
             "skipped": list(self.skipped),
             "step_info": [list(row) for row in self.step_info],
+            "audits": [list(row) for row in self.audits],
             "val_fingerprint": val_fingerprint,
         }
 
@@ -420,6 +424,7 @@ class Ledger:
         ledger.steps = int(state["steps"])
         ledger.skipped = [tuple(s) for s in state["skipped"]]
         ledger.step_info = [tuple(row) for row in state.get("step_info", [])]  # absent in files before it existed
+        ledger.audits = [tuple(row) for row in state.get("audits", [])]
         return ledger
 
 
@@ -672,8 +677,9 @@ def _check_fields(state: dict, path: Path) -> None:
             f"{str(path)!r} is corrupted: {n} ids and {k} targets but totals of shape {tuple(state['totals'].shape)} "
             f"and counts of shape {tuple(state['counts'].shape)}"
         )
-    if not isinstance(state.get("step_info", []), list):
-        raise LedgerFileError(f"{str(path)!r} is corrupted: field 'step_info' is not a list")
+    for name in ("step_info", "audits"):
+        if not isinstance(state.get(name, []), list):
+            raise LedgerFileError(f"{str(path)!r} is corrupted: field {name!r} is not a list")
     if not isinstance(state.get("val_fingerprint"), (str, type(None))):
         raise LedgerFileError(f"{str(path)!r} is corrupted: field 'val_fingerprint' is not a string")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 import weakref
@@ -17,6 +18,7 @@ import optimizers
 from estimators import IncompleteGradientError, ValPoint
 
 from ._config import AttributionConfig, EstimatorKind
+from ._audit import timed_audit
 from ._momentum import MomentumCredit
 from ._ledger import Ledger, atomic_save, check_same_validation, load_checked, normalize_ids, val_fingerprint
 from ._step import DEFAULT_NONLINEARITY_THRESHOLD, StepComputer, as_val_batches, warn_unstepped
@@ -33,6 +35,10 @@ class TrackerUsageError(RuntimeError):
 
 class NonFiniteStepWarning(UserWarning):
     """A step's gradients, validation loss or values were not finite; its values were skipped."""
+
+
+class AuditWarning(UserWarning):
+    """The online audit found values far from the real optimizer's leave-one-out (see ``InRunShapley.audit``)."""
 
 
 class PoorLinearizationWarning(UserWarning):
@@ -127,6 +133,14 @@ class InRunShapley:
             unchanged, the carried credits arrive at later steps (rows with ``origin < step`` in
             :meth:`history`). Needs a linearization that declares its momentum buffer (SGD, Adam,
             AdamW, NAdam, RAdam, Adamax; rules without momentum pass through) and ``stream=False``.
+        audit_every, audit_samples, audit_threshold: every ``audit_every`` steps (``None``: never),
+            the real optimizer's leave-one-out of ``audit_samples`` random samples of the step (the
+            oracle: a copy of the model and optimizers stepped with g_B − c_z, the validation loss
+            measured after; no linearization) is compared with their values; :meth:`audit` returns
+            the records (step, route, Pearson R, relative error, seconds) and an
+            :class:`AuditWarning` is raised when R falls below ``audit_threshold``. Cost per
+            audited step: ``audit_samples`` + 1 optimizer steps and validation forwards on a copy
+            of the model, plus the copy itself. Single process, ``stream=False``.
         momentum_window: steps after its own during which a sample's carried credit is exact;
             the captured factors of that many steps are kept (:attr:`momentum_bytes`), and the
             remaining geometric tail is credited when the window closes, assuming later steps
@@ -175,6 +189,9 @@ class InRunShapley:
         seed: int = 0,
         credit: str = "step",
         momentum_window: int = 16,
+        audit_every: int | None = None,
+        audit_samples: int = 8,
+        audit_threshold: float = 0.9,
     ):
         self.config = AttributionConfig(linearization, val_point, estimator)
         self.stream = bool(stream)
@@ -200,12 +217,21 @@ class InRunShapley:
             )
         if int(momentum_window) < 1:
             raise ValueError(f"momentum_window={momentum_window!r} must be at least 1")
+        if audit_every is not None:
+            if int(audit_every) < 1:
+                raise ValueError(f"audit_every={audit_every!r} must be a number of steps >= 1 (or None: no audit)")
+            if int(audit_samples) < 2:
+                raise ValueError(f"audit_samples={audit_samples!r} must be at least 2 (a correlation needs two samples)")
+            if self.stream:
+                raise ValueError("the audit needs the captured per-sample factors, which stream=True releases; use stream=False")
         #: the tracker's options beyond the configuration, saved with the values (see :meth:`save`)
         self.options = {
             "route": route, "nonlinearity_threshold": float(nonlinearity_threshold),
             "exact_permutations": int(exact_permutations), "seed": int(seed),
             "credit": credit, "momentum_window": int(momentum_window),
         }
+        self._audit = None if audit_every is None else (int(audit_every), int(audit_samples), float(audit_threshold))
+        self._staged_audit = None
         if val_mode not in ("eval", "train"):
             raise ValueError(f"val_mode={val_mode!r} is not accepted; use 'eval' (default) or 'train'")
         self.val_mode = val_mode
@@ -245,6 +271,11 @@ class InRunShapley:
         _warn_fallback(self._computer.engine)
         warn_unstepped(module, self.optimizers)
         if self._world_size > 1:
+            if self._audit is not None:
+                raise ValueError(
+                    "the audit needs every sample's contribution in one process; under DistributedDataParallel each "
+                    "rank holds only its own. Audit a single-process run, or leave audit_every=None"
+                )
             self._computer.all_reduce, self._computer.world_size = _ddp_all_reduce(model), self._world_size
         _check_val_batches_fit(self._computer)
         self._ledger = Ledger(len(self.val_batches), record_steps)
@@ -512,7 +543,13 @@ class InRunShapley:
                 values = self._computer.step_values(self._optimizer_arg, generator=generator)
             except IncompleteGradientError as err:
                 raise TrackerUsageError(f"step {self._ledger.steps}: {err}") from err
-            self._staged_credit = None
+            self._staged_credit = self._staged_audit = None
+            if self._audit is not None and self._ledger.steps % self._audit[0] == 0 and torch.isfinite(values).all():
+                generator = torch.Generator().manual_seed(self.options["seed"] * 1_000_003 + self._ledger.steps + 500_009)
+                self._staged_audit = timed_audit(
+                    self._computer, self.optimizers, values, self._audit[1], generator, self._ledger.steps,
+                    self._computer.last_route,
+                )
             if self._momentum is not None and torch.isfinite(values).all():
                 c = self._computer
                 self._staged_credit = self._momentum.stage(
@@ -587,10 +624,23 @@ class InRunShapley:
             return
         ids, values, reason, info = self._staged
         staged_credit, self._staged, self._staged_credit = self._staged_credit, None, None
+        staged_audit, self._staged_audit = self._staged_audit, None
         if values is None:
             self._skip(reason)
         else:
             self._ledger.add(ids, values, info=info)
+            if staged_audit is not None:
+                self._ledger.audits.append(dataclasses.astuple(staged_audit))
+                if not staged_audit.pearson >= self._audit[2]:
+                    warnings.warn(
+                        f"step {staged_audit.step}: the audit's real-optimizer leave-one-out of {staged_audit.samples} "
+                        f"samples correlates with their values at R = {staged_audit.pearson:.3f} < {self._audit[2]} "
+                        f"(relative error {staged_audit.relative_error:.3f}, route {staged_audit.route!r}); see "
+                        "tracker.audit(). Values of steps like it are unreliable: at sign-like steps use route='auto' "
+                        "(or linearization='exact'), at large steps val_point='midpoint'",
+                        AuditWarning,
+                        stacklevel=3,
+                    )
             if staged_credit is not None:
                 for origin, origin_ids, credit in self._momentum.commit(staged_credit):
                     # DDP averages gradients over ranks: this rank's samples are in the buffer as c_z / world_size.
@@ -698,6 +748,31 @@ class InRunShapley:
         if not self._ledger.record_steps:
             raise TrackerUsageError("history() needs InRunShapley(..., record_steps=True)")
         return self._gathered().history_frame()
+
+    def audit(self) -> pd.DataFrame:
+        """The online audit's records: ``step``, ``route``, ``samples``, ``pearson``, ``relative_error``, ``seconds``.
+
+        One row per audited step (``audit_every``): the values of ``samples`` random samples of
+        the step against the real optimizer's leave-one-out of each (Pearson R, relative L2
+        error ‖φ − LOO‖ / ‖LOO‖ of the first target), and the audit's cost in seconds.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> torch.manual_seed(0) and None
+            >>> model = nn.Linear(3, 2).double(); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> x, y = torch.randn(10, 3, dtype=torch.float64), torch.tensor([0, 1] * 5)
+            >>> tracker = InRunShapley(model, opt, nn.functional.cross_entropy, (x[:4], y[:4]), audit_every=1, audit_samples=6)
+            >>> with tracker.batch(list(range(6))):
+            ...     nn.functional.cross_entropy(model(x[4:]), y[4:]).backward()
+            >>> opt.step()
+            >>> row = tracker.audit().iloc[0]
+            >>> int(row.step), row.route, int(row.samples), bool(row.pearson > 0.99)
+            (0, 'linear', 6, True)
+            >>> tracker.close()
+        """
+        rows = self._gathered().audits
+        return pd.DataFrame(rows, columns=["step", "route", "samples", "pearson", "relative_error", "seconds"])
 
     def step_info(self) -> pd.DataFrame:
         """How each valued step was valued: ``step``, ``route``, ``nonlinearity`` (ν), ``stderr``.

@@ -81,10 +81,47 @@ def step_values_variant(**options) -> ValueFn:
     return values
 
 
-#: The default value variants: ``step_values``' defaults and the SGD proxy (both at the midpoint).
+def momentum_credit_variant(window: int = 30) -> ValueFn:
+    """The run value ``InRunShapley(credit="momentum")`` gives the samples of ``batches[s0]``.
+
+    A tracker (defaults otherwise: secant, midpoint, route ``"auto"``) follows the recorded steps
+    from ``s0`` on; a sample's value is its own step's value plus the carried credit later steps
+    send back to it (exact for ``window`` steps, the rest of the tail at the window's close, or at
+    the end of the recorded steps when they end first).
+
+    Example:
+        >>> fn = momentum_credit_variant(window=2)
+        >>> model = mlp(hidden=4, depth=1).double(); opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> batches = [(torch.randn(3, 64, dtype=torch.float64), torch.tensor([0, 1, 2])) for _ in range(3)]
+        >>> fn(model, opt, nn.functional.cross_entropy, batches, 0, batches[0]).shape
+        torch.Size([3])
+    """
+
+    def values(model, optimizer, loss_fn, batches, s0, val_batch):
+        from attribution import InRunShapley
+
+        tracker = InRunShapley(model, optimizer, loss_fn, val_batch, credit="momentum", momentum_window=window, record_steps=True)
+        try:
+            for k, (x, y) in enumerate(batches[s0 : s0 + window + 1]):
+                optimizer.zero_grad()
+                with tracker.batch([(k, j) for j in range(len(y))]):
+                    loss_fn(model(x), y).backward()
+                optimizer.step()
+            hist = tracker._gathered(closed=True).history_frame()  # the window still open closed by its tail
+        finally:
+            tracker.close()
+        own = hist[hist["id"].map(lambda i: i[0] == 0)]
+        return torch.tensor(own.groupby("position")["value"].sum().sort_index().to_numpy(), dtype=torch.float64)
+
+    return values
+
+
+#: The default value variants: ``step_values``' defaults, the SGD proxy (both at the midpoint) and
+#: the run value under ``credit="momentum"``.
 VARIANTS: dict[str, ValueFn] = {
     "secant/midpoint": step_values_variant(),
     "sgd/midpoint": step_values_variant(linearization="sgd"),
+    "momentum credit": momentum_credit_variant(),
 }
 #: The reference row: the replay's K = 1 column (the per-step leave-one-out) against its K column.
 LOO_ROW = "loo K=1"

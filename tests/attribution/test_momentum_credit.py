@@ -221,3 +221,15 @@ def test_save_closes_the_open_window_in_the_file_only(tmp_path):
     assert abs(tails) > 0
     for t in (tracker, resumed):
         t.close()
+
+
+def test_per_step_values_are_those_of_credit_step():
+    """Momentum credit adds carried rows; each step's own values are unchanged."""
+    _, _, step_tracker, _ = _run("adam", 4)
+    _, _, tracker, _ = _run("adam", 4, credit="momentum")
+    own = tracker.history().query("route != 'carry'").reset_index(drop=True)
+    base = step_tracker.history()
+    assert own[["step", "position", "id", "route"]].equals(base[["step", "position", "id", "route"]])
+    assert_close(torch.tensor(own["value"].to_numpy()), torch.tensor(base["value"].to_numpy()), rtol=1e-12)
+    for t in (step_tracker, tracker):
+        t.close()
