@@ -16,7 +16,7 @@ from estimators import LinearizationKind, ValPoint
 from ._config import AttributionConfig, EstimatorKind
 
 #: ν above which ``route="auto"`` values a step by the exact-update game (see docs/theory.md).
-DEFAULT_NONLINEARITY_THRESHOLD = 0.1
+DEFAULT_NONLINEARITY_THRESHOLD = 0.9
 
 # The slopes the automatic route stands in for (the SGD proxy is optimizer-agnostic on purpose).
 _AUTO_KINDS = (LinearizationKind.SECANT, LinearizationKind.TANGENT)
@@ -188,12 +188,14 @@ class StepComputer:
         happened) is valued as part of the step, φ_z = −c ⟨J(param.grad) ⊙ ∇L_val, c_z⟩, and
         stored in :attr:`grad_scale`; anything else raises ``IncompleteGradientError``.
 
-        The step's route is stored in :attr:`last_route`: ``"linear"`` (φ_z = −⟨P, c_z⟩), or
-        ``"exact"`` / ``"exact-loo"`` (the exact-update game, :func:`estimators.exact_update_values`),
-        taken when the configured linearization asks for it or, with :attr:`route` ``"auto"``, when
-        the update's nonlinearity ν (:func:`estimators.update_nonlinearity`, in
-        :attr:`last_nonlinearity`) exceeds :attr:`nonlinearity_threshold` or the update jumps at
-        g = 0 (no secant exists). ``generator`` draws the exact route's permutations.
+        The step's route is stored in :attr:`last_route`: ``"linear"`` (φ_z = −⟨P, c_z⟩),
+        ``"exact"`` / ``"exact-loo"`` (the exact-update game, :func:`estimators.exact_update_values`,
+        for every parameter) or ``"mixed"`` / ``"mixed-loo"`` (for some: the game is a sum over
+        parameters, so each parameter's part is valued by its own route). A parameter takes the
+        exact route when the configured linearization asks for it or, with :attr:`route`
+        ``"auto"``, when its update's nonlinearity ν_p (:func:`estimators.update_nonlinearity`)
+        exceeds :attr:`nonlinearity_threshold` or its update jumps at g = 0 (no secant exists);
+        the step's ν is in :attr:`last_nonlinearity`. ``generator`` draws the permutations.
         """
         self.nonfinite_cause = None
         self.last_route, self.last_nonlinearity, self.last_stderr = "linear", None, None
@@ -215,21 +217,26 @@ class StepComputer:
         params = [p for p in self.params() if p in lin]
         batch_grads = {p: self._batch_grad(p) for p in params}
         kind = self.config.linearization
-        exact = kind.is_exact
         watch = self.route == "auto" and kind in _AUTO_KINDS  # the diagnostic is computed
         auto = watch and self.exact_available()  # and the route may switch
-        if not exact:
+        # Parameters valued by the exact-update game: all of them for the exact kinds; with the
+        # automatic route those whose update jumps at g = 0 (no secant) or, below, is far from linear.
+        exact: set[torch.Tensor] = set(params) if kind.is_exact else set()
+        slopes = {}
+        for p in params:
+            if p in exact:
+                continue
             try:
-                slopes = {p: estimators.preconditioning(lin, p, batch_grads[p], kind) for p in params}
+                slopes[p] = estimators.preconditioning(lin, p, batch_grads[p], kind)
             except optimizers.UpdateJumpError:
                 if not auto:
                     raise
-                exact = True  # no secant across the jump: the exact-update game values the step
-        if exact:
-            # The completeness check (and the rescale c) needs some slope: the SGD proxy is the cheapest.
-            slopes = {p: estimators.preconditioning(lin, p, batch_grads[p], "sgd") for p in params}
+                exact.add(p)  # no secant across the jump
+        # An exact parameter still needs a slope for the completeness check (and the rescale c):
+        # the SGD proxy is the cheapest; its linear part is replaced below.
+        slopes.update({p: estimators.preconditioning(lin, p, batch_grads[p], "sgd") for p in exact})
         # The secant already holds Δ(g_B) − Δ(0): the shift then needs only Δ(0).
-        secant = slopes if kind is LinearizationKind.SECANT and not exact else None
+        secant = {p: j for p, j in slopes.items() if p not in exact} if kind is LinearizationKind.SECANT else None
         shift = estimators.val_point_shift(lin, params, batch_grads, self.config.val_point, secant=secant)
         # A trainable parameter the optimizer does not step (or that got no gradient) does not move: J = 0.
         slopes.update({p: 0.0 for p in self.params() if p not in slopes})
@@ -241,23 +248,49 @@ class StepComputer:
         values = self._checked_values(slopes, val_grads, grads)
         moved = [p for p in params if p in grads and not optimizers.as_preconditioner(slopes[p]).is_zero]
         self.last_lin, self.last_val_grads, self.last_moved = lin, val_grads, moved
-        if watch and not exact:
-            self.last_nonlinearity = estimators.update_nonlinearity(lin, {p: batch_grads[p] for p in moved}, val_grads)
-            exact = auto and self.last_nonlinearity > self.nonlinearity_threshold
+        if watch:
+            parts = estimators.update_nonlinearity(
+                lin, {p: batch_grads[p] for p in moved if p not in exact}, val_grads, per_parameter=True
+            )
+            num, den = sum(a for a, _ in parts.values()), sum(b for _, b in parts.values())
+            self.last_nonlinearity = num / den if den > 0 else 0.0
+            if auto:
+                # A parameter whose share of the step is negligible keeps its slope (its ν is noise).
+                exact |= {p for p, (a, b) in parts.items() if b > 1e-6 * den and a > self.nonlinearity_threshold * b}
+        exact = [p for p in moved if p in exact]
         if exact:
             if not self.exact_available():
                 raise ValueError(_no_exact_reason(self))
-            game = "loo" if kind in (LinearizationKind.EXACT_LOO, LinearizationKind.TANGENT) else "shapley"
-            contributions = self.engine.per_sample_contributions(moved, dtype=self.compute_dtype)
-            result = estimators.exact_update_values(
-                lin, contributions, val_grads, game=game, permutations=self.exact_permutations,
-                generator=generator, scale=self.grad_scale,
-            )
-            values, self.last_stderr = result.values, result.stderr
-            self.last_route = "exact" if game == "shapley" else "exact-loo"
+            values = values + self._exact_part(lin, exact, slopes, val_grads, kind, generator)
+            self.last_route = _route_name(kind, len(exact) == len(moved))
         if not torch.isfinite(values).all():
             self.nonfinite_cause = _nonfinite_cause(slopes, val_grads, self.engine)
         return values
+
+    def _exact_part(self, lin, exact, slopes, val_grads, kind, generator) -> torch.Tensor:
+        """``[n, K]``: the exact-update game's values of the parameters ``exact`` minus their linear values.
+
+        Ū is a sum over parameters and Shapley values are additive over games, so the exact
+        parameters' game replaces their slope values −c ⟨J ⊙ ∇L_val, c_z⟩ in the engine's values.
+        """
+        K, n = len(val_grads), self.engine.n_samples
+        linear = torch.zeros(n, K, dtype=torch.float64)
+
+        def contributions():
+            for p, c in self.engine.per_sample_contributions(exact, dtype=self.compute_dtype):
+                J = optimizers.as_preconditioner(slopes[p])
+                flat = c.reshape(n, -1)
+                for k in range(K):
+                    linear[:, k] -= (flat @ J.apply(val_grads[k][p].to(flat.dtype)).reshape(-1)).to(torch.float64)
+                yield p, c
+
+        game = "loo" if kind in (LinearizationKind.EXACT_LOO, LinearizationKind.TANGENT) else "shapley"
+        result = estimators.exact_update_values(
+            lin, contributions(), val_grads, game=game, permutations=self.exact_permutations,
+            generator=generator, scale=self.grad_scale,
+        )
+        self.last_stderr = result.stderr
+        return result.values - self.grad_scale * linear
 
     def carry_validation_gradients(self) -> list[dict[torch.Tensor, torch.Tensor]]:
         """∇L_val where the carried update Δ(0) of the step just valued is credited (``credit="momentum"``).
@@ -352,6 +385,12 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def _route_name(kind: LinearizationKind, every: bool) -> str:
+    """``"exact"`` / ``"exact-loo"`` when every moved parameter took the exact route, ``"mixed"`` / ``"mixed-loo"`` otherwise."""
+    loo = kind in (LinearizationKind.EXACT_LOO, LinearizationKind.TANGENT)
+    return ("exact" if every else "mixed") + ("-loo" if loo else "")
+
+
 def _no_exact_reason(computer: StepComputer) -> str:
     if computer.world_size > 1:
         return (
@@ -421,8 +460,8 @@ def step_values(
         permutations, seed: sampled orders of ``"exact"`` and the seed of their own generator
             (the global RNG is not used).
         route, nonlinearity_threshold: ``"linear"`` (default here): the slope asked for;
-            ``"auto"``: what :class:`InRunShapley` does by default, the exact-update game where
-            the update's nonlinearity ν exceeds the threshold (default
+            ``"auto"``: what :class:`InRunShapley` does by default, the exact-update game for each
+            parameter whose update's nonlinearity ν_p exceeds the threshold (default
             :data:`DEFAULT_NONLINEARITY_THRESHOLD`) or jumps at g = 0.
     Returns:
         float64 tensor ``[n]`` (one validation batch) or ``[n, K]``; positive = the sample

@@ -636,8 +636,14 @@ class InRunShapley:
                         f"step {staged_audit.step}: the audit's real-optimizer leave-one-out of {staged_audit.samples} "
                         f"samples correlates with their values at R = {staged_audit.pearson:.3f} < {self._audit[2]} "
                         f"(relative error {staged_audit.relative_error:.3f}, route {staged_audit.route!r}); see "
-                        "tracker.audit(). Values of steps like it are unreliable: at sign-like steps use route='auto' "
-                        "(or linearization='exact'), at large steps val_point='midpoint'",
+                        "tracker.audit(). "
+                        + (
+                            "The step took the exact-update route: its game is far from additive, where Shapley values "
+                            "and leave-one-out differ by nature (linearization='exact-loo' values the marginals)"
+                            if staged_audit.route != "linear"
+                            else "Values of steps like it are unreliable: at sign-like steps use route='auto' (or "
+                            "linearization='exact'), at large steps val_point='midpoint'"
+                        ),
                         AuditWarning,
                         stacklevel=3,
                     )
@@ -778,9 +784,11 @@ class InRunShapley:
         """How each valued step was valued: ``step``, ``route``, ``nonlinearity`` (ν), ``stderr``.
 
         ``route`` is ``"linear"`` (φ_z = −⟨P, c_z⟩), ``"exact"`` (Shapley values of the
-        exact-update game, permutation sampled; ``stderr`` is their largest standard error) or
-        ``"exact-loo"``; ν is the update's nonlinearity along g_B that ``route="auto"`` compares
-        with ``nonlinearity_threshold`` (NaN where not computed).
+        exact-update game, permutation sampled; ``stderr`` is their largest standard error),
+        ``"exact-loo"``, or ``"mixed"`` / ``"mixed-loo"`` (the exact route for some parameters,
+        the slope for the rest); ν is the update's nonlinearity along g_B (over the parameters
+        that kept the slope; ``route="auto"`` compares each parameter's ν_p with
+        ``nonlinearity_threshold``; NaN where not computed).
 
         Example:
             >>> import torch

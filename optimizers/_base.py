@@ -576,6 +576,42 @@ class OptimizerLinearization(abc.ABC):
         _, slope = torch.func.jvp(carried, (buf.to(theta.dtype),), (torch.ones_like(theta),))
         return MomentumCarry(slope.detach(), float(decay), float(gain))
 
+    def update_sampled(self, param: torch.Tensor, grads: torch.Tensor, max_coordinates: int = 4096) -> torch.Tensor:
+        """Δ(g) of m gradients at a deterministic subset of coordinates (every k-th), for cheap diagnostics.
+
+        An elementwise rule evaluated on a strided subset of the coordinates is the rule on those
+        coordinates, so diagnostics such as :func:`estimators.update_nonlinearity` cost O(m ·
+        ``max_coordinates``) per parameter instead of O(m · numel). Operator rules
+        (``structure = "operator"``) couple coordinates: they are evaluated in full.
+
+        Args:
+            param: a covered parameter, shape ``S``.
+            grads: ``[m, *S]``.
+            max_coordinates: at most this many coordinates per parameter (elementwise rules).
+        Returns:
+            ``[m, d]``: the updates at the chosen coordinates (d = numel for operator rules).
+        Example:
+            >>> w = torch.nn.Parameter(torch.randn(100, 50, dtype=torch.float64))
+            >>> opt = torch.optim.Adam([w], lr=0.1); w.grad = torch.randn_like(w)
+            >>> lin = linearize(opt); G = torch.stack([w.grad, 2 * w.grad])
+            >>> sub = lin.update_sampled(w, G, max_coordinates=1000)
+            >>> sub.shape, torch.equal(sub, lin.update_batch(w, G).reshape(2, -1)[:, ::5])
+            (torch.Size([2, 1000]), True)
+        """
+        numel = param.numel()
+        stride = max(1, -(-numel // max_coordinates))
+        if self.structure != "elementwise" or stride == 1:
+            return self.update_batch(param, grads).reshape(len(grads), -1)
+        theta, _, state = self._inputs(param, grads[0])
+        pick = lambda t: t.reshape(-1)[::stride]  # noqa: E731
+        state = dataclasses.replace(state, **{k: pick(v) for k, v in state.tensors().items()})
+        theta, sampled = pick(theta), grads.detach().to(theta.dtype).reshape(len(grads), -1)[:, ::stride]
+        cls = type(self)
+        try:
+            return torch.func.vmap(lambda g: cls.update_rule(theta, g, state))(sampled)
+        except RuntimeError:
+            return torch.stack([cls.update_rule(theta, g, state) for g in sampled])
+
     def tangent(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """J = ∂Δ/∂g at ``grad``, elementwise (shape of ``param``); finite for finite input.
 

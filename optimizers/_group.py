@@ -98,6 +98,9 @@ class LinearizationGroup:
     def update_batch(self, param: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         return self.owner(param).update_batch(param, grads)
 
+    def update_sampled(self, param: torch.Tensor, grads: torch.Tensor, max_coordinates: int = 4096) -> torch.Tensor:
+        return self.owner(param).update_sampled(param, grads, max_coordinates)
+
     def momentum_carry(self, param: torch.Tensor):
         return self.owner(param).momentum_carry(param)
 

@@ -69,6 +69,8 @@ def target_of(mode: str) -> tuple[float, float] | None:
 #: or where a tracked mode's ratio exceeds MAX_RATIO, measured the machine, not the mode: its
 #: targets are reported as noise, not as met or missed.
 MAX_SPREAD = 0.1
+#: At most this many untimed steps after the warm-up wait for the exact-update route to end.
+MAX_EXACT_PHASE = 50
 #: A tracked step does all of plain training's work and more; a ratio above 1 is timing noise.
 MAX_RATIO = 1.05
 
@@ -180,6 +182,18 @@ class Workload:
         self.losses.append(loss.detach())
         self.step += 1
 
+    def steady(self) -> bool:
+        """Whether the tracker's last step kept the slope (no exact-update route); always for plain training."""
+        if self.tracker is None:
+            return True
+        routes = self.tracker.step_info()["route"]
+        return len(routes) > 0 and routes.iloc[-1] == "linear"
+
+    @property
+    def exact_steps(self) -> int | None:
+        """Steps valued (wholly or partly) by the exact-update route so far."""
+        return None if self.tracker is None else int((self.tracker.step_info()["route"] != "linear").sum())
+
     def finished_losses(self) -> list[float]:
         return [float(v) for v in self.losses]
 
@@ -270,9 +284,27 @@ def measure_throughput(cfg: BenchConfig, progress: bool = True) -> dict[str, dic
     """Interleaved timing rounds in this process: per mode seconds, samples/s, steps, losses."""
     _set_threads(cfg)
     work = {mode: Workload(cfg, mode) for mode in cfg.modes}
+    warm_seconds = {mode: 0.0 for mode in cfg.modes}
+
+    def warm(w: Workload) -> None:
+        start = time.perf_counter()
+        w.train_step()
+        _sync(cfg)
+        warm_seconds[w.mode] += time.perf_counter() - start
+
     for w in work.values():  # warm-up: first-call allocations, lazy initialisation
         for _ in range(cfg.warmup):
-            w.train_step()
+            warm(w)
+    # The first steps of an adaptive optimizer take the exact-update route (route="auto"), a
+    # one-time cost of the run's start: the timed rounds measure the steady state after it. Every
+    # mode then trains the same number of untimed steps, so all modes follow one trajectory.
+    while any(not w.steady() for w in work.values()) and max(w.step for w in work.values()) < cfg.warmup + MAX_EXACT_PHASE:
+        for w in work.values():
+            if not w.steady():
+                warm(w)
+    for w in work.values():
+        while w.step < max(v.step for v in work.values()):
+            warm(w)
     _sync(cfg)
     for w in work.values():  # the completeness check's own time, counted from here on
         if w.tracker is not None:
@@ -307,6 +339,10 @@ def measure_throughput(cfg: BenchConfig, progress: bool = True) -> dict[str, dic
             "attributed_steps": None if w.tracker is None else w.tracker.steps,
             # Share of the tracked mode's time spent on the per-step completeness check.
             "completeness_fraction": None if w.tracker is None else w.tracker._computer.engine.check_seconds / seconds[mode],
+            # The untimed start: steps (and their seconds) until the tracker's route was the slope's.
+            "warmup_steps": w.step - cfg.rounds * cfg.steps,  # cfg.warmup, or more while the exact route lasted
+            "warmup_seconds": warm_seconds[mode],
+            "exact_route_steps": w.exact_steps,
         }
     return out
 
@@ -338,6 +374,9 @@ def worker(cfg: BenchConfig, mode: str) -> dict:
     """Train ``memory_steps`` steps of ``mode`` in this (fresh) process and report its peak memory."""
     _set_threads(cfg)
     w = Workload(cfg, mode)
+    while not w.steady() and w.step < MAX_EXACT_PHASE:  # the start's exact-update route, as in the timing
+        w.train_step()
+    exact_phase = w.step
     if cfg.device.startswith("cuda"):
         torch.cuda.synchronize()
         setup = torch.cuda.memory_allocated() / 2**20
@@ -355,7 +394,8 @@ def worker(cfg: BenchConfig, mode: str) -> dict:
         peak = _proc_status_mb("VmHWM")
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    return {"mode": mode, "peak_mb": peak, "setup_mb": setup, "measure": how, "steps": w.step, "losses": w.finished_losses()}
+    return {"mode": mode, "peak_mb": peak, "setup_mb": setup, "measure": how, "steps": w.step - exact_phase, "exact_phase_steps": exact_phase,
+            "losses": w.finished_losses()}
 
 
 def measure_memory(cfg: BenchConfig, progress: bool = True) -> dict[str, dict]:
@@ -485,6 +525,9 @@ def run(cfg: BenchConfig, *, memory: bool = True, progress: bool = True) -> dict
             "round_ratios": t["round_ratios"],
             "round_ratio_spread": round_ratio_spread(t["round_ratios"]),
             "completeness_fraction": t["completeness_fraction"],
+            "warmup_steps": t["warmup_steps"],
+            "warmup_seconds": t["warmup_seconds"],
+            "exact_route_steps": t["exact_route_steps"],
             "memory_steps": m.get("steps"),
             "memory_measure": m.get("measure"),
         }

@@ -86,7 +86,7 @@ def test_tracker_with_two_optimizers_equals_step_values_whatever_the_step_order(
     with InRunShapley(model, opts, loss_fn, val, record_steps=True) as tracker:
         for s in range(3):
             idx = slice(4 * s, 4 * s + 4)
-            expected.append(attribution.step_values(twin_model, twin_opts, loss_fn, (x[idx], y[idx]), val))
+            expected.append(attribution.step_values(twin_model, twin_opts, loss_fn, (x[idx], y[idx]), val, route="auto", seed=s))
             with tracker.batch(list(range(4 * s, 4 * s + 4))):
                 loss_fn(model(x[idx]), y[idx]).backward()
             for o in opts if order == "adam first" else opts[::-1]:

@@ -369,7 +369,7 @@ def test_one_in_run_shapley_step_on_a_stock_model_equals_the_materialized_step(a
     twin, twin_opt = copy.deepcopy((model, opt))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = step_values(twin, twin_opt, lm_loss, (x, y), val, estimator="materialized")
+        expected = step_values(twin, twin_opt, lm_loss, (x, y), val, estimator="materialized", route="auto")  # the tracker's default
         tracker = InRunShapley(model, opt, lm_loss, val)
         with tracker.batch([10, 11, 12, 13]):
             lm_loss(model(x), y).backward()
