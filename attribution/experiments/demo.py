@@ -24,13 +24,19 @@ from attribution import InRunShapley, step_values
 from attribution.experiments.data import load_digits
 from attribution.experiments.models import small_cnn
 
-#: The value variants tracked side by side (name -> InRunShapley keyword arguments).
+#: The value variants tracked side by side (name -> InRunShapley keyword arguments). The tracker's
+#: default route="auto" values Adam's sign-like first steps by the exact-update game (the
+#: leave-one-out marginals of it, with the tangent); the SGD proxy is never switched.
 VARIANTS = {
     "adam-aware": {"linearization": "tangent", "val_point": "lookahead"},
     "sgd-proxy": {"linearization": "sgd", "val_point": "current"},
 }
-#: Also checked against leave-one-out at the check steps (not tracked).
-CHECK_ONLY = {"adam-secant": {"linearization": "secant", "val_point": "midpoint"}}
+#: Also checked against leave-one-out at the check steps (not tracked): the tangent without the
+#: automatic route (what the slope alone gives at sign-like steps) and the secant.
+CHECK_ONLY = {
+    "adam-aware-slope-only": {"linearization": "tangent", "val_point": "lookahead", "route": "linear"},
+    "adam-secant": {"linearization": "secant", "val_point": "midpoint"},
+}
 
 
 def run(steps: int = 150, batch_size: int = 32, seed: int = 0, out: str | Path = "results/demo", check_at=None, progress=True):
@@ -116,7 +122,8 @@ def _check_step(step, model, opt, loss_fn, batch, val_batch) -> list[dict]:
     truth = validation.leave_one_out(model, opt, loss_fn, batch, val_batch)
     rows = []
     for name, kw in {**VARIANTS, **CHECK_ONLY}.items():
-        est = step_values(model, opt, loss_fn, batch, val_batch, **kw)
+        # The tracker's default route at the step (seed = the tracker's: its step index, 0-based).
+        est = step_values(model, opt, loss_fn, batch, val_batch, **{"route": "auto", "seed": step - 1, **kw})
         fid = validation.fidelity(est, truth)
         rows.append({"step": step, "variant": name, **{k: fid[k] for k in ("pearson", "spearman", "sign_agreement")}})
     return rows
