@@ -53,6 +53,10 @@ from attribution.experiments.models import TinyLM, lm_loss, mlp
 
 #: Baseline first; then the tracker's estimators; then the streamed variants.
 MODES = ("plain", "ghost-factored", "ghost", "materialized", "ghost-factored-streamed", "ghost-streamed")
+#: Modes run only when asked for with ``--modes``: ``ghost-audit`` is ``ghost`` with the online audit
+#: at every step (``audit_every=1``, ``audit_samples=8``), the audit's cost at its most frequent.
+EXTRA_MODES = ("ghost-audit",)
+AUDIT = "-audit"
 BASELINE = "plain"
 STREAMED = "-streamed"
 #: (min throughput ratio, max memory ratio) targets of the issue on the default transformer;
@@ -134,10 +138,11 @@ class BenchConfig:
     def __post_init__(self):
         if self.model not in DEFAULTS:
             raise ValueError(f"model={self.model!r} is not supported; accepted values: {', '.join(map(repr, DEFAULTS))}")
-        unknown = [m for m in self.modes if m not in MODES]
+        accepted = (*MODES, *EXTRA_MODES)
+        unknown = [m for m in self.modes if m not in accepted]
         if unknown:
-            raise ValueError(f"mode {unknown[0]!r} is not supported; accepted values: {', '.join(map(repr, MODES))}")
-        modes = (BASELINE, *(m for m in MODES if m in self.modes and m != BASELINE))
+            raise ValueError(f"mode {unknown[0]!r} is not supported; accepted values: {', '.join(map(repr, accepted))}")
+        modes = (BASELINE, *(m for m in accepted if m in self.modes and m != BASELINE))
         object.__setattr__(self, "modes", modes)
         for name in ("batch", "val_batch", "val_targets", "rounds", "steps", "memory_steps", "width", "depth"):
             if getattr(self, name) < 1:
@@ -166,7 +171,10 @@ class Workload:
         if mode != BASELINE:
             stream = mode.endswith(STREAMED)
             kw = dict(val_point="current", stream=True) if stream else {}
-            self.tracker = InRunShapley(self.model, self.opt, self.loss_fn, val if len(val) > 1 else val[0], estimator=mode.removesuffix(STREAMED), **kw)
+            if mode.endswith(AUDIT):
+                kw = dict(audit_every=1, audit_samples=8, audit_threshold=-1.0)  # cost only: no warning
+            estimator = mode.removesuffix(STREAMED).removesuffix(AUDIT)
+            self.tracker = InRunShapley(self.model, self.opt, self.loss_fn, val if len(val) > 1 else val[0], estimator=estimator, **kw)
         self.step = 0
         self.losses: list[float] = []
 
@@ -673,7 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ, what in SIZE_OPTIONS:
         parser.add_argument(f"--{name}", type=typ, default=None, help=f"{what} ({_size_default(name.replace('-', '_'))})")
     parser.add_argument("--modes", default=None,
-                        help=f"comma-separated subset of {','.join(MODES)}; plain is always run (default: all of them)")
+                        help=f"comma-separated subset of {','.join((*MODES, *EXTRA_MODES))}; plain is always run "
+                             f"(default: all but {','.join(EXTRA_MODES)})")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-mode memory subprocesses (default: off, memory is measured)")
     parser.add_argument("--profile", action="store_true",
