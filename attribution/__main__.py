@@ -9,7 +9,12 @@ Commands:
 * ``mislabel``: mislabelled-sample detection on digits (Adam-aware vs SGD proxy vs loss baseline);
 * ``prune``: data pruning on Rotten Tomatoes with MiniLM (remove the lowest-valued p%, retrain);
 * ``source-id``: source identification; a small LM trained on King James Bible chapters, queried
-  with verbatim passages, their American Standard Version paraphrase and parallel passages.
+  with verbatim passages, their American Standard Version paraphrase and parallel passages;
+* ``trajectory``: what in-run values predict; per-step values against replay leave-one-out
+  (a sample removed from its step, K real optimizer steps later) at K = 1, 3, 10, 30;
+* ``run-totals``: run totals from initialisation; the tracker's summed values (default route and
+  secant only) against the summed per-step exact Shapley values and leave-one-out;
+* ``momentum``: do a run's values add up to its improvement? ``credit="step"`` vs ``"momentum"``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ COMMANDS = {
     "mislabel": "attribution.experiments.mislabel",
     "prune": "attribution.experiments.prune",
     "source-id": "attribution.experiments.source_id",
+    "trajectory": "attribution.experiments.trajectory",
+    "run-totals": "attribution.experiments.run_totals",
+    "momentum": "attribution.experiments.momentum",
 }
 
 

@@ -118,7 +118,8 @@ class InRunShapley:
             switch (per-sample factors are not all at hand) and a :class:`PoorLinearizationWarning`
             names the steps the slope fits poorly.
         nonlinearity_threshold: ν above which ``route="auto"`` takes the exact route (default
-            0.1; see docs/theory.md for how it was chosen).
+            0.9: only the sign-like first steps; see docs/results.md, "Early steps", for how it was
+            chosen).
         exact_permutations: sampled orders of the exact route's Shapley values (antithetic
             pairs; their standard errors are in :meth:`step_info`). Cost per exact step: this
             many times n + 1 update evaluations of every parameter.
@@ -803,7 +804,7 @@ class InRunShapley:
             ...         nn.functional.cross_entropy(model(x[2:]), y[2:]).backward()
             ...     opt.step()
             >>> list(tracker.step_info()["route"])          # Adam's first step is sign-like
-            ['exact', 'exact']
+            ['exact', 'linear']
             >>> tracker.close()
         """
         return self._gathered().step_info_frame()

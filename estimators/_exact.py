@@ -6,7 +6,8 @@ poor value. This route keeps the first order in θ (the validation gradient v at
 validation point) but evaluates the optimizer's exact update Δ under its frozen state for each
 coalition of per-sample contributions:
 
-* ``shapley``: Shapley values of Ū by permutation sampling. Each sampled order contributes the
+* ``shapley``: Shapley values of Ū, exact from all 2^n coalitions for small batches
+  (:func:`enumerates`), otherwise by permutation sampling. Each sampled order contributes the
   marginals of its n prefixes (n + 1 update evaluations per parameter); orders come in antithetic
   pairs (an order and its reverse); the standard error is over pairs. Every order's marginals
   telescope to Ū(B) − Ū(∅), so the values add up to it exactly whatever the sample.
@@ -20,6 +21,7 @@ time: peak memory is n per-sample contributions of the largest parameter.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -35,15 +37,56 @@ class ExactValues:
 
     Attributes:
         values: ``[n, K]``, positive = the sample reduces the validation loss.
-        stderr: ``[n, K]`` standard errors of the permutation estimate (zeros for ``loo``).
-        permutations: sampled orders (0 for ``loo``).
+        stderr: ``[n, K]`` standard errors of the permutation estimate (zeros for ``loo`` and
+            for enumerated Shapley values).
+        permutations: sampled orders (0 for ``loo`` and when the coalitions were enumerated).
         total: ``[K]``, Ū(B) − Ū(∅), what the Shapley values add up to.
+        enumerated: the Shapley values are exact, from all 2^n coalitions.
     """
 
     values: torch.Tensor
     stderr: torch.Tensor
     permutations: int
     total: torch.Tensor
+    enumerated: bool = False
+
+
+def enumerates(n: int, permutations: int) -> bool:
+    """Whether ``exact_update_values`` enumerates all 2^n coalitions instead of sampling orders.
+
+    Enumeration gives the exact Shapley values; it is taken while it costs at most four times
+    the update evaluations of the sampled orders (2^n ≤ 4 · M · (n + 1)): n ≤ 10 at M = 32.
+
+    Example:
+        >>> enumerates(10, 32), enumerates(11, 32), enumerates(12, 256)
+        (True, False, True)
+    """
+    return n <= 16 and 2**n <= 4 * _even(permutations) * (n + 1)
+
+
+def _even(permutations: int) -> int:
+    return 2 * max(1, (permutations + 1) // 2)
+
+
+def _subset_masks(n: int) -> torch.Tensor:
+    """``[2^n, n]``: row S has a 1 at position z when bit z of S is set."""
+    bits = torch.arange(2**n)[:, None]
+    return ((bits >> torch.arange(n)) & 1).to(torch.float64)
+
+
+def _shapley_from_games(u: torch.Tensor, n: int) -> torch.Tensor:
+    """Exact Shapley values ``[n, K]`` of the game u ``[2^n, K]`` (coalitions indexed by bit masks)."""
+    sizes = _subset_masks(n).sum(1).long()
+    weight = torch.tensor(
+        [math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) if s < n else 0.0 for s in range(n + 1)],
+        dtype=torch.float64,
+    )
+    index = torch.arange(2**n)
+    out = torch.zeros(n, u.shape[1], dtype=torch.float64)
+    for z in range(n):
+        without = index[(index >> z) & 1 == 0]
+        out[z] = (weight[sizes[without]][:, None] * (u[without | (1 << z)] - u[without])).sum(0)
+    return out
 
 
 def _orders(n: int, permutations: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -62,6 +105,7 @@ def exact_update_values(
     permutations: int = 32,
     generator: torch.Generator | None = None,
     scale: float = 1.0,
+    enumerate: bool | None = None,
 ) -> ExactValues:
     """Values of Ū(S) = −⟨v, Δ(g_S)⟩, g_S = scale · Σ_{z∈S} c_z, with the exact update Δ of ``lin``.
 
@@ -71,12 +115,16 @@ def exact_update_values(
             contributions to the batch gradient), consumed one at a time; parameters the step
             does not move are left out.
         val_grads: K dicts param -> v (the validation gradient at the step's validation point).
-        game: ``"shapley"`` (permutation-sampled Shapley values) or ``"loo"`` (Ū(B) − Ū(B∖z)).
-        permutations: sampled orders for ``"shapley"`` (rounded up to an even number).
+        game: ``"shapley"`` (Shapley values: enumerated for small n, else permutation sampled) or
+            ``"loo"`` (Ū(B) − Ū(B∖z)).
+        permutations: sampled orders for ``"shapley"`` (rounded up to an even number); small
+            batches are enumerated instead (:func:`enumerates`).
         generator: the random source of the orders; pass a seeded one so that the global RNG
             (and so training) is untouched.
         scale: c of ``param.grad = c · Σ_z c_z`` (clipping, loss-scale unscaling): coalitions
             are rescaled the same way.
+        enumerate: force (``True``) or forbid (``False``) enumerating the 2^n coalitions for
+            ``"shapley"``; ``None``: :func:`enumerates` decides.
     Returns:
         :class:`ExactValues` with ``values`` and ``stderr`` ``[n, K]`` (float64).
     Raises:
@@ -100,10 +148,15 @@ def exact_update_values(
     marg = None  # [M, n, K] (shapley) or [n, K] (loo)
     total = torch.zeros(K, dtype=torch.float64)
     n = None
+    games = None  # [2^n, K]: Ū of every coalition, when enumerated
     for p, c in contributions:
         if n is None:
             n = int(c.shape[0])
-            if game == "shapley":
+            if game == "shapley" and (enumerates(n, permutations) if enumerate is None else enumerate):
+                if n > 20:
+                    raise ValueError(f"enumerating 2^{n} coalitions is refused (n > 20); sample orders instead")
+                games, masks = torch.zeros(2**n, K, dtype=torch.float64), _subset_masks(n)
+            elif game == "shapley":
                 orders = _orders(n, permutations, generator)
                 marg = torch.zeros(len(orders), n, K, dtype=torch.float64)
             else:
@@ -118,6 +171,11 @@ def exact_update_values(
         V = torch.stack([val_grads[k][p].detach().reshape(D).to(cs.dtype) for k in range(K)], dim=1)  # [D, K]
         ends = lin.update_batch(p, torch.stack([torch.zeros_like(cs[0]), cs.sum(0)]).reshape(2, *p.shape)).reshape(2, D)
         total += (-(ends[1] - ends[0]).to(V.dtype) @ V).to(torch.float64)
+        if games is not None:
+            for rows in _chunks(2**n, max(1, _CHUNK_ELEMENTS // max(D, 1))):
+                upd = lin.update_batch(p, (masks[rows].to(cs.dtype) @ cs).reshape(-1, *p.shape)).reshape(-1, D)
+                games[rows] += (-upd.to(V.dtype) @ V).to(torch.float64)
+            continue
         if game == "loo":
             full = cs.sum(0)
             for rows in _chunks(n, max(1, _CHUNK_ELEMENTS // max(D, 1))):
@@ -137,6 +195,9 @@ def exact_update_values(
             marg[rows].scatter_add_(1, o[:, :, None].expand(-1, -1, K), inc.to(torch.float64))  # a view: in place
     if n is None:
         raise ValueError("no contributions were given; pass (param, c) pairs for the parameters the step moves")
+    if games is not None:
+        values = _shapley_from_games(games, n)
+        return ExactValues(values, torch.zeros_like(values), 0, total, enumerated=True)
     if game == "loo":
         return ExactValues(marg, torch.zeros_like(marg), 0, total)
     values = marg.mean(0)

@@ -26,11 +26,25 @@ moment is still zero on a row the gradient now reaches, e.g. an LM embedding row
 first time) is recorded as a row with NaN metrics and the reason in the ``refused`` column, never
 dropped.
 
+``--grid early`` (:data:`EARLY_GRID`) runs the first ten steps from initialisation, where the
+update of an adaptive optimizer is far from linear in g: Adam, AdamW, Adam at lr 1e-2, RMSprop,
+Adagrad and Nesterov SGD on the MLP, the CNN and the untied LM at steps 1, 2, 3, 5 and 10, with
+the estimators ``secant``, ``auto`` (the tracker's default: the secant, or the exact-update game
+where the update's nonlinearity ν exceeds ``attribution._step.DEFAULT_NONLINEARITY_THRESHOLD``
+or the update jumps), ``exact`` (the exact-update game Ū(S) = −⟨∇L_val(θ_mid), Δ(g_S)⟩, 32
+sampled orders), the SGD proxy and ``exact-g``. ``auto`` and ``exact`` are valued at the midpoint
+only (:data:`ESTIMATOR_VAL_POINTS`). Every row records the cell's ν and the ``auto`` rows the route taken
+(:func:`auto_values`); ``thresholds`` (:attr:`FidelityConfig.thresholds`) values the default
+again at each listed threshold τ (:func:`threshold_values`), one row per cell and τ in
+``sweep.csv``, summarised by :func:`threshold_sweep`. ``--rewrite-report DIR`` writes
+``DIR/results.md`` again from a finished run's files (:func:`rewrite_report`), recomputing nothing.
+
 Outputs in ``--out`` (default ``results/fidelity``, ``results/fidelity_optimizers`` for
-``--grid optimizers``): ``cells.csv`` (one row per cell and estimate: every
-:func:`validation.fidelity` metric, R against the tangent and the exact-g values of the same
-cell, ``refused`` (the reason, or empty) and ``update_rel_error``, the real step's distance from
-the linearization's update, :func:`update_error`), ``values.csv`` (every per-sample value and its
+``--grid optimizers``, ``results/fidelity_early`` for ``--grid early``): ``cells.csv`` (one row
+per cell and estimate: every :func:`validation.fidelity` metric, R against the tangent and the
+exact-g values of the same cell, ``refused`` (the reason, or empty), ``update_rel_error``, the
+real step's distance from the linearization's update, :func:`update_error`, ``nonlinearity``
+(ν, NaN without ``auto``) and ``route`` (of the ``auto`` rows)), ``values.csv`` (every per-sample value and its
 truth), ``results.md`` (tables), ``r_by_phase_<truth>.png``,
 ``scatter_headline.png``, ``config.json`` (the frozen configuration) and ``run.json`` (machine,
 timings).
@@ -62,7 +76,9 @@ from tqdm.auto import tqdm
 import estimators
 import optimizers
 import validation
+from attribution import _step as attribution_step
 from attribution import step_values
+from attribution._config import AttributionConfig
 from attribution.experiments.data import Split, WordVocabulary, load_digits, load_rotten_tomatoes
 from attribution.experiments.models import TinyLM, lm_loss, mlp, small_cnn
 from attribution.experiments._report import frame_table
@@ -104,6 +120,9 @@ OPTIMIZERS = {
     "adamax": (torch.optim.Adamax, {"lr": 2e-3}),
     "adadelta": (torch.optim.Adadelta, {"lr": 1.0}),
     "rprop": (torch.optim.Rprop, {"lr": 1e-2, "step_sizes": (1e-6, 0.05)}),
+    "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 1e-2}),
+    "sgd-nesterov": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
 }
 #: The optimizer of the parameters Muon does not take (see :data:`OPTIMIZERS`).
 MUON_COMPANION = (torch.optim.AdamW, {"lr": 3e-3, "weight_decay": 1e-2})
@@ -111,6 +130,9 @@ MUON_COMPANION = (torch.optim.AdamW, {"lr": 3e-3, "weight_decay": 1e-2})
 ORIGINAL_OPTIMIZERS = ("sgd", "sgd-momentum", "adam", "adamw", "adam-lr1e-2")
 #: The optimizers linearized later (the ``optimizers`` grid, with Adam as the reference).
 NEW_OPTIMIZERS = ("muon", "adafactor", "nadam", "radam", "adamax", "adadelta", "rprop")
+#: The optimizers of the ``early`` grid: the adaptive ones whose first updates are sign-like
+#: (Adam, AdamW, Adam at lr 1e-2, RMSprop, Adagrad) and Nesterov SGD (linear in g) as the control.
+EARLY_OPTIMIZERS = ("adam", "adamw", "adam-lr1e-2", "rmsprop", "adagrad", "sgd-nesterov")
 MODELS = ("mlp", "cnn", "lm", "lm-tied")
 #: name -> step_values keyword arguments (besides val_point).
 ESTIMATORS = {
@@ -118,7 +140,18 @@ ESTIMATORS = {
     "tangent": {"linearization": "tangent", "estimator": "ghost"},
     "secant": {"linearization": "secant", "estimator": "ghost"},
     "factored": {"linearization": "tangent", "estimator": "ghost-factored"},
+    # What InRunShapley does by default: the secant, or the exact-update game where the update's
+    # nonlinearity ν exceeds attribution's DEFAULT_NONLINEARITY_THRESHOLD (or jumps at g = 0).
+    "auto": {"linearization": "secant", "estimator": "ghost", "route": "auto"},
+    # The exact-update game Ū(S) = −⟨∇L_val(θ_mid), Δ(g_S)⟩, Shapley values by 32 sampled orders.
+    "exact": {"linearization": "exact", "estimator": "ghost"},
 }
+#: The estimators of the original study and of the ``optimizers`` grid (slopes only).
+ORIGINAL_ESTIMATORS = ("sgd", "tangent", "secant", "factored")
+#: Estimators valued at some validation points only: the automatic route and the exact-update game
+#: are defined (and used by the tracker) with the midpoint gradient; a grid's other points are
+#: skipped for them, and a grid that has none of their points is refused.
+ESTIMATOR_VAL_POINTS = {"auto": ("midpoint",), "exact": ("midpoint",)}
 #: Diagnostics, not in-run methods, from materialized per-sample gradients: ``exact-g`` is first
 #: order in θ but the EXACT optimizer update in g (:func:`exact_in_g_values`); ``twin`` is the
 #: step's game with the linearization's own update Δ_lin, exact in g and θ
@@ -132,7 +165,8 @@ TRUTHS = ("loo", "shapley")
 #: Metrics copied from validation.fidelity into every row.
 METRICS = ("pearson", "spearman", "kendall", "top_k_overlap", "sign_agreement", "relative_l2_error", "relative_efficiency_gap")
 #: Variants shown in the per-cell markdown tables (all twelve are in cells.csv).
-KEY_VARIANTS = ("sgd/current", "tangent/current", "tangent/lookahead", "secant/current", "secant/midpoint", "factored/lookahead", "exact-g/current", "twin/exact")
+KEY_VARIANTS = ("sgd/current", "tangent/current", "tangent/lookahead", "secant/current", "secant/midpoint", "auto/midpoint",
+                "exact/midpoint", "factored/lookahead", "exact-g/current", "twin/exact")
 
 
 def _check_names(values, accepted, field: str) -> tuple:
@@ -165,6 +199,8 @@ class FidelityConfig:
         val_size: validation samples (digits) or validation chunks (LM) in ``L_val``.
         lm_length, lm_vocab: tokens per LM sample and vocabulary size (with ``<pad>``, ``<unk>``).
         headline: ``(model, optimizer, phase, truth)`` of the scatter plot (seed = first seed).
+        thresholds: nonlinearity thresholds τ at which the ``auto`` estimator is valued again
+            (``sweep.csv``, :func:`threshold_sweep`); needs ``"auto"`` in ``estimators``.
         threads: torch intra-op threads. 1 by default: these models are too small to gain from
             more, and on a shared machine spinning OpenMP threads slowed small ops many times.
 
@@ -177,7 +213,7 @@ class FidelityConfig:
     models: tuple[str, ...] = ("mlp", "cnn", "lm", "lm-tied")
     optimizers: tuple[str, ...] = ORIGINAL_OPTIMIZERS
     phases: tuple[tuple[str, int], ...] = (("step 1", 1), ("early", 10), ("mid", 100), ("late", 400))
-    estimators: tuple[str, ...] = (*ESTIMATORS, "exact-g")
+    estimators: tuple[str, ...] = (*ORIGINAL_ESTIMATORS, "exact-g")
     val_points: tuple[str, ...] = VAL_POINTS
     truths: tuple[str, ...] = TRUTHS
     loo_batch: int = 32
@@ -189,6 +225,7 @@ class FidelityConfig:
     lm_vocab: int = 1000
     headline: tuple[str, str, str, str] = ("cnn", "adam", "mid", "loo")
     threads: int = 1
+    thresholds: tuple[float, ...] = ()
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -199,6 +236,12 @@ class FidelityConfig:
         set_("optimizers", _check_names(self.optimizers, tuple(OPTIMIZERS), "optimizers"))
         set_("estimators", _check_names(self.estimators, (*ESTIMATORS, *DIAGNOSTICS), "estimators"))
         set_("val_points", _check_names(self.val_points, VAL_POINTS, "val_points"))
+        for est in self.estimators:
+            if est in ESTIMATOR_VAL_POINTS and not set(ESTIMATOR_VAL_POINTS[est]) & set(self.val_points):
+                raise ValueError(
+                    f"estimators has {est!r}, which is valued at val_points {ESTIMATOR_VAL_POINTS[est]!r} only, but "
+                    f"val_points={self.val_points!r}; add 'midpoint' to val_points or drop {est!r}"
+                )
         set_("truths", _check_names(self.truths, TRUTHS, "truths"))
         phases = tuple((str(name), int(step)) for name, step in self.phases)
         steps = [s for _, s in phases]
@@ -211,6 +254,9 @@ class FidelityConfig:
             if not 2 <= n <= min(limit, self.loo_batch):
                 raise ValueError(f"{name}={n}: exact Shapley cells need 2 <= n <= min({limit}, loo_batch={self.loo_batch})")
         set_("headline", tuple(self.headline))
+        set_("thresholds", tuple(float(t) for t in self.thresholds))
+        if self.thresholds and ("auto" not in self.estimators or any(not t >= 0 for t in self.thresholds)):
+            raise ValueError(f"thresholds={self.thresholds!r}: give thresholds >= 0, with 'auto' in estimators (got {self.estimators!r})")
 
     def to_json(self) -> str:
         """The configuration as JSON (tuples become lists)."""
@@ -234,10 +280,26 @@ QUICK = FidelityConfig(
 OPTIMIZER_GRID = FidelityConfig(
     models=("mlp", "lm"), optimizers=(*NEW_OPTIMIZERS, "adam"),
     phases=(("step 1", 1), ("step 3", 3), ("step 10", 10), ("step 100", 100), ("step 400", 400)),
-    estimators=(*ESTIMATORS, *DIAGNOSTICS), headline=("mlp", "muon", "step 100", "loo"),
+    estimators=(*ORIGINAL_ESTIMATORS, *DIAGNOSTICS), headline=("mlp", "muon", "step 100", "loo"),
+)
+#: ``--grid early``: the first ten steps from initialisation, where the update of an adaptive
+#: optimizer is far from linear in g, on the MLP, the CNN and the untied LM, under
+#: :data:`EARLY_OPTIMIZERS`, at steps 1, 2, 3, 5 and 10: the secant, the tracker's default
+#: (``auto``), the exact-update game (``exact``), the SGD proxy and ``exact-g``; every cell records
+#: the update's nonlinearity ν and the route the default took (``nonlinearity``, ``route`` in
+#: cells.csv), so the threshold can be re-evaluated from the cells (:func:`threshold_sweep`).
+EARLY_GRID = FidelityConfig(
+    models=("mlp", "cnn", "lm"), optimizers=EARLY_OPTIMIZERS,
+    phases=(("step 1", 1), ("step 2", 2), ("step 3", 3), ("step 5", 5), ("step 10", 10)),
+    estimators=("secant", "auto", "exact", "sgd", "exact-g"), truths=("shapley",),
+    headline=("mlp", "adam", "step 1", "shapley"), thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
 )
 #: ``--grid`` name -> (configuration, default output folder).
-GRIDS = {"default": (FidelityConfig(), "results/fidelity"), "optimizers": (OPTIMIZER_GRID, "results/fidelity_optimizers")}
+GRIDS = {
+    "default": (FidelityConfig(), "results/fidelity"),
+    "optimizers": (OPTIMIZER_GRID, "results/fidelity_optimizers"),
+    "early": (EARLY_GRID, "results/fidelity_early"),
+}
 
 
 # ----------------------------------------------------------------------------------- data, models
@@ -498,6 +560,68 @@ def twin_game_values(model, opt, loss_fn, batch, val_batch, truth: str, chunk: i
     return _values_from_utilities(u, n, truth)
 
 
+def auto_values(model, opt, loss_fn, batch, val_batch, threshold: float | None = None) -> tuple[torch.Tensor, str, float]:
+    """The tracker's default values of this step (secant, midpoint, ``route="auto"``), the route it took and ν.
+
+    What ``step_values(..., route="auto", nonlinearity_threshold=threshold)`` computes (the same
+    :class:`attribution._step.StepComputer`, the same seed of the exact route's orders), with
+    the computer's own record of the route (``"linear"``, ``"exact"`` or ``"mixed"``: the exact
+    route for some parameters) and of the update's nonlinearity ν, which ``step_values`` does
+    not return. ``threshold=None`` is ``attribution._step.DEFAULT_NONLINEARITY_THRESHOLD``.
+    ``.grad`` is left as found.
+
+    Returns:
+        ``(values [n] float64, route, ν)``.
+    """
+    computer = attribution_step.StepComputer(model, loss_fn, [val_batch], AttributionConfig("secant", "midpoint", "ghost"))
+    computer.route = "auto"
+    if threshold is not None:
+        computer.nonlinearity_threshold = float(threshold)
+    saved = {p: p.grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.grad = None
+        with computer.capture():
+            loss_fn(model(batch[0]), batch[1]).backward()
+        values = computer.step_values(opt, generator=torch.Generator().manual_seed(0))
+        nu = computer.last_nonlinearity
+        return values[:, 0], computer.last_route, float("nan") if nu is None else float(nu)
+    finally:
+        computer.reset()
+        for p, g in saved.items():
+            p.grad = g
+
+
+def threshold_values(model, opt, loss_fn, batch, val_batch, thresholds) -> dict[float, tuple[torch.Tensor, str, float, float]]:
+    """:func:`auto_values` at each threshold τ, computing only where the route can differ.
+
+    A parameter takes the exact route where its update's nonlinearity exceeds τ (or jumps), so
+    the exact set shrinks as τ grows: a ``"linear"`` step at τ is linear at every larger τ, an
+    ``"exact"`` one (every parameter) exact at every smaller τ. Those results are reused.
+
+    Returns:
+        ``{τ: (values, route, ν, seconds)}`` (``seconds`` 0.0 for a reused result).
+    """
+    taus = sorted({float(t) for t in thresholds})
+    out: dict[float, tuple] = {}
+
+    def compute(tau):
+        t0 = time.perf_counter()
+        values, route, nu = auto_values(model, opt, loss_fn, batch, val_batch, tau)
+        out[tau] = (values, route, nu, time.perf_counter() - t0)
+
+    compute(taus[-1])
+    if out[taus[-1]][1] == "exact":  # every smaller τ: exact too
+        out.update({tau: (*out[taus[-1]][:3], 0.0) for tau in taus[:-1]})
+        return out
+    for k, tau in enumerate(taus[:-1]):
+        compute(tau)
+        if out[tau][1] == "linear":  # every larger τ: linear too
+            out.update({t: (*out[tau][:3], 0.0) for t in taus[k + 1 :] if t not in out})
+            break
+    return out
+
+
 def _refusal(error: Exception) -> str:
     """The one-line reason recorded for a refused estimate."""
     return f"{type(error).__name__}: " + " ".join(str(error).split())
@@ -528,6 +652,7 @@ def _cell(model, opt, loss_fn, batch, val_batch, truth: str, config: FidelityCon
         target, efficiency = est.values, est.efficiency_target
     oracle_s = time.perf_counter() - t0
     estimates, seconds, refused = {}, {}, {}
+    nonlinearity, route = float("nan"), ""
     for est_name in config.estimators:
         if est_name == "exact-g":
             t0 = time.perf_counter()
@@ -536,13 +661,18 @@ def _cell(model, opt, loss_fn, batch, val_batch, truth: str, config: FidelityCon
                 estimates[f"{est_name}/{vp}"] = exact[vp]
                 seconds[f"{est_name}/{vp}"] = (time.perf_counter() - t0) / len(config.val_points)
             continue
+        if est_name == "auto" and "midpoint" in config.val_points:
+            t0 = time.perf_counter()
+            estimates["auto/midpoint"], route, nonlinearity = auto_values(model, opt, loss_fn, batch, val_batch)
+            seconds["auto/midpoint"] = time.perf_counter() - t0
+            continue
         if est_name == "twin":
             t0 = time.perf_counter()
             estimates["twin/exact"] = twin_game_values(model, opt, loss_fn, batch, val_batch, truth)
             seconds["twin/exact"] = time.perf_counter() - t0
             continue
         reason = None
-        for vp in config.val_points:
+        for vp in [v for v in config.val_points if v in ESTIMATOR_VAL_POINTS.get(est_name, VAL_POINTS)]:
             variant = f"{est_name}/{vp}"
             t0 = time.perf_counter()
             if reason is None:
@@ -571,11 +701,18 @@ def _cell(model, opt, loss_fn, batch, val_batch, truth: str, config: FidelityCon
             "estimate_sum": fid["estimate_sum"], "truth_sum": float(target.sum()),
             "efficiency_target": float("nan") if efficiency is None else float(efficiency),
             "undefined": undefined, "refused": refused.get(variant, ""),
+            "nonlinearity": nonlinearity, "route": route if est_name == "auto" else "",
             "oracle_seconds": oracle_s, "estimate_seconds": seconds[variant],
         })
     values = pd.DataFrame({"truth": truth, "sample": np.arange(len(target)), "truth_value": target.numpy(),
                            **{v: e.numpy() for v, e in estimates.items()}})
-    return rows, values
+    sweep = []
+    if config.thresholds and "midpoint" in config.val_points:
+        for tau, (value, tau_route, nu, sec) in threshold_values(model, opt, loss_fn, batch, val_batch, config.thresholds).items():
+            fid = validation.fidelity(value, target, efficiency_target=efficiency)
+            sweep.append({"truth": truth, "threshold": tau, "route": tau_route, "nonlinearity": nu, "n": len(target),
+                          "pearson": fid["pearson"], "relative_efficiency_gap": fid["relative_efficiency_gap"], "seconds": sec})
+    return rows, values, sweep
 
 
 def update_error(opt, take_step) -> float:
@@ -602,7 +739,8 @@ def update_error(opt, take_step) -> float:
 def run_one(model_name: str, optimizer: str, seed: int, config: FidelityConfig, bar=None):
     """Train one (model, optimizer, seed) to the last phase; evaluate every cell on the way.
 
-    Returns ``(rows, values)``: lists of dicts and of per-sample DataFrames.
+    Returns ``(rows, values, sweep)``: lists of dicts, of per-sample DataFrames and of
+    :attr:`FidelityConfig.thresholds` rows (dicts; empty without thresholds).
     """
     task = make_task(model_name, seed, config)
     model = task.build()
@@ -617,22 +755,23 @@ def run_one(model_name: str, optimizer: str, seed: int, config: FidelityConfig, 
     order, pointer = torch.randperm(len(task.train), generator=gen), 0
     phase_at = {step: name for name, step in config.phases}
     n_shapley = config.lm_shapley_batch if model_name.startswith("lm") else config.shapley_batch
-    rows, values = [], []
+    rows, values, sweeps = [], [], []
     meta = {"model": model_name, "optimizer": optimizer, "lr": OPTIMIZERS[optimizer][1]["lr"], "seed": seed}
     for step in range(1, config.phases[-1][1] + 1):
         if pointer + config.loo_batch > len(order):
             order, pointer = torch.randperm(len(task.train), generator=gen), 0
         batch = task.train.batch(order[pointer : pointer + config.loo_batch])
         pointer += config.loo_batch
-        cell_rows, cell_values = [], []
+        cell_rows, cell_values, cell_sweep = [], [], []
         if step in phase_at:
             with torch.no_grad():
                 val_loss = float(task.loss_fn(model(task.val_batch[0]), task.val_batch[1]))
             for truth in config.truths:
-                r, v = _cell(model, opt, task.loss_fn, batch, task.val_batch, truth, config, n_shapley)
+                r, v, sw = _cell(model, opt, task.loss_fn, batch, task.val_batch, truth, config, n_shapley)
                 cell = {**meta, "phase": phase_at[step], "step": step, "val_loss": val_loss}
                 cell_rows += [{**cell, **row} for row in r]
                 cell_values.append(v.assign(**cell))
+                cell_sweep += [{**cell, **row} for row in sw]
             if bar is not None:
                 bar.update(1)
         for o in opts:
@@ -646,9 +785,10 @@ def run_one(model_name: str, optimizer: str, seed: int, config: FidelityConfig, 
             error = update_error(opt, take_step)
             rows += [{**row, "update_rel_error": error} for row in cell_rows]
             values += cell_values
+            sweeps += cell_sweep
         else:
             take_step()
-    return rows, values
+    return rows, values, sweeps
 
 
 def machine() -> dict:
@@ -673,7 +813,7 @@ def run(config: FidelityConfig = FidelityConfig(), out: str | Path = "results/fi
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     runs = [(m, o, s) for s in config.seeds for m in config.models for o in config.optimizers]
-    rows, values = [], []
+    rows, values, sweeps = [], [], []
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(), tqdm(total=len(runs) * len(config.phases), desc="fidelity grid", unit="cell", disable=not progress) as bar:
@@ -681,11 +821,13 @@ def run(config: FidelityConfig = FidelityConfig(), out: str | Path = "results/fi
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
             for model_name, optimizer, seed in runs:
                 bar.set_postfix_str(f"{model_name} {optimizer} seed {seed}")
-                r, v = run_one(model_name, optimizer, seed, config, bar)
+                r, v, sw = run_one(model_name, optimizer, seed, config, bar)
                 rows += r
                 values += v
+                sweeps += sw
         seconds = time.perf_counter() - start
-        info = {"command": command, "seconds": round(seconds, 1), "machine": machine(), "cells": len(runs) * len(config.phases) * len(config.truths)}
+        info = {"command": command, "seconds": round(seconds, 1), "machine": machine(), "cells": len(runs) * len(config.phases) * len(config.truths),
+                "nonlinearity_threshold": attribution_step.DEFAULT_NONLINEARITY_THRESHOLD}
     finally:
         torch.set_num_threads(threads)
     cells = pd.DataFrame(rows)
@@ -693,13 +835,38 @@ def run(config: FidelityConfig = FidelityConfig(), out: str | Path = "results/fi
     vals = pd.concat(values, ignore_index=True)
     vals.to_csv(out / "values.csv", index=False)
     info["rows"] = len(cells)
+    sweep = pd.DataFrame(sweeps)
+    if not sweep.empty:
+        sweep.to_csv(out / "sweep.csv", index=False)
     (out / "run.json").write_text(json.dumps(info, indent=2))
-    (out / "results.md").write_text(markdown(cells, config, info, vals))
+    (out / "results.md").write_text(markdown(cells, config, info, vals, sweep))
     plots(cells, vals, config, out)
     return cells, vals
 
 
 # ---------------------------------------------------------------------------------------- report
+
+
+def rewrite_report(out: str | Path) -> Path:
+    """Write ``out/results.md`` again from the run's own files (config.json, run.json, cells.csv, values.csv, sweep.csv).
+
+    For a run made before a table was added to :func:`markdown`: the tables change, the
+    measurements do not (nothing is recomputed). Returns the path of ``results.md``.
+    """
+    out = Path(out)
+    config = FidelityConfig.from_json((out / "config.json").read_text())
+    info = json.loads((out / "run.json").read_text())
+
+    def read(name):  # an empty "refused" or "route" stays a string
+        return pd.read_csv(out / name, keep_default_na=False, na_values=[""])
+
+    cells = read("cells.csv")
+    for col in ("refused", "route", "undefined"):
+        if col in cells:
+            cells[col] = cells[col].fillna("").astype(str)
+    sweep = read("sweep.csv") if (out / "sweep.csv").exists() else None
+    (out / "results.md").write_text(markdown(cells, config, info, read("values.csv"), sweep))
+    return out / "results.md"
 
 
 def _mean_spread(series: pd.Series, refused: pd.Series | None = None) -> str:
@@ -772,6 +939,67 @@ def update_error_table(cells: pd.DataFrame, config: FidelityConfig) -> pd.DataFr
     return pd.DataFrame({"median": g.median().map("{:.1e}".format), "max": g.max().map("{:.1e}".format)}).unstack("phase").swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)
 
 
+def threshold_sweep(sweep: pd.DataFrame, config: FidelityConfig, truth: str = "shapley") -> pd.DataFrame:
+    """The default's Pearson R per threshold τ and phase (rows of ``sweep.csv``, :attr:`FidelityConfig.thresholds`).
+
+    Returns:
+        rows τ, columns ``(phase, "min R" | "mean R" | "exact")``: the minimum and mean R over
+        the cells, and the cells whose route was not linear (exact or mixed); empty without rows.
+    """
+    frame = sweep[sweep.truth == truth] if not sweep.empty else sweep
+    if frame.empty:
+        return pd.DataFrame()
+    phases = [p for p, _ in config.phases if p in set(frame.phase)]
+    rows = {}
+    for tau, g in frame.groupby("threshold"):
+        row = {}
+        for ph in phases:
+            sel = g[g.phase == ph]
+            row[(ph, "min R")] = f"{sel.pearson.min():.3f}"
+            row[(ph, "mean R")] = f"{sel.pearson.mean():.3f}"
+            row[(ph, "exact")] = f"{int((sel.route != 'linear').sum())}/{len(sel)}"
+        rows[f"{tau:g}"] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.columns = pd.MultiIndex.from_tuples(table.columns)
+    table.index.name = "τ"
+    return table
+
+
+def phase_extremes(cells: pd.DataFrame, config: FidelityConfig, truth: str, variants) -> pd.DataFrame:
+    """Per phase and variant: ``min / mean`` Pearson R over every cell (models, optimizers, seeds) and the cells below 0.95."""
+    frame = _ordered(cells[(cells.truth == truth) & cells.variant.isin(list(variants))].copy(), config)
+    if frame.empty:
+        return pd.DataFrame()
+    shown = [v for v in variants if v in set(frame.variant)]
+    g = frame.groupby(["phase", "variant"], observed=True)["pearson"]
+    text = g.apply(lambda x: f"{x.min():.3f} / {x.mean():.3f} ({int((x < 0.95).sum())}/{len(x)} < 0.95)")
+    return text.unstack("variant")[shown]
+
+
+def seconds_table(cells: pd.DataFrame, config: FidelityConfig, variants) -> pd.DataFrame:
+    """Median seconds per estimate (``step_values``' own forward and backward included) and of the oracle, per model."""
+    frame = _ordered(cells[cells.variant.isin(list(variants))].copy(), config)
+    if frame.empty:
+        return pd.DataFrame()
+    shown = [v for v in variants if v in set(frame.variant)]
+    table = frame.groupby(["model", "truth", "variant"], observed=True)["estimate_seconds"].median().unstack("variant")[shown]
+    table["oracle"] = frame.groupby(["model", "truth"], observed=True)["oracle_seconds"].median()
+    return table.map("{:.3f}".format)
+
+
+def route_table(cells: pd.DataFrame, config: FidelityConfig, truth: str) -> pd.DataFrame:
+    """ν (mean, min–max over models and seeds) and the default's exact cells per optimizer × phase."""
+    frame = _ordered(cells[(cells.truth == truth) & (cells.variant == "auto/midpoint")].copy(), config)
+    if frame.empty:
+        return pd.DataFrame()
+    g = frame.groupby(["optimizer", "phase"], observed=True)
+    out = pd.DataFrame({
+        "ν": g["nonlinearity"].apply(lambda x: f"{x.mean():.3f} ({x.min():.3f}–{x.max():.3f})"),
+        "exact / mixed route": g["route"].apply(lambda x: f"{int((x == 'exact').sum())} / {int(x.str.startswith('mixed').sum())} of {len(x)}"),
+    })
+    return out.unstack("phase").swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)
+
+
 def step1_dependence(vals: pd.DataFrame, config: FidelityConfig, truth: str = "loo") -> pd.DataFrame | None:
     """Pearson R between the ``truth`` values of the step-1 batch under two optimizers, mean ±sd over models and seeds.
 
@@ -802,8 +1030,9 @@ def step1_dependence(vals: pd.DataFrame, config: FidelityConfig, truth: str = "l
     return table
 
 
-def markdown(cells: pd.DataFrame, config: FidelityConfig, info: dict, vals: pd.DataFrame | None = None) -> str:
-    """The study's tables as markdown (``results.md``); ``vals`` (values.csv) adds the step-1 optimizer-dependence table."""
+def markdown(cells: pd.DataFrame, config: FidelityConfig, info: dict, vals: pd.DataFrame | None = None, sweep: pd.DataFrame | None = None) -> str:
+    """The study's tables as markdown (``results.md``); ``vals`` (values.csv) adds the step-1 optimizer-dependence table,
+    ``sweep`` (sweep.csv) the threshold sweep."""
     m = info["machine"]
     truth_name = {"loo": "leave-one-out (n = {})".format(config.loo_batch),
                   "shapley": "exact Shapley (n = {}, LM n = {})".format(config.shapley_batch, config.lm_shapley_batch)}
@@ -831,7 +1060,27 @@ def markdown(cells: pd.DataFrame, config: FidelityConfig, info: dict, vals: pd.D
     if "shapley" in config.truths:
         parts += ["", "## Efficiency: (Σ estimate − (U(B) − U(∅))) / |U(B) − U(∅)| against exact Shapley, mean over models", "",
                   frame_table(summary_table(cells, config, "shapley", metric="relative_efficiency_gap", by=("optimizer", "phase"),
-                                    variants=["sgd/current", "tangent/lookahead", "secant/current", "secant/midpoint"]))]
+                                    variants=["sgd/current", "tangent/lookahead", "secant/current", "secant/midpoint",
+                                              "auto/midpoint", "exact/midpoint"]))]
+    if "auto" in config.estimators:
+        tau = info.get("nonlinearity_threshold", attribution_step.DEFAULT_NONLINEARITY_THRESHOLD)
+        early = ["secant/midpoint", "auto/midpoint", "exact/midpoint", "sgd/current", "exact-g/midpoint"]
+        for truth in config.truths:
+            parts += ["", (f"## Per phase, every cell: min / mean Pearson R against {truth_name[truth]} (auto: τ = {tau:g}), "
+                           "and the cells below 0.95"), "", frame_table(phase_extremes(cells, config, truth, early))]
+        parts += ["", "## Median seconds per estimate and per oracle cell", "",
+                  frame_table(seconds_table(cells, config, ["secant/midpoint", "auto/midpoint", "exact/midpoint", "sgd/midpoint"]))]
+        for truth in config.truths:
+            parts += ["", (f"## The automatic route (τ = {tau:g}): the update's nonlinearity ν at the midpoint and the cells "
+                           f"the default values by the exact-update game, cells of {truth_name[truth]}"), "",
+                      frame_table(route_table(cells, config, truth))]
+        if sweep is not None and not sweep.empty:
+            for truth in config.truths:
+                table = threshold_sweep(sweep, config, truth)
+                if not table.empty:
+                    parts += ["", (f"## Threshold sweep: Pearson R of the default (secant, midpoint, route='auto') at each threshold τ "
+                                   f"against {truth_name[truth]}, min and mean over cells, and the cells with an exact or mixed route"), "",
+                              frame_table(table)]
     if _is_refused(cells).any():
         parts += ["", "## Refused estimates (NaN metrics; the linearization's reason)", "",
                   "One count per cell (all validation points of a refused estimator are refused with it).", "",
@@ -934,9 +1183,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="reduced grid (MLP, SGD and Adam, two phases, leave-one-out): under a minute (default: off, the full grid)")
     parser.add_argument("--grid", choices=tuple(GRIDS), default="default",
-                        help="which grid: 'default' (SGD, SGD+momentum, Adam, AdamW, Adam lr 1e-2 on four models) or 'optimizers' "
+                        help="which grid: 'default' (SGD, SGD+momentum, Adam, AdamW, Adam lr 1e-2 on four models), 'optimizers' "
                              f"({', '.join(NEW_OPTIMIZERS)} and Adam as the reference, steps 1, 3, 10, 100, 400, MLP and LM, "
-                             "with the twin diagnostic) (default: %(default)s)")
+                             f"with the twin diagnostic) or 'early' ({', '.join(EARLY_OPTIMIZERS)} at steps 1, 2, 3, 5, 10 on the "
+                             "MLP, CNN and LM: secant, the tracker's default route 'auto', the exact-update game 'exact') "
+                             "(default: %(default)s)")
     parser.add_argument("--optimizers", type=_csv, default=None,
                         help=f"comma-separated optimizers from {', '.join(OPTIMIZERS)} (default: the grid's)")
     parser.add_argument("--models", type=_csv, default=None, help=f"comma-separated models from {', '.join(MODELS)} (default: the grid's)")
@@ -945,7 +1196,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated steps to value, named 'step N', e.g. 1,3,10 (default: the grid's)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: results/fidelity, results/fidelity_optimizers with --grid optimizers, "
-                             "or results/fidelity-quick with --quick)")
+                             "results/fidelity_early with --grid early, or results/fidelity-quick with --quick)")
+    parser.add_argument("--rewrite-report", metavar="DIR", default=None,
+                        help="run nothing: write DIR/results.md again from the CSV files of the run in DIR (default: off)")
     return parser
 
 
@@ -987,6 +1240,9 @@ def main(argv=None) -> int:
     """Command-line entry point of ``python -m attribution fidelity``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.rewrite_report is not None:
+        print(f"wrote {rewrite_report(args.rewrite_report)}")
+        return 0
     config, default_out = config_from_args(args)
     out = args.out or default_out
     command = " ".join(["python -m attribution fidelity", *argv])

@@ -40,6 +40,14 @@ def test_quick_grid_writes_every_output(quick):
     assert "## Every cell: Pearson R against leave-one-out" in (out / "results.md").read_text()
 
 
+def test_rewrite_report_writes_the_same_results_md_from_the_csv_files(quick):
+    out, _ = quick
+    before = (out / "results.md").read_text()
+    (out / "results.md").unlink()
+    assert cli(["fidelity", "--rewrite-report", str(out)]) == 0
+    assert (out / "results.md").read_text() == before
+
+
 def test_quick_grid_sgd_cells_all_linearizations_coincide(quick):
     # Under plain SGD the tangent, the secant and the proxy are all J = −lr: the same numbers.
     _, cells = quick
@@ -135,7 +143,7 @@ def muon_rprop_rows():
     """A tiny run of the optimizers grid's machinery: MLP, Muon(+AdamW) and Rprop, steps 1 and 3, leave-one-out."""
     config = FidelityConfig(
         seeds=(0,), models=("mlp",), optimizers=("muon", "rprop"), phases=(("step 1", 1), ("step 3", 3)), truths=("loo",),
-        estimators=(*fidelity.ESTIMATORS, *fidelity.DIAGNOSTICS), loo_batch=32, shapley_batch=4, lm_shapley_batch=4, val_size=16,
+        estimators=(*fidelity.ORIGINAL_ESTIMATORS, *fidelity.DIAGNOSTICS), loo_batch=32, shapley_batch=4, lm_shapley_batch=4, val_size=16,
     )
     rows = []
     for optimizer in config.optimizers:
@@ -145,7 +153,7 @@ def muon_rprop_rows():
 
 def test_refused_estimates_are_recorded_with_their_reason_never_dropped(muon_rprop_rows):
     config, cells = muon_rprop_rows
-    per_cell = (len(fidelity.ESTIMATORS) + 1) * len(config.val_points) + 1  # + exact-g × val points + twin/exact
+    per_cell = (len(fidelity.ORIGINAL_ESTIMATORS) + 1) * len(config.val_points) + 1  # + exact-g × val points + twin/exact
     assert cells.groupby(["optimizer", "phase"]).size().eq(per_cell).all()
     refused = cells[cells.refused != ""]
     assert refused.pearson.isna().all() and (refused.undefined == "refused").all()
@@ -262,3 +270,96 @@ def test_the_optimizers_grid_and_its_options():
     assert config.headline == ("mlp", "muon", "step 100", "loo")
     with pytest.raises(ValueError, match="accepted values"):
         fidelity.config_from_args(fidelity.build_parser().parse_args(["--optimizers", "lion"]))
+
+
+# ------------------------------------------------------------------ the early grid (auto route, exact-update game)
+
+
+def test_the_early_grid_and_its_options():
+    grid = fidelity.EARLY_GRID
+    assert grid.optimizers == ("adam", "adamw", "adam-lr1e-2", "rmsprop", "adagrad", "sgd-nesterov")
+    assert [s for _, s in grid.phases] == [1, 2, 3, 5, 10] and grid.models == ("mlp", "cnn", "lm")
+    assert {"secant", "auto", "exact", "sgd", "exact-g"} == set(grid.estimators) and "shapley" in grid.truths
+    assert grid.thresholds and all(0 < t < 1 for t in grid.thresholds)
+    config, out = fidelity.config_from_args(fidelity.build_parser().parse_args(["--grid", "early", "--seeds", "1", "--models", "mlp"]))
+    assert config.seeds == (1,) and config.models == ("mlp",) and out == "results/fidelity_early"
+    assert config.headline == ("mlp", "adam", "step 1", "shapley")
+    # The default and the optimizers grid keep their estimators (no auto / exact rows added to them).
+    assert FidelityConfig().estimators == (*fidelity.ORIGINAL_ESTIMATORS, "exact-g")
+    assert not {"auto", "exact"} & set(fidelity.OPTIMIZER_GRID.estimators)
+    cls, kw = fidelity.OPTIMIZERS["sgd-nesterov"]
+    assert cls is torch.optim.SGD and kw["nesterov"] and kw["momentum"] == 0.9
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"estimators": ("auto",), "val_points": ("current",)}, "valued at val_points ('midpoint',) only"),
+        ({"estimators": ("exact", "secant"), "val_points": ("lookahead",)}, "add 'midpoint' to val_points or drop 'exact'"),
+        ({"thresholds": (0.5,)}, "with 'auto' in estimators"),
+        ({"estimators": ("auto",), "thresholds": (-1.0,)}, "give thresholds >= 0"),
+    ],
+)
+def test_early_grid_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        FidelityConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def early_rows():
+    """The early grid's machinery on the MLP: Adam and Nesterov SGD, steps 1 and 3, exact Shapley at n = 6, two thresholds."""
+    config = FidelityConfig(
+        seeds=(0,), models=("mlp",), optimizers=("adam", "sgd-nesterov"), phases=(("step 1", 1), ("step 3", 3)), truths=("shapley",),
+        estimators=("secant", "auto", "exact"), loo_batch=16, shapley_batch=6, lm_shapley_batch=6, val_size=16, thresholds=(0.3, 0.9),
+    )
+    rows, sweep = [], []
+    for optimizer in config.optimizers:
+        r, _, sw = fidelity.run_one("mlp", optimizer, 0, config)
+        rows += r
+        sweep += sw
+    return config, pd.DataFrame(rows), pd.DataFrame(sweep)
+
+
+def test_auto_and_exact_are_valued_at_the_midpoint_only_and_record_the_route(early_rows):
+    config, cells, sweep = early_rows
+    assert set(cells[cells.estimator.isin(["auto", "exact"])].val_point) == {"midpoint"}
+    assert cells.groupby(["optimizer", "phase"]).size().eq(len(config.val_points) + 2).all()  # secant × 3, auto, exact
+    auto = cells[cells.estimator == "auto"].set_index(["optimizer", "phase"])
+    # Adam's first update is sign-like: ν = 1, the exact-update game values it; Nesterov SGD is linear in g: ν = 0.
+    assert auto.loc[("adam", "step 1"), "route"] == "exact" and auto.loc[("adam", "step 1"), "nonlinearity"] > 0.99
+    assert (auto.loc["sgd-nesterov", "route"] == "linear").all() and (auto.loc["sgd-nesterov", "nonlinearity"] < 1e-9).all()
+    assert (cells[cells.estimator != "auto"].route == "").all()
+    # Where the default took the exact route for every parameter, its values are the exact game's.
+    r = cells.set_index(["optimizer", "phase", "variant"]).pearson
+    assert abs(r["adam", "step 1", "auto/midpoint"] - r["adam", "step 1", "exact/midpoint"]) < 1e-12
+    assert r["adam", "step 1", "auto/midpoint"] > r["adam", "step 1", "secant/midpoint"] + 0.2
+    # The sweep: one row per cell and threshold; a linear step stays linear at the larger threshold.
+    assert len(sweep) == 4 * len(config.thresholds) and set(sweep.threshold) == set(config.thresholds)
+    nesterov = sweep[sweep.optimizer == "sgd-nesterov"]
+    assert (nesterov.route == "linear").all()
+    table = fidelity.threshold_sweep(sweep, config, "shapley")
+    assert list(table.index) == ["0.3", "0.9"] and table.loc["0.9", ("step 1", "exact")] == "1/2"
+
+
+def test_auto_values_are_what_step_values_gives():
+    from attribution import step_values
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    val = (torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,)))
+    loss = nn.functional.cross_entropy
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(3):
+        for tau in (0.05, 0.5, 2.0):
+            values, route, nu = fidelity.auto_values(model, opt, loss, (x, y), val, tau)
+            expected = step_values(model, opt, loss, (x, y), val, route="auto", nonlinearity_threshold=tau)
+            assert torch.allclose(values, expected, rtol=0, atol=1e-15), (step, tau, route)
+            assert 0 <= nu <= 1 + 1e-9
+            if tau == 2.0:  # above any ν: the secant
+                assert route == "linear"
+            elif step == 0:  # Adam's first update is sign-like (ν = 1): the exact-update game
+                assert route == "exact" and nu > 0.99
+        opt.zero_grad()
+        loss(model(x), y).backward()
+        opt.step()
