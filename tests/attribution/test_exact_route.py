@@ -319,3 +319,29 @@ def test_route_options_and_step_info_survive_save_and_load(tmp_path):
         other.restore(tracker.state())
     for t in (tracker, resumed, other):
         t.close()
+
+
+@pytest.mark.parametrize("name", ["adafactor", "muon"])
+def test_operator_rules_exact_route_equals_the_real_optimizers_game(name):
+    """Non-elementwise updates (Adafactor's factored second moment, Muon's Newton–Schulz) through the same route.
+
+    Muon's real step runs Newton–Schulz in bfloat16; the linearization is its float64 twin, so for
+    Muon the values are held to R > 0.99 and a relative error below 0.1 (bfloat16's rounding of
+    each coalition's update, amplified in the marginals), Adafactor to 1e-8.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6, bias=False), nn.Tanh(), nn.Linear(6, 3, bias=False)).double()
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-2) if name == "adafactor" else torch.optim.Muon(model.parameters(), lr=0.02)
+    _warm(model, opt, 1)
+    batch = (X[:6], Y[:6])
+    phi, loo, _ = _real_game_oracle(model, opt, batch, val_point="midpoint")
+    est = step_values(model, opt, LOSS, batch, VAL, linearization="exact")
+    got_loo = step_values(model, opt, LOSS, batch, VAL, linearization="exact-loo")
+    if name == "adafactor":
+        assert_close(est, phi, rtol=1e-8, atol=1e-8 * float(phi.abs().max()))
+        assert_close(got_loo, loo, rtol=1e-8, atol=1e-8 * float(loo.abs().max()))
+        return
+    # bfloat16 rounds each coalition's real update; the marginals are differences of updates
+    for a, b in ((est, phi), (got_loo, loo)):
+        fid = validation.fidelity(b, a)
+        assert fid["pearson"] > 0.99 and fid["relative_l2_error"] < 0.1, fid
