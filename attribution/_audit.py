@@ -20,6 +20,14 @@ import time
 
 import torch
 from torch.func import functional_call
+from torch.utils._pytree import tree_map
+
+from persample import isolated_pass
+
+
+def _as_float64(x):
+    """Floating-point tensors of a validation batch in float64, as the float64 copy of the model."""
+    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,15 +54,17 @@ def real_leave_one_out(computer, opts: list[torch.optim.Optimizer], rows: list[i
     stepped = [p for o in opts for g in o.param_groups for p in g["params"] if p.grad is not None]
     wanted = [p for p in stepped if p in computer.engine._names]
     contributions = {
-        p: c[rows].to(torch.float64) * computer.grad_scale
-        for p, c in computer.engine.per_sample_contributions(wanted, dtype=torch.float64)
+        p: c * computer.grad_scale for p, c in computer.engine.per_sample_contributions(wanted, dtype=torch.float64, rows=rows)
     }
     # One deepcopy shares the memo, so the copied optimizers hold the copied model's parameters.
+    # The copy steps in float64 (load_state_dict casts the state to it): one sample's effect on the
+    # validation loss is often below float32's resolution of the loss.
     twin, twin_opts = copy.deepcopy((model, list(opts)))
+    twin.double()
     twin_params = dict(twin.named_parameters())
     theta = {n: p.detach().clone() for n, p in twin_params.items()}
     state = [copy.deepcopy(o.state_dict()) for o in twin_opts]
-    grads = {names[p]: p.grad.detach().clone() for p in stepped}
+    grads = {names[p]: p.grad.detach().to(torch.float64) for p in stepped}
 
     def stepped_to(remove: int | None) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -66,16 +76,17 @@ def real_leave_one_out(computer, opts: list[torch.optim.Optimizer], rows: list[i
         for n, g in grads.items():
             q = twin_params[n]
             c = contributions.get(originals[n]) if remove is not None else None
-            q.grad = g.clone() if c is None else (g.to(torch.float64) - c[remove].reshape(g.shape)).to(g.dtype)
+            q.grad = g.clone() if c is None else g - c[remove].reshape(g.shape)
         for o in twin_opts:
             o.step()
         return {n: p.detach() for n, p in twin_params.items()}
 
+    val_batches = [tree_map(_as_float64, b) for b in computer.val_batches]
+
     def val_loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        with computer.isolated(), torch.no_grad():
+        with isolated_pass(twin, train_mode=computer.val_train_mode), torch.no_grad():
             return torch.tensor(
-                [float(computer.loss_fn(functional_call(twin, params, (x,)), y)) for x, y in computer.val_batches],
-                dtype=torch.float64,
+                [float(computer.loss_fn(functional_call(twin, params, (x,)), y)) for x, y in val_batches], dtype=torch.float64
             )
 
     # The copies carry the tracker's step hooks too; they return at once for an optimizer they do not track.

@@ -61,6 +61,13 @@ __all__ = ["GhostEngine", "GhostEngineError", "JLike", "ParameterUseError", "Unc
 JLike = float | Mapping[torch.Tensor, "Preconditioner | torch.Tensor | float"]
 
 
+def _select_samples(term: Term, rows: torch.Tensor) -> Term:
+    """The samples ``rows`` (indices) of a per-pass term."""
+    if isinstance(term, PerSample):
+        return PerSample(term.c[rows])
+    return Bilinear(term.rows.select(rows), term.cols.select(rows))
+
+
 class GhostEngine:
     """Per-sample first-order values φ[z, k] = −⟨J ⊙ ∇L_val^k, c_z⟩ without per-sample gradients.
 
@@ -746,7 +753,7 @@ class GhostEngine:
         return [(n, terms) for n, terms, _ in (self._pass_terms(p) for p in self._train if p.has_grad)]
 
     def per_sample_contributions(
-        self, params: Sequence[torch.Tensor] | None = None, dtype: torch.dtype | None = None
+        self, params: Sequence[torch.Tensor] | None = None, dtype: torch.dtype | None = None, rows: Sequence[int] | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Each captured sample's contribution c_z to the batch gradient, one parameter at a time.
 
@@ -756,9 +763,11 @@ class GhostEngine:
         Args:
             params: parameters to yield (default: every parameter a captured term covers).
             dtype: dtype of the contributions (default: the captured one).
+            rows: only these samples (indices into the step's ``n_total`` samples, in this order;
+                the others are never materialized). Default: all.
         Yields:
-            ``(param, c)`` with ``c`` of shape ``[n_total, *param.shape]``; a parameter a pass did
-            not reach gets zeros for that pass's samples.
+            ``(param, c)`` with ``c`` of shape ``[n_total, *param.shape]`` (``[len(rows), ...]``); a
+            parameter a pass did not reach gets zeros for that pass's samples.
         Raises:
             GhostEngineError: no training backward was captured, or the step was contracted
                 during the backward (``stream``), which released the factors.
@@ -781,17 +790,34 @@ class GhostEngine:
             raise GhostEngineError("no training backward pass was captured; run forward and backward inside capture_train()")
         passes = [self._pass_terms(p) for p in train]
         wanted = params if params is not None else [p for p in self._names if any(p in t for _, t, _ in passes)]
+        # Per pass: the positions (in the output) and local indices of the requested samples.
+        starts, picks, offset = [], [], 0
+        for n, _, _ in passes:
+            if rows is None:
+                picks.append(None)
+            else:
+                picks.append([(out, r - offset) for out, r in enumerate(rows) if offset <= r < offset + n])
+            starts.append(offset)
+            offset += n
         for p in wanted:
             target = p.dtype if dtype is None else dtype
             blocks = []
-            for n, terms, _ in passes:
+            for (n, terms, _), pick in zip(passes, picks):
                 ts = terms.get(p)
+                if pick is not None:
+                    local = torch.tensor([r for _, r in pick], dtype=torch.long)
+                    ts = [_select_samples(t, local) for t in ts] if ts else ts
+                    n = len(local)
                 if ts:  # factors of a half-precision layer may mix dtypes: materialize in the target one
                     c = sum(t.to(target).materialize(p.shape) for t in ts)
                 else:
                     c = torch.zeros(n, *p.shape, dtype=target, device=p.device)
                 blocks.append(c)
-            yield p, torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+            c = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+            if rows is not None:  # concatenated pass by pass: back to the order of ``rows``
+                order = torch.tensor([out for pick in picks for out, _ in pick], dtype=torch.long)
+                c = c[torch.argsort(order)]
+            yield p, c
 
     def values(
         self,

@@ -167,32 +167,36 @@ def exact_update_values(
         if missing:
             raise ValueError(f"val_grads[{missing[0]}] has no gradient for a parameter of shape {tuple(p.shape)}")
         D = p.numel()
-        cs = (c.detach() * scale).reshape(n, D)
-        V = torch.stack([val_grads[k][p].detach().reshape(D).to(cs.dtype) for k in range(K)], dim=1)  # [D, K]
-        ends = lin.update_batch(p, torch.stack([torch.zeros_like(cs[0]), cs.sum(0)]).reshape(2, *p.shape)).reshape(2, D)
-        total += (-(ends[1] - ends[0]).to(V.dtype) @ V).to(torch.float64)
-        if games is not None:
-            for rows in _chunks(2**n, max(1, _CHUNK_ELEMENTS // max(D, 1))):
-                upd = lin.update_batch(p, (masks[rows].to(cs.dtype) @ cs).reshape(-1, *p.shape)).reshape(-1, D)
-                games[rows] += (-upd.to(V.dtype) @ V).to(torch.float64)
-            continue
-        if game == "loo":
-            full = cs.sum(0)
-            for rows in _chunks(n, max(1, _CHUNK_ELEMENTS // max(D, 1))):
-                upd = lin.update_batch(p, (full - cs[rows]).reshape(-1, *p.shape)).reshape(-1, D)
-                # Ū(B) − Ū(B∖z) = −⟨v, Δ(g_B) − Δ(g_B − c_z)⟩
-                marg[rows] += (-(ends[1] - upd).to(V.dtype) @ V).to(torch.float64)
-            continue
-        per_order = max(1, _CHUNK_ELEMENTS // max((n + 1) * D, 1))
-        for rows in _chunks(len(orders), per_order):
-            o = orders[rows]  # [m, n]
-            prefix = torch.cat([torch.zeros(len(o), 1, D, dtype=cs.dtype), cs[o].cumsum(1)], dim=1)  # [m, n+1, D]
-            upd = lin.update_batch(p, prefix.reshape(-1, *p.shape)).reshape(len(o), n + 1, D)
-            # The first and last prefixes are 0 and g_B for every order: use the shared ends so
-            # that each order's marginals telescope to the same Ū(B) − Ū(∅).
-            upd[:, 0], upd[:, n] = ends[0], ends[1]
-            inc = -(upd[:, 1:] - upd[:, :-1]).to(V.dtype) @ V  # [m, n, K], marginal of the player at each position
-            marg[rows].scatter_add_(1, o[:, :, None].expand(-1, -1, K), inc.to(torch.float64))  # a view: in place
+        cs_all = (c.detach() * scale).reshape(n, D)
+        V_all = torch.stack([val_grads[k][p].detach().reshape(D).to(cs_all.dtype) for k in range(K)], dim=1)  # [D, K]
+        rows_per_call = 2**n if games is not None else (n if game == "loo" else n + 1)
+        for lo, hi, update in _coordinate_blocks(lin, p, D, rows_per_call):
+            cs, V = cs_all[:, lo:hi], V_all[lo:hi]
+            d = hi - lo
+            ends = update(torch.stack([torch.zeros_like(cs[0]), cs.sum(0)]))
+            total += (-(ends[1] - ends[0]).to(V.dtype) @ V).to(torch.float64)
+            if games is not None:
+                for rows in _chunks(2**n, max(1, _CHUNK_ELEMENTS // max(d, 1))):
+                    upd = update(masks[rows].to(cs.dtype) @ cs)
+                    games[rows] += (-upd.to(V.dtype) @ V).to(torch.float64)
+                continue
+            if game == "loo":
+                full = cs.sum(0)
+                for rows in _chunks(n, max(1, _CHUNK_ELEMENTS // max(d, 1))):
+                    upd = update(full - cs[rows])
+                    # Ū(B) − Ū(B∖z) = −⟨v, Δ(g_B) − Δ(g_B − c_z)⟩
+                    marg[rows] += (-(ends[1] - upd).to(V.dtype) @ V).to(torch.float64)
+                continue
+            per_order = max(1, _CHUNK_ELEMENTS // max((n + 1) * d, 1))
+            for rows in _chunks(len(orders), per_order):
+                o = orders[rows]  # [m, n]
+                prefix = torch.cat([torch.zeros(len(o), 1, d, dtype=cs.dtype), cs[o].cumsum(1)], dim=1)  # [m, n+1, d]
+                upd = update(prefix.reshape(-1, d)).reshape(len(o), n + 1, d)
+                # The first and last prefixes are 0 and g_B for every order: use the shared ends so
+                # that each order's marginals telescope to the same Ū(B) − Ū(∅).
+                upd[:, 0], upd[:, n] = ends[0], ends[1]
+                inc = -(upd[:, 1:] - upd[:, :-1]).to(V.dtype) @ V  # [m, n, K], marginal of the player at each position
+                marg[rows].scatter_add_(1, o[:, :, None].expand(-1, -1, K), inc.to(torch.float64))  # a view: in place
     if n is None:
         raise ValueError("no contributions were given; pass (param, c) pairs for the parameters the step moves")
     if games is not None:
@@ -204,6 +208,23 @@ def exact_update_values(
     pairs = marg.reshape(-1, 2, n, K).mean(1)  # antithetic pairs are the independent draws
     stderr = pairs.std(0, unbiased=True) / pairs.shape[0] ** 0.5 if pairs.shape[0] > 1 else torch.full_like(values, float("nan"))
     return ExactValues(values, stderr, len(orders), total)
+
+
+def _coordinate_blocks(lin, p: torch.Tensor, D: int, rows: int):
+    """``(lo, hi, update)`` blocks of p's flat coordinates, ``update([m, hi − lo]) -> [m, hi − lo]``.
+
+    An elementwise rule is evaluated on blocks small enough that ``rows`` gradients of a block
+    fit the chunk size (so a large embedding never builds [n + 1, numel] tensors); an operator
+    rule couples its coordinates and is evaluated whole.
+    """
+    structure = lin.structure_of(p) if hasattr(lin, "structure_of") else getattr(lin, "structure", "elementwise")
+    if structure != "elementwise" or not hasattr(lin, "update_coordinates") or rows * D <= _CHUNK_ELEMENTS:
+        yield 0, D, lambda G: lin.update_batch(p, G.reshape(-1, *p.shape)).reshape(len(G), -1)
+        return
+    size = max(1, _CHUNK_ELEMENTS // rows)
+    for lo in range(0, D, size):
+        hi = min(D, lo + size)
+        yield lo, hi, lambda G, lo=lo, hi=hi: lin.update_coordinates(p, G, lo, hi)
 
 
 def _chunks(m: int, size: int):

@@ -612,6 +612,38 @@ class OptimizerLinearization(abc.ABC):
         except RuntimeError:
             return torch.stack([cls.update_rule(theta, g, state) for g in sampled])
 
+    def update_coordinates(self, param: torch.Tensor, grads: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Δ(g) of m gradients at the flat coordinates ``[start, stop)`` of an elementwise rule.
+
+        An elementwise rule on a block of coordinates is the rule on those coordinates, so the
+        exact-update route evaluates large parameters block by block (bounded memory).
+
+        Args:
+            param: a covered parameter with an elementwise rule.
+            grads: ``[m, stop − start]``, the gradients at those coordinates.
+        Returns:
+            ``[m, stop − start]``.
+        Raises:
+            TypeError: the rule is not elementwise (``structure = "operator"``).
+        Example:
+            >>> w = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
+            >>> opt = torch.optim.Adam([w], lr=0.1); w.grad = torch.randn_like(w)
+            >>> lin = linearize(opt); G = torch.randn(3, 4, 5, dtype=torch.float64)
+            >>> torch.equal(lin.update_coordinates(w, G.reshape(3, -1)[:, 6:13], 6, 13), lin.update_batch(w, G).reshape(3, -1)[:, 6:13])
+            True
+        """
+        if self.structure != "elementwise":
+            raise TypeError(f"{type(self).__name__} is not elementwise: its update couples coordinates; use update_batch")
+        theta, _, state = self._inputs(param, param.detach())
+        block = lambda t: t.reshape(-1)[start:stop]  # noqa: E731
+        state = dataclasses.replace(state, **{k: block(v) for k, v in state.tensors().items()})
+        theta, grads = block(theta), grads.detach().to(theta.dtype)
+        cls = type(self)
+        try:
+            return torch.func.vmap(lambda g: cls.update_rule(theta, g, state))(grads)
+        except RuntimeError:
+            return torch.stack([cls.update_rule(theta, g, state) for g in grads])
+
     def tangent(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """J = ∂Δ/∂g at ``grad``, elementwise (shape of ``param``); finite for finite input.
 

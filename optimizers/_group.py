@@ -98,6 +98,12 @@ class LinearizationGroup:
     def update_batch(self, param: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         return self.owner(param).update_batch(param, grads)
 
+    def update_coordinates(self, param: torch.Tensor, grads: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return self.owner(param).update_coordinates(param, grads, start, stop)
+
+    def structure_of(self, param: torch.Tensor) -> str:
+        return self.owner(param).structure
+
     def update_sampled(self, param: torch.Tensor, grads: torch.Tensor, max_coordinates: int = 4096) -> torch.Tensor:
         return self.owner(param).update_sampled(param, grads, max_coordinates)
 

@@ -132,3 +132,34 @@ def test_bad_audit_options_are_refused(kw, match):
     model = _model()
     with pytest.raises(ValueError, match=match):
         InRunShapley(model, torch.optim.SGD(model.parameters(), lr=0.1), LOSS, VAL, **kw)
+
+
+def test_a_float32_model_is_audited_in_float64():
+    """One sample's effect on the validation loss is below float32's resolution of it: the copy steps in float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = X.float(), Y
+    tracker = InRunShapley(model, opt, LOSS, (x[56:], y[56:]), audit_every=1, audit_samples=8)
+    ids = list(range(48))
+    with tracker.batch(ids):
+        LOSS(model(x[:48]), y[:48]).backward()
+    opt.step()
+    row = tracker.audit().iloc[0]
+    assert row.pearson > 0.99 and row.relative_error < 0.05, row
+    tracker.close()
+
+
+def test_selected_rows_across_micro_batches_come_back_in_the_order_asked():
+    from estimators import GhostEngine
+
+    model = _model()
+    engine = GhostEngine(model)
+    with engine.capture_train():
+        LOSS(model(X[:5]), Y[:5]).backward()
+        engine.mark_boundary()
+        LOSS(model(X[5:9]), Y[5:9]).backward()
+    full = dict(engine.per_sample_contributions())
+    picked = dict(engine.per_sample_contributions(rows=[7, 1, 5]))
+    for p in model.parameters():
+        assert torch.equal(picked[p], full[p][[7, 1, 5]])

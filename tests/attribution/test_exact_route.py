@@ -345,3 +345,18 @@ def test_operator_rules_exact_route_equals_the_real_optimizers_game(name):
     for a, b in ((est, phi), (got_loo, loo)):
         fid = validation.fidelity(b, a)
         assert fid["pearson"] > 0.99 and fid["relative_l2_error"] < 0.1, fid
+
+
+@pytest.mark.parametrize("n, linearization", [(6, "exact"), (12, "exact"), (6, "exact-loo")])
+def test_large_parameters_are_evaluated_block_by_block_with_the_same_values(monkeypatch, n, linearization):
+    """Memory stays bounded: elementwise rules are evaluated on blocks of coordinates (here tiny ones)."""
+    import estimators._exact as exact
+
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _warm(model, opt, 1)
+    batch = (X[:n], Y[:n])
+    whole = step_values(model, opt, LOSS, batch, VAL, linearization=linearization, permutations=4)
+    monkeypatch.setattr(exact, "_CHUNK_ELEMENTS", 64)
+    blocks = step_values(model, opt, LOSS, batch, VAL, linearization=linearization, permutations=4)
+    assert_close(blocks, whole, rtol=1e-10, atol=1e-15)
