@@ -510,8 +510,11 @@ class OptimizerLinearization(abc.ABC):
                 f"grads has shape {tuple(grads.shape)}; pass m gradients stacked as [m, *{tuple(param.shape)}]"
             )
         theta, _, state = self._inputs(param, grads[0] if len(grads) else torch.zeros_like(param))
-        grads = grads.detach().to(theta.dtype)
-        cls = type(self)
+        return self._rule_over(theta, grads.detach().to(theta.dtype), state)
+
+    @classmethod
+    def _rule_over(cls, theta: torch.Tensor, grads: torch.Tensor, state: ParamState) -> torch.Tensor:
+        """:meth:`update_rule` for each row of ``grads`` ``[m, ...]``: vmapped, row by row where vmap cannot trace."""
         try:
             return torch.func.vmap(lambda g: cls.update_rule(theta, g, state))(grads)
         except RuntimeError:  # e.g. .item() or Python branching on tensor values inside the rule
@@ -602,15 +605,15 @@ class OptimizerLinearization(abc.ABC):
         stride = max(1, -(-numel // max_coordinates))
         if self.structure != "elementwise" or stride == 1:
             return self.update_batch(param, grads).reshape(len(grads), -1)
-        theta, _, state = self._inputs(param, grads[0])
-        pick = lambda t: t.reshape(-1)[::stride]  # noqa: E731
+        index = slice(None, None, stride)
+        return self._rule_at(param, grads.reshape(len(grads), -1)[:, index], index)
+
+    def _rule_at(self, param: torch.Tensor, grads: torch.Tensor, index: slice) -> torch.Tensor:
+        """An elementwise rule at the flat coordinates ``index`` of ``param``: ``grads`` ``[m, d]`` -> ``[m, d]``."""
+        theta, _, state = self._inputs(param, param.detach())
+        pick = lambda t: t.reshape(-1)[index]  # noqa: E731
         state = dataclasses.replace(state, **{k: pick(v) for k, v in state.tensors().items()})
-        theta, sampled = pick(theta), grads.detach().to(theta.dtype).reshape(len(grads), -1)[:, ::stride]
-        cls = type(self)
-        try:
-            return torch.func.vmap(lambda g: cls.update_rule(theta, g, state))(sampled)
-        except RuntimeError:
-            return torch.stack([cls.update_rule(theta, g, state) for g in sampled])
+        return self._rule_over(pick(theta), grads.detach().to(theta.dtype), state)
 
     def update_coordinates(self, param: torch.Tensor, grads: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Δ(g) of m gradients at the flat coordinates ``[start, stop)`` of an elementwise rule.
@@ -634,15 +637,7 @@ class OptimizerLinearization(abc.ABC):
         """
         if self.structure != "elementwise":
             raise TypeError(f"{type(self).__name__} is not elementwise: its update couples coordinates; use update_batch")
-        theta, _, state = self._inputs(param, param.detach())
-        block = lambda t: t.reshape(-1)[start:stop]  # noqa: E731
-        state = dataclasses.replace(state, **{k: block(v) for k, v in state.tensors().items()})
-        theta, grads = block(theta), grads.detach().to(theta.dtype)
-        cls = type(self)
-        try:
-            return torch.func.vmap(lambda g: cls.update_rule(theta, g, state))(grads)
-        except RuntimeError:
-            return torch.stack([cls.update_rule(theta, g, state) for g in grads])
+        return self._rule_at(param, grads, slice(start, stop))
 
     def tangent(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """J = ∂Δ/∂g at ``grad``, elementwise (shape of ``param``); finite for finite input.
