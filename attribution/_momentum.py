@@ -97,22 +97,11 @@ class MomentumCredit:
         credits, coefs, closing = [], [], []
         for o in self.open:
             closes = o.age + 1 >= self.window
-            n_total = sum(n for n, _ in o.passes)
-            out = torch.zeros(n_total, K, dtype=torch.float64)
+            mult = {}
             for p, a in o.coef.items():
-                if p not in u[0] or a == 0.0:
-                    continue
                 d = decays.get(p, 0.0)
-                mult = a / (1.0 - d) if closes and 0.0 <= d < 1.0 else a
-                row = 0
-                for n, terms in o.passes:
-                    ts = terms.get(p)
-                    if ts:
-                        ts = [t.to(dtype) for t in ts]
-                        for k in range(K):
-                            out[row : row + n, k] -= mult * contract(ts, u[k][p]).to(torch.float64)
-                    row += n
-            credits.append((o.step, o.ids, out))
+                mult[p] = a / (1.0 - d) if closes and 0.0 <= d < 1.0 else a
+            credits.append((o.step, o.ids, _credit(o, u, mult, dtype)))
             coefs.append({p: a * decays.get(p, 0.0) for p, a in o.coef.items()})
             closing.append(closes)
         record = None
@@ -140,27 +129,31 @@ class MomentumCredit:
 
         Step r's remaining credit Σ_{j≥0} a d^j ⟨u_{s+j}, c_z⟩ is estimated as a / (1 − d) ⟨u_last, c_z⟩.
         """
-        out = []
         if not self._last_u:
-            return out
-        K = len(self._last_u)
+            return []
+        out = []
         for o in self.open:
-            n_total = sum(n for n, _ in o.passes)
-            vals = torch.zeros(n_total, K, dtype=torch.float64)
-            for p, a in o.coef.items():
-                d = self._decays.get(p, 0.0)
-                if p not in self._last_u[0] or not 0.0 <= d < 1.0:
-                    continue
-                row = 0
-                for n, terms in o.passes:
-                    ts = terms.get(p)
-                    if ts:
-                        ts = [t.to(self.dtype) for t in ts]
-                        for k in range(K):
-                            vals[row : row + n, k] -= a / (1.0 - d) * contract(ts, self._last_u[k][p]).to(torch.float64)
-                    row += n
-            out.append((o.step, o.ids, vals))
+            mult = {p: a / (1.0 - d) for p, a in o.coef.items() if 0.0 <= (d := self._decays.get(p, 0.0)) < 1.0}
+            out.append((o.step, o.ids, _credit(o, self._last_u, mult, self.dtype)))
         return out
+
+
+def _credit(o: _OpenStep, u: list[dict[torch.Tensor, torch.Tensor]], mult: dict[torch.Tensor, float], dtype) -> torch.Tensor:
+    """``[n_r, K]``: −Σ_p mult_p ⟨u_k[p], c_z⟩ for the samples z of the open step ``o`` (float64)."""
+    K = len(u)
+    out = torch.zeros(sum(n for n, _ in o.passes), K, dtype=torch.float64)
+    for p, m in mult.items():
+        if p not in u[0] or m == 0.0:
+            continue
+        row = 0
+        for n, terms in o.passes:
+            ts = terms.get(p)
+            if ts:
+                ts = [t.to(dtype) for t in ts]
+                for k in range(K):
+                    out[row : row + n, k] -= m * contract(ts, u[k][p]).to(torch.float64)
+            row += n
+    return out
 
 
 def _terms_bytes(passes: Sequence[tuple[int, dict[torch.Tensor, list[Term]]]]) -> int:
