@@ -137,6 +137,12 @@ class MomentumCredit:
             out.append((o.step, o.ids, _credit(o, self._last_u, mult, self.dtype)))
         return out
 
+    def close(self) -> list[tuple[int, list[Hashable], torch.Tensor]]:
+        """:meth:`tails` of every open step, which then leave the window (it is empty afterwards)."""
+        out = self.tails()
+        self.open = []
+        return out
+
 
 def _credit(o: _OpenStep, u: list[dict[torch.Tensor, torch.Tensor]], mult: dict[torch.Tensor, float], dtype) -> torch.Tensor:
     """``[n_r, K]``: −Σ_p mult_p ⟨u_k[p], c_z⟩ for the samples z of the open step ``o`` (float64)."""

@@ -628,6 +628,11 @@ class InRunShapley:
         staged_audit, self._staged_audit = self._staged_audit, None
         if values is None:
             self._skip(reason)
+            if self._momentum is not None and self._momentum.open:
+                # The optimizer took the step, so its buffer decayed and took a gradient the window's
+                # factors do not follow: the open steps are closed now with their tail estimate.
+                for origin, origin_ids, credit in self._momentum.close():
+                    self._ledger.credit(origin_ids, credit / self._world_size, origin=origin)
         else:
             self._ledger.add(ids, values, info=info)
             if staged_audit is not None:

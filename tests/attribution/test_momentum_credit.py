@@ -233,3 +233,38 @@ def test_per_step_values_are_those_of_credit_step():
     assert_close(torch.tensor(own["value"].to_numpy()), torch.tensor(base["value"].to_numpy()), rtol=1e-12)
     for t in (step_tracker, tracker):
         t.close()
+
+
+def test_a_skipped_step_that_the_optimizer_took_closes_the_window(monkeypatch):
+    """Values skipped (non-finite) but the step taken: the buffer moved on without the window, so it is closed, not followed."""
+    import warnings
+
+    from attribution import NonFiniteStepWarning
+
+    model = _model()
+    opt = MOMENTUM["sgd-momentum"](model.parameters())
+    tracker = InRunShapley(model, opt, LOSS, VAL, record_steps=True, credit="momentum", momentum_window=8)
+    computer = tracker._computer
+    real = computer.step_values
+
+    def nan_at_step_2(*args, **kwargs):
+        values = real(*args, **kwargs)
+        return values * float("nan") if tracker.steps == 2 else values
+
+    monkeypatch.setattr(computer, "step_values", nan_at_step_2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteStepWarning)
+        for s in range(4):
+            ids = _batch(s)
+            opt.zero_grad()
+            with tracker.batch(ids):
+                LOSS(model(X[ids]), Y[ids]).backward()
+            opt.step()
+            if s == 2:
+                assert tracker._momentum.open == [] and tracker.skipped_steps == [(2, tracker.skipped_steps[0][1])]
+    hist = tracker.history()
+    closed = hist[(hist.route == "carry") & (hist.step == 2)]  # credited when step 2 was skipped
+    assert set(closed["origin"]) == {0, 1}
+    assert not ((hist.route == "carry") & (hist.origin < 2) & (hist.step > 2)).any()  # nothing follows the stale window
+    assert torch.isfinite(torch.tensor(tracker.values()["value"].to_numpy())).all()
+    tracker.close()
