@@ -99,6 +99,7 @@ class StepComputer:
         self.last_route: str = "linear"
         self.last_nonlinearity: float | None = None
         self.last_stderr: torch.Tensor | None = None
+        self._zero_updates: dict[torch.Tensor, torch.Tensor] = {}
         # Set by begin_stream() for one step: J of a parameter at its .grad, and ∇L_val(θ_t).
         self._stream_slope: Callable[[torch.Tensor], torch.Tensor | float] | None = None
         self._stream_val_grads: list[dict[torch.Tensor, torch.Tensor]] | None = None
@@ -151,6 +152,7 @@ class StepComputer:
         self.engine.clear()
         self._stream_slope = self._stream_val_grads = None
         self.last_lin = self.last_val_grads = self.last_moved = None
+        self._zero_updates = {}
 
     def begin_stream(self, optimizer) -> None:
         """Prepare the coming step's in-backward contraction (``val_point="current"`` only).
@@ -237,7 +239,10 @@ class StepComputer:
         slopes.update({p: estimators.preconditioning(lin, p, batch_grads[p], "sgd") for p in exact})
         # The secant already holds Δ(g_B) − Δ(0): the shift then needs only Δ(0).
         secant = {p: j for p, j in slopes.items() if p not in exact} if kind is LinearizationKind.SECANT else None
-        shift = estimators.val_point_shift(lin, params, batch_grads, self.config.val_point, secant=secant)
+        self._zero_updates = {}  # Δ(0) of each parameter, reused by carry_validation_gradients
+        shift = estimators.val_point_shift(
+            lin, params, batch_grads, self.config.val_point, secant=secant, zero_updates=self._zero_updates
+        )
         # A trainable parameter the optimizer does not step (or that got no gradient) does not move: J = 0.
         slopes.update({p: 0.0 for p in self.params() if p not in slopes})
         if self.engine.modules is not None:  # partial values: only the attributed modules' parameters
@@ -303,7 +308,11 @@ class StepComputer:
         if self.config.val_point is ValPoint.CURRENT:
             shift = None
         else:
-            shift = {p: 0.5 * lin.update(p, torch.zeros_like(self._batch_grad(p))).detach() for p in params}
+            zero = self._zero_updates  # Δ(0) as the step's own shift computed it, where it did
+            shift = {
+                p: 0.5 * (zero[p] if p in zero else lin.update(p, torch.zeros_like(self._batch_grad(p))).detach())
+                for p in params
+            }
         losses = getattr(self, "val_losses", None)
         try:
             return self.validation_gradients(params, shift)

@@ -93,6 +93,7 @@ def val_point_shift(
     val_point: ValPoint | str,
     *,
     secant: Mapping[torch.Tensor, torch.Tensor | float] | None = None,
+    zero_updates: dict[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[torch.Tensor, torch.Tensor] | None:
     """The parameter shift at which the validation gradient is taken (DESIGN section 2).
 
@@ -110,6 +111,8 @@ def val_point_shift(
         secant: optional secant preconditioners per parameter (``preconditioning(lin, p, g_B, "secant")``
             at the same g_B, before any rescaling); parameters missing from it, and operator
             secants (whose J g_B is a quadrature, not Δ(g_B) − Δ(0) to the last digit), use two updates.
+        zero_updates: a dict to receive Δ(0) of each parameter where the shift computed it (midpoint,
+            or lookahead with a secant), for callers that need it again.
     Returns:
         ``None`` for ``current``, else a dict parameter -> shift (shape of the parameter).
     Raises:
@@ -131,11 +134,15 @@ def val_point_shift(
         diagonal = None if secant is None or p not in secant else as_preconditioner(secant[p]).diagonal
         if diagonal is not None:
             chord = diagonal * g  # Δ(g_B) − Δ(0)
-            step = torch.add(lin.update(p, torch.zeros_like(g)), chord, alpha=0.5 if val_point is ValPoint.MIDPOINT else 1.0)
+            zero = lin.update(p, torch.zeros_like(g))
+            step = torch.add(zero, chord, alpha=0.5 if val_point is ValPoint.MIDPOINT else 1.0)
         else:
-            step = lin.update(p, g)
+            step, zero = lin.update(p, g), None
             if val_point is ValPoint.MIDPOINT:
-                step = torch.add(step, lin.update(p, torch.zeros_like(g))).mul_(0.5)
+                zero = lin.update(p, torch.zeros_like(g))
+                step = torch.add(step, zero).mul_(0.5)
+        if zero_updates is not None and zero is not None:
+            zero_updates[p] = zero.detach()
         shift[p] = step.detach()
     return shift
 
