@@ -81,6 +81,7 @@ from attribution import step_values
 from attribution._config import AttributionConfig
 from attribution.experiments.data import Split, WordVocabulary, load_digits, load_rotten_tomatoes
 from attribution.experiments.models import TinyLM, lm_loss, mlp, small_cnn
+from attribution.experiments._json_config import JsonConfig
 from attribution.experiments._report import frame_table
 
 #: name -> (torch.optim class, keyword arguments). Learning rates typical for each optimizer on
@@ -181,7 +182,7 @@ def _check_names(values, accepted, field: str) -> tuple:
 
 
 @dataclasses.dataclass(frozen=True)
-class FidelityConfig:
+class FidelityConfig(JsonConfig):
     """What the study runs; validated on construction and saved as ``config.json`` next to results.
 
     Attributes:
@@ -257,15 +258,6 @@ class FidelityConfig:
         set_("thresholds", tuple(float(t) for t in self.thresholds))
         if self.thresholds and ("auto" not in self.estimators or any(not t >= 0 for t in self.thresholds)):
             raise ValueError(f"thresholds={self.thresholds!r}: give thresholds >= 0, with 'auto' in estimators (got {self.estimators!r})")
-
-    def to_json(self) -> str:
-        """The configuration as JSON (tuples become lists)."""
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> FidelityConfig:
-        """Inverse of :meth:`to_json`."""
-        return cls(**json.loads(text))
 
 
 #: The reduced grid of ``--quick`` (MLP only, Adam and SGD, two phases, leave-one-out only).

@@ -47,6 +47,7 @@ import validation
 from attribution import InRunShapley, step_values
 from attribution import _step as attribution_step
 from attribution.experiments import fidelity
+from attribution.experiments._json_config import JsonConfig
 from attribution.experiments._report import frame_table
 
 #: Tracker name -> InRunShapley keyword arguments (besides record_steps=True); ``thresholds`` add ``auto@τ``.
@@ -55,7 +56,7 @@ TRUTHS = ("shapley", "loo")
 
 
 @dataclasses.dataclass(frozen=True)
-class RunTotalsConfig:
+class RunTotalsConfig(JsonConfig):
     """What ``run-totals`` runs; validated on construction and saved as ``config.json``.
 
     Attributes:
@@ -114,14 +115,6 @@ class RunTotalsConfig:
         if self.pool < max(self.batch, self.lm_batch):
             raise ValueError(f"pool={self.pool} is smaller than a batch ({max(self.batch, self.lm_batch)})")
 
-    def to_json(self) -> str:
-        """The configuration as JSON (tuples become lists)."""
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> RunTotalsConfig:
-        """Inverse of :meth:`to_json`."""
-        return cls(**json.loads(text))
 
     def fidelity_config(self) -> fidelity.FidelityConfig:
         """The fidelity study's configuration with this run's data settings (for ``fidelity.make_task``)."""

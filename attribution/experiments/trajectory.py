@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 import validation
 from attribution import step_values
+from attribution.experiments._json_config import JsonConfig
 from attribution.experiments._report import frame_table, mean_std
 from attribution.experiments.data import load_digits
 from attribution.experiments.fidelity import OPTIMIZERS as STUDY_OPTIMIZERS
@@ -137,7 +138,7 @@ def _increasing(values, field: str, low: int = 1) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrajectoryConfig:
+class TrajectoryConfig(JsonConfig):
     """What the experiment runs; validated on construction and saved as ``config.json``.
 
     Attributes:
@@ -192,15 +193,6 @@ class TrajectoryConfig:
             raise ValueError(f"samples={self.samples}: give 2 <= samples <= batch={self.batch}, or None for the whole batch")
         if not 1 <= self.val_size <= 300:
             raise ValueError(f"val_size={self.val_size}: the digits validation split has 300 samples; give 1 to 300")
-
-    def to_json(self) -> str:
-        """The configuration as JSON (tuples become lists)."""
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> TrajectoryConfig:
-        """Inverse of :meth:`to_json`."""
-        return cls(**json.loads(text))
 
 
 #: ``--quick``: one seed, Adam, s0 = 20, K = 1 and 3, batch 8 (seconds).
