@@ -237,6 +237,7 @@ class StepComputer:
         # An exact parameter still needs a slope for the completeness check (and the rescale c):
         # the SGD proxy is the cheapest; its linear part is replaced below.
         slopes.update({p: estimators.preconditioning(lin, p, batch_grads[p], "sgd") for p in exact})
+        sgd_slope = set(exact)  # parameters valued by the SGD proxy in the engine's pass
         # The secant already holds Δ(g_B) − Δ(0): the shift then needs only Δ(0).
         secant = {p: j for p, j in slopes.items() if p not in exact} if kind is LinearizationKind.SECANT else None
         self._zero_updates = {}  # Δ(0) of each parameter, reused by carry_validation_gradients
@@ -262,7 +263,13 @@ class StepComputer:
             if auto:
                 # A parameter whose share of the step is negligible keeps its slope (its ν is noise).
                 exact |= {p for p, (a, b) in parts.items() if b > 1e-6 * den and a > self.nonlinearity_threshold * b}
+        switched = [p for p in moved if p in exact and p not in sgd_slope]
         exact = [p for p in moved if p in exact]
+        if switched and self.config.estimator is EstimatorKind.GHOST_FACTORED:
+            # The factored path valued the switched parameters with a rank-one J, which the exact
+            # part cannot subtract; value them again with the SGD proxy (exact on that path).
+            slopes.update({p: estimators.preconditioning(lin, p, batch_grads[p], "sgd") for p in switched})
+            values = self._checked_values(slopes, val_grads, grads)
         if exact:
             if not self.exact_available():
                 raise ValueError(_no_exact_reason(self))

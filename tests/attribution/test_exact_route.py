@@ -360,3 +360,15 @@ def test_large_parameters_are_evaluated_block_by_block_with_the_same_values(monk
     monkeypatch.setattr(exact, "_CHUNK_ELEMENTS", 64)
     blocks = step_values(model, opt, LOSS, batch, VAL, linearization=linearization, permutations=4)
     assert_close(blocks, whole, rtol=1e-10, atol=1e-15)
+
+
+def test_the_factored_estimator_takes_the_exact_route_without_its_rank_one_error():
+    """A parameter switched by ν was first valued on the factored path; its exact part must not keep that approximation."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = (X[:8], Y[:8])
+    ghost = step_values(model, opt, LOSS, batch, VAL, route="auto")
+    factored = step_values(model, opt, LOSS, batch, VAL, route="auto", estimator="ghost-factored")
+    slope_only = step_values(model, opt, LOSS, batch, VAL, estimator="ghost-factored")
+    assert float((slope_only - step_values(model, opt, LOSS, batch, VAL)).abs().max()) > 1e-6  # the rank-one J differs
+    assert_close(factored, ghost, rtol=1e-8, atol=1e-12 * float(ghost.abs().max()))
