@@ -20,6 +20,7 @@ last one (u_{s+j} = u_s, decay constant): a multiplier 1 / (1 − decay).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -50,6 +51,9 @@ class StagedCredit:
     record: _OpenStep | None
     last_u: list[dict[torch.Tensor, torch.Tensor]]
     decays: dict[torch.Tensor, float]
+    buffers: dict[torch.Tensor, torch.Tensor]
+    #: a buffer was replaced since the last step: the open steps were closed by their tails instead
+    replaced: bool = False
 
 
 class MomentumCredit:
@@ -69,13 +73,18 @@ class MomentumCredit:
         # u = K ⊙ ∇L_val and the decays of the last committed step, for closing the window on save
         self._last_u: list[dict[torch.Tensor, torch.Tensor]] = []
         self._decays: dict[torch.Tensor, float] = {}
+        # each parameter's buffer as of the last step (weakly): step() updates it in place, so
+        # another object means the optimizer's state was replaced and the window no longer follows it
+        self._buffers: dict[torch.Tensor, weakref.ref] = {}
 
     @property
     def nbytes(self) -> int:
         """Bytes of the captured factors kept for the open window."""
         return sum(o.nbytes for o in self.open)
 
-    def stage(self, lin, params, val_grads, grad_scale: float, passes, ids, step: int, dtype: torch.dtype | None = None) -> StagedCredit:
+    def stage(
+        self, lin, params, val_grads, grad_scale: float, passes, ids, step: int, dtype: torch.dtype | None = None, buffers=None
+    ) -> StagedCredit:
         """Credits of step ``step`` for the open steps, and its own record; nothing is changed until :meth:`commit`.
 
         Args:
@@ -84,6 +93,9 @@ class MomentumCredit:
             grad_scale: c of this step (param.grad = c Σ_z c_z).
             passes: the step's captured terms, ``[(n, {param: [Term]})]`` per micro-batch.
             ids: the step's ids (n_total).
+            buffers: param -> the optimizer's own momentum-buffer tensor (``optimizer.state``), where
+                it exists: ``step()`` updates it in place, so another object than at the last step
+                means the state was replaced, and the open steps are closed by their tails.
         """
         dtype = dtype or self.dtype
         carries = {p: lin.momentum_carry(p) for p in params}
@@ -94,8 +106,10 @@ class MomentumCredit:
             for k in range(K)
         ]
         decays = {p: c.decay for p, c in carries.items()}
-        credits, coefs, closing = [], [], []
-        for o in self.open:
+        buffers = {p: b for p, b in (buffers or {}).items() if p in carries}
+        replaced = any(p in self._buffers and self._buffers[p]() is not b for p, b in buffers.items())
+        credits, coefs, closing = ([], [], []) if not replaced else (self.tails(), [{} for _ in self.open], [True for _ in self.open])
+        for o in self.open if not replaced else ():
             closes = o.age + 1 >= self.window
             mult = {}
             for p, a in o.coef.items():
@@ -109,7 +123,7 @@ class MomentumCredit:
         if coef:
             kept = [(n, {p: ts for p, ts in terms.items() if p in coef}) for n, terms in passes]
             record = _OpenStep(step, list(ids), kept, coef, 0, _terms_bytes(kept))
-        return StagedCredit(credits, coefs, closing, record, u, decays)
+        return StagedCredit(credits, coefs, closing, record, u, decays, buffers, replaced)
 
     def commit(self, staged: StagedCredit) -> list[tuple[int, list[Hashable], torch.Tensor]]:
         """Apply a staged step: advance the open steps, close those at the window's end, open the new one."""
@@ -122,6 +136,7 @@ class MomentumCredit:
             still.append(staged.record)
         self.open = still
         self._last_u, self._decays = staged.last_u, staged.decays
+        self._buffers = {p: weakref.ref(b) for p, b in staged.buffers.items()}
         return staged.credits
 
     def tails(self) -> list[tuple[int, list[Hashable], torch.Tensor]]:

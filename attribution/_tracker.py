@@ -555,7 +555,7 @@ class InRunShapley:
                 c = self._computer
                 self._staged_credit = self._momentum.stage(
                     c.last_lin, c.last_moved, c.carry_validation_gradients(), c.grad_scale, c.engine.captured_terms(), ids,
-                    self._ledger.steps, dtype=c.compute_dtype,
+                    self._ledger.steps, dtype=c.compute_dtype, buffers=_momentum_buffers(self.optimizers),
                 )
         finally:
             self._computer.reset()
@@ -654,6 +654,15 @@ class InRunShapley:
                         stacklevel=3,
                     )
             if staged_credit is not None:
+                if staged_credit.replaced:
+                    warnings.warn(
+                        f"step {self._ledger.steps - 1}: the optimizer's momentum buffer was replaced since the last "
+                        "step (optimizer.load_state_dict or a reset state), so credit='momentum' cannot follow the "
+                        "samples in it: the steps still open in its window were credited their tail estimate now, "
+                        "and the window restarts at this step",
+                        UserWarning,
+                        stacklevel=3,
+                    )
                 for origin, origin_ids, credit in self._momentum.commit(staged_credit):
                     # DDP averages gradients over ranks: this rank's samples are in the buffer as c_z / world_size.
                     self._ledger.credit(origin_ids, credit / self._world_size, origin=origin)
@@ -950,6 +959,16 @@ class InRunShapley:
 
 class FallbackWarning(UserWarning):
     """Some parameters have no ghost rule and use the slower per-module torch.func fallback (exact)."""
+
+
+def _momentum_buffers(opts) -> dict[torch.Tensor, torch.Tensor]:
+    """param -> the optimizer's own momentum-buffer tensor, for the rules that declare one."""
+    out = {}
+    for opt in opts:
+        name = optimizers.linearization_class(type(opt)).momentum_buffer
+        if name is not None:
+            out.update({p: st[name] for p, st in opt.state.items() if isinstance(st.get(name), torch.Tensor)})
+    return out
 
 
 def _check_momentum_credit(opts) -> None:

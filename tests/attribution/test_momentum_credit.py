@@ -268,3 +268,30 @@ def test_a_skipped_step_that_the_optimizer_took_closes_the_window(monkeypatch):
     assert not ((hist.route == "carry") & (hist.origin < 2) & (hist.step > 2)).any()  # nothing follows the stale window
     assert torch.isfinite(torch.tensor(tracker.values()["value"].to_numpy())).all()
     tracker.close()
+
+
+def test_a_replaced_optimizer_state_closes_the_window_and_says_so():
+    """load_state_dict gives the optimizer new buffer tensors: the window cannot follow its samples any more."""
+    import copy as _copy
+
+    model = _model()
+    opt = MOMENTUM["adam"](model.parameters())
+    tracker = InRunShapley(model, opt, LOSS, VAL, record_steps=True, credit="momentum", momentum_window=8)
+    for s in range(5):
+        if s == 3:
+            opt.load_state_dict(_copy.deepcopy(opt.state_dict()))  # the same numbers in new tensors
+        ids = _batch(s)
+        opt.zero_grad()
+        with tracker.batch(ids):
+            LOSS(model(X[ids]), Y[ids]).backward()
+        if s == 3:
+            with pytest.warns(UserWarning, match="momentum buffer was replaced"):
+                opt.step()
+            assert [o.step for o in tracker._momentum.open] == [3]  # the window restarts at this step
+        else:
+            opt.step()
+    hist = tracker.history()
+    carried = hist[hist.route == "carry"]
+    assert not ((carried.step > 3) & (carried.origin < 3)).any()  # nothing follows the replaced buffer
+    assert set(carried[carried.step == 3]["origin"]) == {0, 1, 2}  # closed by their tails there
+    tracker.close()
