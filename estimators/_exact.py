@@ -210,6 +210,12 @@ def exact_update_values(
     return ExactValues(values, stderr, len(orders), total)
 
 
+def _elementwise(lin, p: torch.Tensor) -> bool:
+    """Whether ``lin`` evaluates p's update coordinate by coordinate (``update_coordinates`` applies)."""
+    structure = lin.structure_of(p) if hasattr(lin, "structure_of") else getattr(lin, "structure", "elementwise")
+    return structure == "elementwise" and hasattr(lin, "update_coordinates")
+
+
 def _coordinate_blocks(lin, p: torch.Tensor, D: int, rows: int):
     """``(lo, hi, update)`` blocks of p's flat coordinates, ``update([m, hi − lo]) -> [m, hi − lo]``.
 
@@ -217,8 +223,7 @@ def _coordinate_blocks(lin, p: torch.Tensor, D: int, rows: int):
     fit the chunk size (so a large embedding never builds [n + 1, numel] tensors); an operator
     rule couples its coordinates and is evaluated whole.
     """
-    structure = lin.structure_of(p) if hasattr(lin, "structure_of") else getattr(lin, "structure", "elementwise")
-    if structure != "elementwise" or not hasattr(lin, "update_coordinates") or rows * D <= _CHUNK_ELEMENTS:
+    if not _elementwise(lin, p) or rows * D <= _CHUNK_ELEMENTS:
         yield 0, D, lambda G: lin.update_batch(p, G.reshape(-1, *p.shape)).reshape(len(G), -1)
         return
     size = max(1, _CHUNK_ELEMENTS // rows)
@@ -272,12 +277,18 @@ def update_nonlinearity(
     for p, g in batch_grads.items():
         if p not in lin:
             continue
-        w = sum(val_grads[k][p].detach().abs() for k in range(len(val_grads)) if p in val_grads[k])
-        if not isinstance(w, torch.Tensor):
+        if not any(p in val_grads[k] for k in range(len(val_grads))):
             continue
-        upd = lin.update_sampled(p, torch.stack([torch.zeros_like(g), 0.5 * g, g]), max_coordinates)
-        stride = 1 if upd.shape[1] == p.numel() else max(1, -(-p.numel() // max_coordinates))
-        w = w.reshape(-1)[::stride].to(upd.dtype)
+        if _elementwise(lin, p):
+            # The three gradients only at the sampled coordinates (no [3, *S] stack of the whole parameter).
+            stride = max(1, -(-p.numel() // max_coordinates))
+            gs = g.detach().reshape(-1)[::stride]
+            upd = lin.update_coordinates(p, torch.stack([torch.zeros_like(gs), 0.5 * gs, gs]), 0, p.numel(), stride)
+        else:
+            upd, stride = lin.update_sampled(p, torch.stack([torch.zeros_like(g), 0.5 * g, g]), max_coordinates), 1
+        # The weights at the sampled coordinates only (not |∇L_val| over the whole parameter).
+        w = sum(val_grads[k][p].detach().reshape(-1)[::stride].abs() for k in range(len(val_grads)) if p in val_grads[k])
+        w = w.to(upd.dtype)
         num = float((w * (upd[1] - 0.5 * (upd[0] + upd[2])).abs()).sum()) * stride
         den = float((w * (0.5 * (upd[2] - upd[0])).abs()).sum()) * stride
         parts[p] = (num, den)

@@ -37,6 +37,14 @@ import torch
 # Upper bound on the elements of one [n, m, T, S] gram block in the pairwise path; the
 # validation samples are processed in chunks to stay under it.
 _GRAM_BUDGET = 1 << 24
+#: Entries of one chunk's [k, T, D] projection in the dense contraction (1 MiB of float32: in cache).
+_PROJECTION_BUDGET = 1 << 18
+
+
+def _sample_chunks(n: int, size: int):
+    """Slices ``[start, start + size)`` covering ``range(n)``."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
 
 
 class Factor(abc.ABC):
@@ -178,9 +186,10 @@ class DenseFactor(Factor):
         return self.x @ M
 
     def inner(self, Y):
-        # One batched dot product per sample instead of x ⊙ Y then a sum: no [n, T, D] temporary.
+        # One dot product per sample instead of x ⊙ Y then a sum: no [n, T, D] temporary. (A batched
+        # bmm of [n, 1, TD] × [n, TD, 1] measured 2× slower than vecdot on CPU.)
         n = self.x.shape[0]
-        return torch.bmm(self.x.reshape(n, 1, -1), Y.reshape(n, -1, 1)).reshape(n)
+        return torch.linalg.vecdot(self.x.reshape(n, -1), Y.reshape(n, -1))
 
     def select(self, rows):
         return DenseFactor(self.x[rows])
@@ -421,12 +430,19 @@ class Bilinear(Term):
     def dense_values(self, P):
         M = self.view(P)
         if isinstance(self.rows, OneHotFactor):
-            return self.cols.inner(self.rows.project(M))
-        if isinstance(self.cols, OneHotFactor) or self.rows.size <= self.cols.size:
-            return self.rows.inner(self.cols.project(M.T))
-        # Same n·T·R·C multiply-adds either way; projecting the rows (U_z P) gives the narrower
-        # [n, T, C] intermediate when C < R (an LM head: R = vocabulary, C = width).
-        return self.cols.inner(self.rows.project(M))
+            outer, projected, M = self.cols, self.rows, M
+        elif isinstance(self.cols, OneHotFactor) or self.rows.size <= self.cols.size:
+            outer, projected, M = self.rows, self.cols, M.T
+        else:
+            # Same n·T·R·C multiply-adds either way; projecting the rows (U_z P) gives the narrower
+            # [n, T, C] intermediate when C < R (an LM head: R = vocabulary, C = width).
+            outer, projected = self.cols, self.rows
+        # A few samples at a time, so that the [k, T, D] projection stays in cache while its dot
+        # product is taken: the whole [n, T, D] intermediate measured 1.3–2.5× the matmul alone.
+        k = max(1, _PROJECTION_BUDGET // max(1, projected.T * int(M.shape[-1])))
+        if k >= self.n:
+            return outer.inner(projected.project(M))
+        return torch.cat([outer.select(sl).inner(projected.select(sl).project(M)) for sl in _sample_chunks(self.n, k)])
 
     def total(self, shape):
         R, C = self.rows.size, self.cols.size

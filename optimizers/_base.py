@@ -603,29 +603,38 @@ class OptimizerLinearization(abc.ABC):
         """
         numel = param.numel()
         stride = max(1, -(-numel // max_coordinates))
-        if self.structure != "elementwise" or stride == 1:
+        if self.structure != "elementwise":
             return self.update_batch(param, grads).reshape(len(grads), -1)
         index = slice(None, None, stride)
         return self._rule_at(param, grads.reshape(len(grads), -1)[:, index], index)
 
     def _rule_at(self, param: torch.Tensor, grads: torch.Tensor, index: slice) -> torch.Tensor:
-        """An elementwise rule at the flat coordinates ``index`` of ``param``: ``grads`` ``[m, d]`` -> ``[m, d]``."""
-        theta, _, state = self._inputs(param, param.detach())
-        pick = lambda t: t.reshape(-1)[index]  # noqa: E731
-        state = dataclasses.replace(state, **{k: pick(v) for k, v in state.tensors().items()})
-        return self._rule_over(pick(theta), grads.detach().to(theta.dtype), state)
+        """An elementwise rule at the flat coordinates ``index`` of ``param``: ``grads`` ``[m, d]`` -> ``[m, d]``.
 
-    def update_coordinates(self, param: torch.Tensor, grads: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Δ(g) of m gradients at the flat coordinates ``[start, stop)`` of an elementwise rule.
+        The m gradients are laid side by side on m copies of the coordinates and the rule is
+        evaluated once on m·d coordinates: an elementwise rule on any list of coordinates is the
+        rule on each of them, and this avoids vmap, whose overhead exceeded the arithmetic for
+        the few thousand coordinates of a diagnostic.
+        """
+        theta, _, state = self._inputs(param, param.detach())
+        m = len(grads)
+        pick = lambda t: t.reshape(-1)[index].repeat(m)  # noqa: E731
+        state = dataclasses.replace(state, **{k: pick(v) for k, v in state.tensors().items()})
+        g = grads.detach().to(theta.dtype).reshape(-1)
+        return type(self).update_rule(pick(theta), g, state).reshape(m, -1)
+
+    def update_coordinates(self, param: torch.Tensor, grads: torch.Tensor, start: int, stop: int, step: int = 1) -> torch.Tensor:
+        """Δ(g) of m gradients at the flat coordinates ``range(start, stop, step)`` of an elementwise rule.
 
         An elementwise rule on a block of coordinates is the rule on those coordinates, so the
         exact-update route evaluates large parameters block by block (bounded memory).
 
         Args:
             param: a covered parameter with an elementwise rule.
-            grads: ``[m, stop − start]``, the gradients at those coordinates.
+            grads: ``[m, d]``, the gradients at those d = len(range(start, stop, step)) coordinates.
+            step: every step-th coordinate (a strided sample for diagnostics).
         Returns:
-            ``[m, stop − start]``.
+            ``[m, d]``.
         Raises:
             TypeError: the rule is not elementwise (``structure = "operator"``).
         Example:
@@ -637,7 +646,7 @@ class OptimizerLinearization(abc.ABC):
         """
         if self.structure != "elementwise":
             raise TypeError(f"{type(self).__name__} is not elementwise: its update couples coordinates; use update_batch")
-        return self._rule_at(param, grads, slice(start, stop))
+        return self._rule_at(param, grads, slice(start, stop, step))
 
     def tangent(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """J = ∂Δ/∂g at ``grad``, elementwise (shape of ``param``); finite for finite input.

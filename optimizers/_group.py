@@ -98,8 +98,8 @@ class LinearizationGroup:
     def update_batch(self, param: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         return self.owner(param).update_batch(param, grads)
 
-    def update_coordinates(self, param: torch.Tensor, grads: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return self.owner(param).update_coordinates(param, grads, start, stop)
+    def update_coordinates(self, param: torch.Tensor, grads: torch.Tensor, start: int, stop: int, step: int = 1) -> torch.Tensor:
+        return self.owner(param).update_coordinates(param, grads, start, stop, step)
 
     def structure_of(self, param: torch.Tensor) -> str:
         return self.owner(param).structure

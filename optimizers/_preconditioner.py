@@ -143,16 +143,24 @@ class Diagonal(Preconditioner):
         if not isinstance(values, torch.Tensor):
             raise TypeError(f"Diagonal expects a tensor of slopes, got {type(values).__name__}; use Scalar for one number")
         self.values = values.detach()
+        self._scalar: float | None | bool = False  # not looked at yet
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
         return self.values.to(v.dtype) * v
 
     @property
     def scalar(self) -> float | None:
-        flat = self.values.reshape(-1)
-        if flat.numel() and bool((flat == flat[0]).all()):
-            return float(flat[0])
-        return None
+        # Asked several times per step (path choice, capture, checks): scan once, and look at 16
+        # strided entries before the whole tensor (an Adam J differs there at once).
+        if self._scalar is False:
+            flat = self.values.reshape(-1)
+            self._scalar = None
+            if flat.numel():
+                first = flat[0]
+                probe = flat[:: max(1, flat.numel() // 16)]
+                if bool((probe == first).all()) and bool((flat == first).all()):
+                    self._scalar = float(first)
+        return self._scalar
 
     @property
     def diagonal(self) -> torch.Tensor:

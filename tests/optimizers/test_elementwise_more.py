@@ -326,3 +326,33 @@ def test_every_modelled_flag_is_sampled_by_the_conformance_check(opt_cls):
         drawn |= set(cls.sample_hyperparameters(rng))
     assert wanted <= drawn, wanted - drawn
     assert passes(check_linearization(cls, cases=4, seed=1))
+
+
+SAMPLED = {
+    **OPTIMIZERS,
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1),
+    "adamw-amsgrad": lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True),
+    "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "rmsprop-centered": lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5, centered=True),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-2, lr_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLED))
+@pytest.mark.parametrize("max_coordinates", [3, 7, 4096])
+def test_update_sampled_is_the_update_at_every_kth_coordinate(name, max_coordinates):
+    """The ν diagnostic's evaluation on strided coordinates (m gradients side by side) is the full update there."""
+    model = _model(3)
+    opt = SAMPLED[name](model.parameters())
+    for k in range(4):
+        _backward(model, 300 + k)
+        opt.step()
+    _backward(model, 399)
+    lin = linearize(opt)
+    for p in model.parameters():
+        G = torch.stack([torch.zeros_like(p.grad), 0.5 * p.grad, p.grad, -3 * p.grad])
+        stride = max(1, -(-p.numel() // max_coordinates))
+        expected = torch.stack([lin.update(p, g) for g in G]).reshape(len(G), -1)[:, ::stride]
+        got = lin.update_sampled(p, G, max_coordinates)
+        assert got.shape == expected.shape, name
+        assert_close(got, expected, rtol=1e-12, atol=1e-15)
