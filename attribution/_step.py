@@ -100,6 +100,8 @@ class StepComputer:
         self.last_nonlinearity: float | None = None
         self.last_stderr: torch.Tensor | None = None
         self._zero_updates: dict[torch.Tensor, torch.Tensor] = {}
+        #: Compute an embedding's J on the rows the step touches only (values unchanged; False: whole tables).
+        self.row_restriction = True
         # Set by begin_stream() for one step: J of a parameter at its .grad, and ∇L_val(θ_t).
         self._stream_slope: Callable[[torch.Tensor], torch.Tensor | float] | None = None
         self._stream_val_grads: list[dict[torch.Tensor, torch.Tensor]] | None = None
@@ -225,11 +227,12 @@ class StepComputer:
         # automatic route those whose update jumps at g = 0 (no secant) or, below, is far from linear.
         exact: set[torch.Tensor] = set(params) if kind.is_exact else set()
         slopes = {}
+        supports = self._row_supports(grads)
         for p in params:
             if p in exact:
                 continue
             try:
-                slopes[p] = estimators.preconditioning(lin, p, batch_grads[p], kind)
+                slopes[p] = estimators.preconditioning(lin, p, batch_grads[p], kind, rows=supports.get(p))
             except optimizers.UpdateJumpError:
                 if not auto:
                     raise
@@ -337,6 +340,29 @@ class StepComputer:
         )
         self.grad_scale = self.engine.grad_scale
         return values.to(torch.float64)
+
+    def _row_supports(self, grads) -> dict[torch.Tensor, torch.Tensor]:
+        """Rows of large, sparsely touched parameters (embeddings) where the step's J is needed.
+
+        Every sample's contribution to such a parameter lies on the rows its tokens hit
+        (``GhostEngine.row_supports``), so the slope is computed there only
+        (:func:`estimators.preconditioning` with ``rows``) and every value is unchanged. Taken only
+        when the gradient itself is zero outside those rows: otherwise a part of it was not
+        captured, and the dense J lets the completeness check see that part. Dense estimators only
+        (the factored path fits J as a whole).
+        """
+        if not self.row_restriction or self.config.estimator not in (EstimatorKind.GHOST, EstimatorKind.MATERIALIZED):
+            return {}
+        out = {}
+        for p, rows in self.engine.row_supports().items():
+            g = grads.get(p)
+            if g is None or 2 * len(rows) > p.shape[0]:
+                continue
+            outside = (g != 0).reshape(g.shape[0], -1).any(1)
+            outside[rows] = False
+            if not bool(outside.any()):
+                out[p] = rows
+        return out
 
     def _batch_grad(self, p: torch.Tensor) -> torch.Tensor:
         """``p.grad`` in the computation dtype (float32 for half-precision parameters)."""

@@ -48,7 +48,7 @@ from ._completeness import tolerance as _TOLERANCE_OF
 from ._config import Factorization, GhostPath, parse_enum
 from ._contraction import StepContraction, _coarsest_dtype, _precondition, _term_magnitude, contract
 from ._errors import GhostEngineError, ParameterUseError, UncoveredParameterError
-from ._factors import Bilinear, PerSample, Term
+from ._factors import Bilinear, OneHotFactor, PerSample, Term
 from ._fallback import _broadcast_index_hooks, _fallback_grads
 from ._paths import choose_path
 from ._rules import registered_rules, rule_for
@@ -751,6 +751,42 @@ class GhostEngine:
         keeps them for the steps its window spans).
         """
         return [(n, terms) for n, terms, _ in (self._pass_terms(p) for p in self._train if p.has_grad)]
+
+    def row_supports(self, min_rows: int = 1024) -> dict[torch.Tensor, torch.Tensor]:
+        """The rows a step's per-sample contributions can touch, for parameters where that is known.
+
+        A parameter (``[R, ...]`` with R ≥ ``min_rows``) every captured term of which is a one-hot
+        row factor (an embedding's weight: c_z = Σ_t e_{x_t} ⊗ b_t) has c_z = 0 outside the rows
+        its tokens hit, for every sample z; the slope J is then needed only there. A parameter
+        also reached by a dense term (a tied LM head) is not listed.
+
+        Returns:
+            ``{param: rows}``, rows a sorted ``int64`` tensor of dim-0 indices (union over samples
+            and micro-batches).
+        """
+        found: dict[torch.Tensor, list[torch.Tensor]] = {}
+        dense: set[torch.Tensor] = set()
+        streamed = self.streamed_params
+        for pas in self._train:
+            if not pas.has_grad:
+                continue
+            for call in pas.calls:
+                if call.grad is None or call.streamed:
+                    continue
+                tracked = self._tracked[call.module]
+                wanted = {a: q for a, q in tracked.covered.items() if q.dim() >= 1 and q.shape[0] >= min_rows and q not in streamed}
+                if not wanted:
+                    continue
+                computed = call.terms if call.terms is not None else tracked.rule.call_terms(call.module, call.args, call.kwargs, call.grad)
+                for attr, q in wanted.items():
+                    term = computed.get(attr)
+                    if isinstance(term, Bilinear) and isinstance(term.rows, OneHotFactor) and term.rows.size == q.shape[0]:
+                        found.setdefault(q, []).append(term.rows.index.reshape(-1))
+                    elif term is not None:
+                        dense.add(q)
+                for q in tracked.uncovered.values():
+                    dense.add(q)
+        return {q: torch.unique(torch.cat(idx)) for q, idx in found.items() if q not in dense}
 
     def per_sample_contributions(
         self, params: Sequence[torch.Tensor] | None = None, dtype: torch.dtype | None = None, rows: Sequence[int] | None = None

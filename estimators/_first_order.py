@@ -46,7 +46,9 @@ def _check_pair(batch: Any) -> None:
         )
 
 
-def preconditioning(lin: Any, param: torch.Tensor, batch_grad: torch.Tensor, kind: LinearizationKind | str) -> Preconditioner:
+def preconditioning(
+    lin: Any, param: torch.Tensor, batch_grad: torch.Tensor, kind: LinearizationKind | str, rows: torch.Tensor | None = None
+) -> Preconditioner:
     """The applied preconditioner Jᵀ of ``param`` for one step (what every estimator consumes).
 
     * tangent: J = ∂Δ/∂g at g_B;  * secant: J = ∫₀¹ ∂Δ/∂g(s g_B) ds, for elementwise rules the
@@ -57,6 +59,9 @@ def preconditioning(lin: Any, param: torch.Tensor, batch_grad: torch.Tensor, kin
         param: a parameter covered by ``lin``, shape ``S``.
         batch_grad: the batch gradient g_B of ``param`` (what ``param.grad`` holds), shape ``S``.
         kind: a :class:`LinearizationKind` or its string value.
+        rows: optional ``int64`` dim-0 rows outside which every vector J meets is zero (the rows an
+            embedding's tokens hit): J is computed there only and is 0 elsewhere
+            (``lin.preconditioner_on_rows``), exact for those vectors.
     Returns:
         An ``optimizers.Preconditioner``: ``Scalar`` (sgd), ``Diagonal`` (elementwise rules) or
         ``Operator`` (Muon, Adafactor); ``.apply(v)`` gives Jᵀ v, shape ``S``.
@@ -76,6 +81,8 @@ def preconditioning(lin: Any, param: torch.Tensor, batch_grad: torch.Tensor, kin
             f"kind={kind.value!r} values the exact-update game and has no slope J to precondition with; use "
             "estimators.exact_update_values (or step_values / InRunShapley with linearization='exact')"
         )
+    if rows is not None and hasattr(lin, "preconditioner_on_rows"):
+        return lin.preconditioner_on_rows(param, batch_grad, kind.value, rows)
     if hasattr(lin, "preconditioner"):
         return lin.preconditioner(param, batch_grad, kind.value)
     # A duck-typed linearization with tensor slopes only (tangent/secant/learning_rate).

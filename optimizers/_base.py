@@ -764,6 +764,44 @@ class OptimizerLinearization(abc.ABC):
             what=f"{'an' if name[0] in 'AEIOU' else 'a'} {name} parameter of shape {tuple(param.shape)}",
         )
 
+    def preconditioner_on_rows(self, param: torch.Tensor, grad: torch.Tensor, kind: Any, rows: torch.Tensor) -> Preconditioner:
+        """J of ``param`` on the rows ``rows`` (dim 0) and 0 elsewhere: the rule evaluated on those rows only.
+
+        For vectors supported on ``rows`` (an embedding's per-sample gradients c_z, whose rows are
+        the tokens of the step) the result acts exactly as :meth:`preconditioner`; the rule then
+        costs in proportion to the rows a step touches, not to the whole table. Rules that are not
+        elementwise, that override :meth:`preconditioner`, and the SGD proxy are computed whole.
+
+        Args:
+            param: a covered parameter, shape ``[R, *rest]``.
+            grad: its batch gradient, shape ``[R, *rest]``.
+            kind: ``"tangent"``, ``"secant"`` or ``"sgd"``.
+            rows: ``int64`` row indices, shape ``[r]``.
+        Returns:
+            A :class:`Preconditioner` (a :class:`Diagonal` with zeros outside ``rows``).
+        Example:
+            >>> w = torch.nn.Parameter(torch.randn(5, 2, dtype=torch.float64))
+            >>> opt = torch.optim.Adam([w], lr=0.1); w.grad = torch.randn_like(w)
+            >>> lin = linearize(opt); rows = torch.tensor([1, 3])
+            >>> J = lin.preconditioner_on_rows(w, w.grad, "secant", rows).diagonal
+            >>> torch.equal(J[rows], lin.secant(w, w.grad)[rows]), bool((J[[0, 2, 4]] == 0).all())
+            (True, True)
+        """
+        name = str(getattr(kind, "value", kind))
+        if (
+            name not in ("tangent", "secant")
+            or self.structure != "elementwise"
+            or type(self).preconditioner is not OptimizerLinearization.preconditioner
+            or param.dim() == 0
+        ):
+            return self.preconditioner(param, grad, kind)
+        theta, g, state = self._inputs(param, grad)
+        pick = lambda t: t.index_select(0, rows)  # noqa: E731
+        state = dataclasses.replace(state, **{k: pick(v) for k, v in state.tensors().items()})
+        rule = type(self).tangent_rule if name == "tangent" else type(self).secant_rule
+        part = rule(pick(theta), pick(g), state)
+        return Diagonal(torch.zeros(theta.shape, dtype=part.dtype, device=part.device).index_copy_(0, rows, part))
+
     @classmethod
     def path_breakpoints(cls, theta: torch.Tensor, grad: torch.Tensor, state: ParamState) -> list[float]:
         """Points of (0, 1) where s ↦ Δ(s·grad) is not smooth, for an operator rule's secant (default none).

@@ -119,6 +119,9 @@ class LinearizationGroup:
     def preconditioner(self, param: torch.Tensor, grad: torch.Tensor, kind: Any = "tangent") -> Preconditioner:
         return self.owner(param).preconditioner(param, grad, kind)
 
+    def preconditioner_on_rows(self, param: torch.Tensor, grad: torch.Tensor, kind: Any, rows: torch.Tensor) -> Preconditioner:
+        return self.owner(param).preconditioner_on_rows(param, grad, kind, rows)
+
     def learning_rate(self, param: torch.Tensor) -> float:
         return self.owner(param).learning_rate(param)
 

@@ -87,11 +87,16 @@ DEFAULTS = {
 #: embeddings), to compare the ghost rules of transformers' layers with the hand-built ones.
 LANGUAGE_MODELS = ("gpt", "hf-gpt2", "hf-llama")
 DEFAULTS.update({name: dict(DEFAULTS["gpt"]) for name in LANGUAGE_MODELS[1:]})
+#: Fine-tuning the pretrained all-MiniLM-L6-v2 (bundled weights, 22.7M parameters, half of them the
+#: 30,522-row token-embedding table) with a linear head on Rotten Tomatoes sentences, AdamW lr 2e-5.
+PRETRAINED = ("minilm",)
+DEFAULTS["minilm"] = dict(seq_len=64, batch=16, val_batch=4, lr=2e-5)
 QUICK = {
     "gpt": dict(vocab=256, width=32, depth=2, heads=2, seq_len=32, batch=16, val_batch=4, rounds=2, steps=2, memory_steps=2),
     "mlp": dict(d_in=32, width=64, depth=2, classes=10, batch=64, val_batch=16, rounds=2, steps=2, memory_steps=2),
 }
 QUICK.update({name: dict(QUICK["gpt"]) for name in LANGUAGE_MODELS[1:]})
+QUICK["minilm"] = dict(seq_len=16, batch=4, val_batch=2, rounds=2, steps=1, memory_steps=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +170,8 @@ class Workload:
         self.loss_fn = lm_loss if cfg.model in LANGUAGE_MODELS else nn.functional.cross_entropy
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.01)
         data = make_data(cfg)
-        self.batches = [(x.to(device), y.to(device)) for x, y in data["train"]]
-        val = [(x.to(device), y.to(device)) for x, y in data["val"]]
+        self.batches = [(_to(x, device), y.to(device)) for x, y in data["train"]]
+        val = [(_to(x, device), y.to(device)) for x, y in data["val"]]
         self.tracker = None
         if mode != BASELINE:
             stream = mode.endswith(STREAMED)
@@ -206,8 +211,18 @@ class Workload:
         return [float(v) for v in self.losses]
 
 
+def _to(x, device):
+    """A tensor, or a dict of tensors (the MiniLM inputs), on ``device``."""
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
 def build_model(cfg: BenchConfig) -> nn.Module:
-    """The GPT-2-style decoder (tied embeddings, pre-LN, GELU, learned positions) or the MLP."""
+    """The GPT-2-style decoder (tied embeddings, pre-LN, GELU, learned positions), the MLP or pretrained MiniLM."""
+    if cfg.model == "minilm":
+        from attribution.experiments.prune import MiniLMClassifier, load_minilm, make_head
+
+        encoder, _ = load_minilm()  # dropout off (eval mode): both copies see the same function
+        return MiniLMClassifier(encoder, make_head(0, cfg.seed)).eval()
     if cfg.model == "gpt":
         return TinyLM(cfg.vocab, cfg.width, cfg.depth, cfg.heads, max_len=cfg.seq_len, tied=True, seed=cfg.seed)
     if cfg.model in LANGUAGE_MODELS:
@@ -255,6 +270,21 @@ def make_data(cfg: BenchConfig) -> dict[str, list[tuple[torch.Tensor, torch.Tens
     """
     g = torch.Generator().manual_seed(cfg.seed + 1)
     n_train = max(cfg.total_steps, cfg.memory_steps)
+    if cfg.model == "minilm":
+        from attribution.experiments.data import load_rotten_tomatoes
+        from attribution.experiments.prune import load_minilm, tokenize
+
+        texts, labels = load_rotten_tomatoes()
+        _, tokenizer = load_minilm()
+        order = torch.randperm(len(texts), generator=g)
+
+        def take(start, n):
+            rows = order[start : start + n]
+            return tokenize(tokenizer, [texts[int(r)] for r in rows], cfg.seq_len), labels[rows].clone()
+
+        val = [take(i * cfg.val_batch, cfg.val_batch) for i in range(cfg.val_targets)]
+        first = cfg.val_targets * cfg.val_batch
+        return {"train": [take(first + i * cfg.batch, cfg.batch) for i in range(n_train)], "val": val}
     if cfg.model in LANGUAGE_MODELS:
         V = cfg.vocab
         logits = torch.randn(V, V, generator=g) * 3.0
@@ -502,7 +532,10 @@ def describe_model(cfg: BenchConfig) -> dict:
     """Kind, sizes and parameter count of the benchmarked model."""
     model = build_model(cfg)
     keys = ("vocab", "width", "depth", "heads", "seq_len") if cfg.model in LANGUAGE_MODELS else ("d_in", "width", "depth", "classes")
-    kind = {"gpt": "gpt2-style decoder (tied embeddings)", "hf-gpt2": "transformers GPT2LMHeadModel", "hf-llama": "transformers LlamaForCausalLM"}
+    if cfg.model in PRETRAINED:
+        keys = ("seq_len",)
+    kind = {"gpt": "gpt2-style decoder (tied embeddings)", "hf-gpt2": "transformers GPT2LMHeadModel", "hf-llama": "transformers LlamaForCausalLM",
+            "minilm": "all-MiniLM-L6-v2 (pretrained, bundled) + linear head, Rotten Tomatoes"}
     desc = {"kind": kind.get(cfg.model, "mlp"), **{k: getattr(cfg, k) for k in keys}}
     desc.update(params=sum(p.numel() for p in model.parameters()), batch=cfg.batch, val_batch=cfg.val_batch, val_targets=cfg.val_targets)
     return desc
