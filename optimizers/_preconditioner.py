@@ -149,6 +149,8 @@ class Diagonal(Preconditioner):
 
     @property
     def scalar(self) -> float | None:
+        if type(self.values) is not torch.Tensor and type(self.values).__name__ == "DTensor":
+            return None  # an FSDP2 shard: the dense order is exact for it (no collective to compare the shards)
         flat = self.values.reshape(-1)
         if flat.numel() and bool((flat == flat[0]).all()):
             return float(flat[0])
