@@ -13,7 +13,7 @@ import estimators
 import optimizers
 from estimators import LinearizationKind, ValPoint
 
-from estimators._sharded import sharded_validation_gradients
+from estimators._sharded import reshard, sharded_validation_gradients
 
 from ._config import AttributionConfig, EstimatorKind
 
@@ -138,6 +138,8 @@ class StepComputer:
     def capture(self):
         """Capture one (micro-)batch's forward and backward."""
         estimators.check_samples_independent(self.model)
+        if self.sharded:
+            reshard(self.model)  # an earlier forward without backward left FSDP2's gathered copies registered
         if self.engine.refresh():  # a layer was unfrozen or added: it is captured from this step on
             self.engine.dtype = compute_dtype(self.model)
         self.engine.mark_boundary()  # each batch context is a micro-batch of its own

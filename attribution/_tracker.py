@@ -17,6 +17,8 @@ import estimators
 import optimizers
 from estimators import IncompleteGradientError, ValPoint
 
+from estimators._sharded import reshard
+
 from ._config import AttributionConfig, EstimatorKind
 from ._distributed import data_parallel, refuse_under_fsdp
 from ._audit import timed_audit
@@ -285,6 +287,8 @@ class InRunShapley:
                 )
             self._computer.all_reduce, self._computer.world_size = self._parallel.all_reduce, self._world_size
         _check_val_batches_fit(self._computer)
+        if self._parallel.sharded:
+            reshard(module)  # the forward above left FSDP2's root unsharded
         self._ledger = Ledger(len(self.val_batches), record_steps)
         self._pending_ids: list[Hashable] = []
         #: (number of ids, first captured pass, end of its passes) of each batch context of this step

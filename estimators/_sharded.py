@@ -75,6 +75,22 @@ def original_type(cls: type) -> type:
     return cls
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module of ``model`` back on its sharded parameters (a no-op when they are).
+
+    A forward without backward (under ``no_grad``, or the root, which FSDP2 does not reshard after
+    its forward) leaves the gathered copies registered as the module's parameters; the engine's
+    model scan and the optimizer's parameters are the sharded ones.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def sharded_mesh(model: nn.Module):
     """The device mesh of ``model``'s sharded parameters, or ``None`` when none is a ``DTensor``.
 
@@ -147,6 +163,7 @@ def sharded_validation_gradients(
                     losses.append(float(loss.detach()))
                 out.append({p: torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params})
     finally:
+        reshard(model)
         for p, g in saved.items():
             p.grad = g
     return out
