@@ -214,6 +214,13 @@ def _refusal_worker(rank, init_file, out_dir, engine):
                 seen[name] = None
             except (ValueError, TypeError) as err:
                 seen[name] = f"{type(err).__name__}: {err}"
+        try:  # an operator preconditioner (Muon on the matrices) cannot be applied to a shard
+            weights = [p for p in model.parameters() if p.dim() == 2]
+            others = [p for p in model.parameters() if p.dim() != 2]
+            InRunShapley(model, [torch.optim.Muon(weights, lr=1e-2), torch.optim.AdamW(others)], LOSS, val).close()
+            seen["muon"] = None
+        except Exception as err:  # noqa: BLE001
+            seen["muon"] = f"{type(err).__name__}: {err}"
         tracker = InRunShapley(model, opt, LOSS, val, linearization="secant")
         before = [_local(p).clone() for p in model.parameters()]
         mine = torch.arange(rank * PER_RANK, (rank + 1) * PER_RANK)
@@ -263,5 +270,6 @@ def test_every_rank_refuses_the_same_bad_step(tmp_path, engine):
     if engine == "fsdp":
         assert "estimator='ghost-factored' is not available under fully_shard" in seen[0]["factored"]
         assert "credit='momentum' is not available under fully_shard" in seen[0]["momentum"]
+        assert seen[0]["muon"].startswith("UnsupportedOptimizerError: Muon has an operator preconditioner")
     else:
         assert seen[0]["factored"] is None and seen[0]["momentum"] is None
