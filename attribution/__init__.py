@@ -32,6 +32,7 @@ Example:
 """
 
 from ._config import AttributionConfig, EstimatorKind
+from ._distributed import RankRefusedError
 from ._ledger import LedgerFileError
 from ._step import step_values
 from ._check import ModelReport, check_model
@@ -56,6 +57,7 @@ __all__ = [
     "ModelReport",
     "NonFiniteStepWarning",
     "PoorLinearizationWarning",
+    "RankRefusedError",
     "SkippedStepWarning",
     "UnsteppedParameterWarning",
     "TrackerUsageError",

@@ -13,6 +13,8 @@ import estimators
 import optimizers
 from estimators import LinearizationKind, ValPoint
 
+from estimators._sharded import reshard, sharded_validation_gradients
+
 from ._config import AttributionConfig, EstimatorKind
 
 #: ν above which ``route="auto"`` values a step by the exact-update game (see docs/theory.md).
@@ -90,6 +92,8 @@ class StepComputer:
         #: Under DDP (set by the tracker): sums a float64 tensor over ranks, and the world size.
         self.all_reduce: Callable | None = None
         self.world_size = 1
+        #: Under FSDP2 (set by the tracker): parameters, gradients and optimizer state are DTensor shards.
+        self.sharded = False
         #: ``"auto"``: take the exact-update route at steps whose nonlinearity ν exceeds
         #: ``nonlinearity_threshold`` (or whose update jumps at g = 0); ``"linear"``: never.
         self.route = "linear"
@@ -122,6 +126,11 @@ class StepComputer:
     def validation_gradients(self, params, shift=None):
         """∇L_val for each validation batch (K dicts), in an isolated pass; the K losses go to ``val_losses``."""
         self.val_losses: list[float] = []
+        if self.sharded:  # FSDP2: a backward of the sharded model; each rank gets its shard of ∇L_val
+            with self.isolated():
+                return sharded_validation_gradients(
+                    self.model, self.loss_fn, self.val_batches, params=params, shift=shift, losses=self.val_losses
+                )
         with self.isolated():
             return estimators.validation_gradients(
                 self.model, self.loss_fn, self.val_batches, params=params, shift=shift, losses=self.val_losses
@@ -131,6 +140,8 @@ class StepComputer:
     def capture(self):
         """Capture one (micro-)batch's forward and backward."""
         estimators.check_samples_independent(self.model)
+        if self.sharded:
+            reshard(self.model)  # an earlier forward without backward left FSDP2's gathered copies registered
         if self.engine.refresh():  # a layer was unfrozen or added: it is captured from this step on
             self.engine.dtype = compute_dtype(self.model)
         self.engine.mark_boundary()  # each batch context is a micro-batch of its own
@@ -215,7 +226,7 @@ class StepComputer:
             if self.route == "auto" and self.config.linearization in _AUTO_KINDS:
                 lin = optimizers.linearize(optimizer)
                 bg = {p: self._batch_grad(p) for p in self.params() if p in lin}
-                self.last_nonlinearity = estimators.update_nonlinearity(lin, bg, self._stream_val_grads)
+                self.last_nonlinearity = self._update_nonlinearity(lin, bg, self._stream_val_grads)
             return values
         lin = optimizers.linearize(optimizer)
         params = [p for p in self.params() if p in lin]
@@ -258,7 +269,7 @@ class StepComputer:
         moved = [p for p in params if p in grads and not optimizers.as_preconditioner(slopes[p]).is_zero]
         self.last_lin, self.last_val_grads, self.last_moved = lin, val_grads, moved
         if watch:
-            parts = estimators.update_nonlinearity(
+            parts = self._update_nonlinearity(
                 lin, {p: batch_grads[p] for p in moved if p not in exact}, val_grads, per_parameter=True
             )
             num, den = sum(a for a, _ in parts.values()), sum(b for _, b in parts.values())
@@ -329,6 +340,14 @@ class StepComputer:
         finally:
             self.val_losses = losses
 
+    def _update_nonlinearity(self, lin, batch_grads, val_grads, *, per_parameter: bool = False):
+        """:func:`estimators.update_nonlinearity`; under FSDP2 on each rank's shards, summed over ranks."""
+        if not self.sharded:
+            return estimators.update_nonlinearity(lin, batch_grads, val_grads, per_parameter=per_parameter)
+        from ._distributed import sharded_update_nonlinearity
+
+        return sharded_update_nonlinearity(lin, batch_grads, val_grads, self.all_reduce, per_parameter=per_parameter)
+
     def exact_available(self) -> bool:
         """Whether the exact-update route can value this tracker's steps (per-sample contributions exist)."""
         return self.world_size == 1 and self._stream_slope is None
@@ -375,7 +394,7 @@ class StepComputer:
         (SGD, the SGD proxy); with a diagonal or operator J everywhere (Adam, Muon) every weight
         is dense, so the validation activations and output gradients need not be kept.
         """
-        if not self.engine.needs_val_capture:
+        if not self.engine.needs_val_capture or self.sharded:  # FSDP2: the dense path, with P gathered per layer
             return False
         if self.config.estimator is not EstimatorKind.GHOST:
             return True
@@ -437,7 +456,7 @@ def _no_exact_reason(computer: StepComputer) -> str:
     if computer.world_size > 1:
         return (
             "the exact-update route needs every sample's contribution in one process; under "
-            "DistributedDataParallel each rank holds only its own. Use linearization='secant' (or 'tangent')"
+            "DistributedDataParallel or fully_shard each rank holds only its own. Use linearization='secant' (or 'tangent')"
         )
     return (
         "the exact-update route needs the captured per-sample factors, which stream=True releases during the "

@@ -17,7 +17,10 @@ import estimators
 import optimizers
 from estimators import IncompleteGradientError, ValPoint
 
+from estimators._sharded import reshard
+
 from ._config import AttributionConfig, EstimatorKind
+from ._distributed import data_parallel, refuse_under_fsdp
 from ._audit import timed_audit
 from ._momentum import MomentumCredit
 from ._ledger import Ledger, atomic_save, check_same_validation, load_checked, normalize_ids, val_fingerprint
@@ -251,15 +254,20 @@ class InRunShapley:
         self.val_batches, self._single_target = as_val_batches(val_batch)
         for opt in self.optimizers:
             _check_optimizer_owns_model(model, opt)
-        module, self._world_size = _unwrap_distributed(model)
+        #: DDP, FSDP2 (fully_shard) or a single process (see attribution/_distributed.py)
+        self._parallel = data_parallel(model)
+        module, self._world_size = self._parallel.module, self._parallel.world_size
         if self.stream and self._world_size > 1:
-            raise ValueError(
-                "stream=True is not available under DistributedDataParallel: the gradient is averaged over ranks "
-                "after the layer hooks run, so J cannot be evaluated there; use stream=False"
-            )
+            raise ValueError(_STREAM_REFUSAL[self._parallel.kind])
         self._computer = StepComputer(
             module, loss_fn, self.val_batches, self.config, val_train_mode=val_mode == "train", strict=strict, modules=modules
         )
+        if self._parallel.sharded:
+            refuse_under_fsdp(
+                estimator=self.config.estimator.value, stream=self.stream, credit=credit, optimizers_=self.optimizers,
+                engine=self._computer.engine,
+            )
+            self._computer.sharded = True
         self._computer.route = route
         self._computer.nonlinearity_threshold = float(nonlinearity_threshold)
         self._computer.exact_permutations = int(exact_permutations)
@@ -277,8 +285,10 @@ class InRunShapley:
                     "the audit needs every sample's contribution in one process; under DistributedDataParallel each "
                     "rank holds only its own. Audit a single-process run, or leave audit_every=None"
                 )
-            self._computer.all_reduce, self._computer.world_size = _ddp_all_reduce(model), self._world_size
+            self._computer.all_reduce, self._computer.world_size = self._parallel.all_reduce, self._world_size
         _check_val_batches_fit(self._computer)
+        if self._parallel.sharded:
+            reshard(module)  # the forward above left FSDP2's root unsharded
         self._ledger = Ledger(len(self.val_batches), record_steps)
         self._pending_ids: list[Hashable] = []
         #: (number of ids, first captured pass, end of its passes) of each batch context of this step
@@ -355,7 +365,8 @@ class InRunShapley:
         self._pending_ids.extend(ids)
         params = [p for p in self._computer.params() if p.grad is not None]
         self._grad_marks = {p: _grad_mark(p) for p in params}
-        self._pending_nonfinite = not _all_finite([p.grad for p in params])
+        # Under FSDP2 each rank sees its shards only: the ranks agree (a collective).
+        self._pending_nonfinite = not self._parallel.all_finite([p.grad for p in params], _all_finite)
 
     def discard(self) -> None:
         """Drop the samples captured since the last step without valuing them (a step skipped on purpose).
@@ -529,13 +540,19 @@ class InRunShapley:
         self._pending_ids, self._blocks, self._grad_marks = [], [], {}
         self._awaiting = [o for o in self.optimizers if o is not optimizer]
         try:
-            self._check_blocks(blocks)
+            error = None
+            try:
+                self._check_blocks(blocks)
+            except (TrackerUsageError, ValueError) as err:
+                error = err
+            # A refusal on one rank's data is every rank's, before the step's collectives start.
+            self._parallel.agree(error)
             params = [p for p in self._computer.params() if p.grad is not None]
             # The gradients the last block left were checked at its end; only edited ones are read again
             # (no in-place edit turns finite values into inf/NaN without showing in the version counter,
             # save an overflow in GradScaler's unscale, which the values' own finiteness check catches).
             unchanged = len(marks) == len(params) and all(marks.get(p) == _grad_mark(p) for p in params)
-            finite = not self._pending_nonfinite if unchanged else _all_finite([p.grad for p in params])
+            finite = not self._pending_nonfinite if unchanged else self._parallel.all_finite([p.grad for p in params], _all_finite)
             if not finite:
                 self._staged = (ids, None, "non-finite gradients (NaN/inf)", None)
                 return
@@ -562,7 +579,7 @@ class InRunShapley:
         if self._world_size > 1:
             # DDP averages gradients over ranks: this rank's samples contribute c_z / world_size.
             values = values / self._world_size
-        if not torch.isfinite(values).all():
+        if self._parallel.any_rank(not bool(torch.isfinite(values).all())):  # the ranks skip the step alike
             cause = getattr(self._computer, "nonfinite_cause", None) or "non-finite values"
             self._staged = (ids, None, f"non-finite values: {cause}", None)
             return
@@ -575,7 +592,7 @@ class InRunShapley:
         nu = c.last_nonlinearity
         if c.last_route == "linear" and nu is not None and nu > c.nonlinearity_threshold and not self._warned_poor:
             self._warned_poor = True
-            why = "stream=True released the per-sample factors" if self.stream else "under DistributedDataParallel"
+            why = "stream=True released the per-sample factors" if self.stream else f"under {_ENGINE_NAME[self._parallel.kind]}"
             warnings.warn(
                 f"step {self._ledger.steps}: the optimizer's update is far from linear in the gradient (nonlinearity "
                 f"{nu:.3f} > {c.nonlinearity_threshold}), so the slope values of this step are unreliable, and the "
@@ -897,7 +914,7 @@ class InRunShapley:
         except ValueError:
             tracker.close()
             raise
-        tracker._ledger = Ledger.from_state_dict(state)
+        tracker._ledger = tracker._rank_ledger(state)
         return tracker
 
     def state(self) -> dict:
@@ -931,7 +948,17 @@ class InRunShapley:
         if {**defaults, **saved} != {**defaults, **mine}:
             raise ValueError(f"the saved run used {saved!r}, this tracker {mine!r}; pass the same options to resume")
         check_same_validation(state, val_fingerprint(self.val_batches), "the checkpoint")
-        self._ledger = Ledger.from_state_dict(state)
+        self._ledger = self._rank_ledger(state)
+
+    def _rank_ledger(self, state: dict) -> Ledger:
+        """The saved ledger for this rank: every rank loads the same file, and values() adds the ranks'
+        ledgers, so under DDP / FSDP2 rank 0 continues the saved totals and the others only the step count."""
+        ledger = Ledger.from_state_dict(state)
+        if self._world_size > 1 and self._parallel.rank != 0:
+            empty = Ledger(ledger.num_targets, ledger.record_steps)
+            empty.steps = ledger.steps
+            return empty
+        return ledger
 
     @staticmethod
     def _option_defaults() -> dict:
@@ -1000,19 +1027,21 @@ def _warn_fallback(engine) -> None:
         )
 
 
-def _ddp_all_reduce(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Sum a small float64 tensor over the ranks of a DDP model's process group."""
-    import torch.distributed as dist
+_ENGINE_NAME = {"ddp": "DistributedDataParallel", "fsdp": "fully_shard (FSDP2)", "single": "one process"}
 
-    group = model.process_group
-
-    def all_reduce(t: torch.Tensor) -> torch.Tensor:
-        device = next(model.parameters()).device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        out = t.to(device).clone()
-        dist.all_reduce(out, group=group)
-        return out.cpu()
-
-    return all_reduce
+_STREAM_REFUSAL = {
+    "ddp": (
+        "stream=True is not available under DistributedDataParallel: DDP all-reduces the gradient after the "
+        "parameters' post-accumulate-grad hooks have run, so the streamed contraction would evaluate J at this rank's "
+        "own gradient, not at the averaged one the optimizer uses. Use stream=False (the contraction then runs in "
+        "the optimizer's step pre-hook, after the all-reduce)"
+    ),
+    "fsdp": (
+        "stream=True is not available under fully_shard (FSDP2): the streamed contraction would gather each layer's "
+        "P inside the backward pass, interleaving its collectives with FSDP's reduce-scatters, which is not "
+        "implemented. Use stream=False (the layers' P are still gathered one at a time, in the step pre-hook)"
+    ),
+}
 
 
 def _weak_hook(tracker: InRunShapley, method: str) -> Callable:
@@ -1059,17 +1088,6 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
     norms = foreach_norm(dense) if foreach_norm is not None else [torch.linalg.vector_norm(g) for g in dense]
     finite = torch.isfinite(torch.stack([n.reshape(()).to(torch.float32) for n in norms])).tolist()
     return all(ok or bool(torch.isfinite(g).all()) for ok, g in zip(finite, dense))
-
-
-def _unwrap_distributed(model: nn.Module) -> tuple[nn.Module, int]:
-    """The module DDP wraps (hooks and the validation pass use it) and the world size (1 without DDP)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, DistributedDataParallel):
-        import torch.distributed as dist
-
-        return model.module, dist.get_world_size(model.process_group)
-    return model, 1
 
 
 def _check_val_batches_fit(computer: StepComputer) -> None:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 
+from ._sharded import is_sharded, local
+
 
 class IncompleteGradientError(RuntimeError):
     """The gradient the optimizer will use is not a uniform multiple of the captured per-sample contributions.
@@ -81,6 +83,8 @@ class _Entry:
     #: sums that cancel across samples or positions.
     magnitude: float = 0.0
     has_grad: bool = False
+    #: ⟨P, param.grad⟩ and its rounding scale are this rank's shard only (FSDP2): summed over ranks by reduce()
+    sharded: bool = False
     # Pending tensors, reduced together in one pass by _settle (no per-entry synchronisation).
     samples: list = dataclasses.field(default_factory=list)
     dots: list = dataclasses.field(default_factory=list)
@@ -137,6 +141,12 @@ class CompletenessCheck:
         """
         entry = self._entry(name, k, grad.dtype)
         entry.tolerance = max(entry.tolerance, tolerance(P.dtype))
+        if is_sharded(grad) or is_sharded(P):
+            # FSDP2: each rank holds one shard of P and of the gradient; the dot product is a sum
+            # of per-shard parts, added over ranks in reduce() (no gather of either tensor).
+            P, grad, entry.sharded = local(P), local(grad), True
+            if grad_norm is not None:
+                grad_norm = local(grad_norm)
         if grad.is_sparse:
             grad = grad.to_dense()
         p, g = P.reshape(-1), grad.reshape(-1)
@@ -211,16 +221,23 @@ class CompletenessCheck:
 
         ``all_reduce(t)`` sums a float64 tensor over ranks; afterwards the identity reads
         ⟨P, grad⟩ = c · (1/W) Σ_ranks Σ_z ⟨P, c_z⟩. Every rank holds the same numbers, so every
-        rank accepts or refuses the step alike.
+        rank accepts or refuses the step alike. Under FSDP2 (entries marked ``sharded``) each rank
+        holds ⟨P, grad⟩ of its own shard: that side (and its rounding scale) is summed over ranks.
         """
         self._settle()
         keys = sorted(self.entries)
         for e in self.entries.values():
             self._rounding(e)  # before the collective decision: the same inputs on every rank
-        local = torch.tensor([[self.entries[key].captured, self.entries[key].spread] for key in keys], dtype=torch.float64).reshape(-1, 2)
-        total = all_reduce(local) / world_size
-        for key, (captured, spread) in zip(keys, total.tolist()):
-            self.entries[key].captured, self.entries[key].spread = captured, spread
+        rows = []
+        for key in keys:
+            e = self.entries[key]
+            rows.append([e.captured, e.spread, e.used if e.sharded else 0.0, e.rounding if e.sharded else 0.0])
+        total = all_reduce(torch.tensor(rows, dtype=torch.float64).reshape(-1, 4))
+        for key, (captured, spread, used, rounding) in zip(keys, total.tolist()):
+            e = self.entries[key]
+            e.captured, e.spread = captured / world_size, spread / world_size
+            if e.sharded:
+                e.used, e.rounding = used, rounding
 
     def grad_scale(self, *, fixed: float | None = None, magnitude=None, noise_floor: dict[int, float] | None = None) -> float:
         """The common ratio c = ⟨P, grad⟩ / Σ_z ⟨P, c_z⟩ over every (parameter, target); 1.0 when within rounding of 1.

@@ -17,6 +17,7 @@ from optimizers._preconditioner import Preconditioner
 
 from ._config import Factorization, GhostPath
 from ._factorize import factored_error, rank_one
+from ._sharded import full
 from ._factors import Bilinear, OneHotFactor, PerSample, Term
 
 
@@ -98,7 +99,12 @@ class StepContraction:
 
 
 def contract(terms: Sequence[Term], P: torch.Tensor) -> torch.Tensor:
-    """Σ_terms ⟨P, c_z⟩ for every sample: ``[n]`` (the dense order, exact for any preconditioner)."""
+    """Σ_terms ⟨P, c_z⟩ for every sample: ``[n]`` (the dense order, exact for any preconditioner).
+
+    Under FSDP2 ``P`` is this rank's shard (a ``DTensor``) and the terms are this rank's samples
+    at full width: the layer's whole P is gathered here, used and dropped (one layer at a time).
+    """
+    P = full(P)
     return sum(t.dense_values(P) for t in terms)
 
 

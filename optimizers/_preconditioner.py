@@ -153,8 +153,10 @@ class Diagonal(Preconditioner):
         # Asked several times per step (path choice, capture, checks): scan once, and look at 16
         # strided entries before the whole tensor (an Adam J differs there at once).
         if self._scalar is False:
-            flat = self.values.reshape(-1)
             self._scalar = None
+            if type(self.values) is not torch.Tensor and type(self.values).__name__ == "DTensor":
+                return None  # an FSDP2 shard: the dense order is exact for it (no collective to compare the shards)
+            flat = self.values.reshape(-1)
             if flat.numel():
                 first = flat[0]
                 probe = flat[:: max(1, flat.numel() // 16)]

@@ -204,6 +204,9 @@ def rule_for(layer_type: type[nn.Module]) -> type[LayerRule] | None:
         >>> rule_for(nn.Linear).__name__, rule_for(MyLinear)
         ('LinearRule', None)
     """
+    from .._sharded import original_type
+
+    layer_type = original_type(layer_type)  # fully_shard's FSDPLinear runs nn.Linear's forward
     rule = _REGISTRY.get(layer_type)
     if rule is None and isinstance(layer_type, type) and layer_type not in _DECLINED:
         module = getattr(layer_type, "__module__", None) or ""

@@ -1,0 +1,275 @@
+"""FSDP2 (``fully_shard``) and DDP: 2 gloo processes on CPU equal one process on the whole batch.
+
+Each test spawns two ranks (file:// rendezvous, as tests/attribution/test_distributed.py), runs
+the tracked loop, and compares values, totals and history in float64 with the single-process
+run on the concatenated global batches (rtol 1e-9, atol 1e-14; measured: about 2e-16 absolute).
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from attribution import InRunShapley, TrackerUsageError
+
+LOSS = nn.functional.cross_entropy
+PER_RANK, WORLD = 4, 2
+RTOL, ATOL = 1e-9, 1e-14
+
+
+# ---------------------------------------------------------------------- models and data
+def _mlp():
+    torch.manual_seed(0)
+    # 3 output rows: the last layer is sharded unevenly over 2 ranks (2 + 1 rows).
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, h):
+        x = self.norm1(h)
+        att = (self.q(x) @ self.k(x).transpose(1, 2)) / x.shape[-1] ** 0.5
+        mask = torch.ones(att.shape[-2:], dtype=torch.bool).tril()
+        h = h + self.o(att.masked_fill(~mask, float("-inf")).softmax(-1) @ self.v(x))
+        return h + self.down(torch.tanh(self.up(self.norm2(h))))
+
+
+class _TinyLM(nn.Module):
+    """A one-block causal transformer whose output head is tied to the token embedding."""
+
+    def __init__(self, vocab: int = 11, d: int = 8, T: int = 5):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(T, d)
+        self.block = _Block(d)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tok.weight  # tied
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+        return self.head(self.norm(self.block(self.tok(ids) + self.pos(pos))))
+
+
+def _lm_loss(logits, targets):
+    return LOSS(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _model(kind):
+    if kind == "mlp":
+        return _mlp()
+    torch.manual_seed(0)
+    return _TinyLM().double()
+
+
+def _data(kind, steps):
+    g = torch.Generator().manual_seed(1)
+    n = steps * PER_RANK * WORLD + 8
+    if kind == "mlp":
+        x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+        return x, torch.randint(0, 3, (n,), generator=g)
+    tokens = torch.randint(0, 11, (n, 6), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _loss(kind):
+    return LOSS if kind == "mlp" else _lm_loss
+
+
+def _global_batches(steps):
+    return [torch.arange(s * PER_RANK * WORLD, (s + 1) * PER_RANK * WORLD) for s in range(steps)]
+
+
+def _shard(model, kind, engine):
+    if engine == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for m in ([model[0], model[2]] if kind == "mlp" else [model.block]):
+        fully_shard(m)
+    return fully_shard(model)  # the tied embedding and head stay in the root's group
+
+
+def _spawn(fn, tmp_path, *args):
+    mp.spawn(fn, args=(str(tmp_path / "init"), str(tmp_path), *args), nprocs=WORLD, join=True)
+
+
+# ---------------------------------------------------------------------- values, history, resume
+STEPS = 3
+
+
+def _train(rank, model, opt, tracker, x, y, loss_fn, batches, *, world=WORLD):
+    for idx in batches:
+        mine = idx[rank * PER_RANK : (rank + 1) * PER_RANK] if world > 1 else idx
+        opt.zero_grad()
+        if tracker is None:
+            loss_fn(model(x[mine]), y[mine]).backward()
+        else:
+            with tracker.batch(mine):
+                loss_fn(model(x[mine]), y[mine]).backward()
+        opt.step()
+
+
+def _local(p):
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _values_worker(rank, init_file, out_dir, engine, kind, linearization):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        x, y = _data(kind, STEPS)
+        val, loss_fn = (x[-8:], y[-8:]), _loss(kind)
+        batches = _global_batches(STEPS)
+        model = _shard(_model(kind), kind, engine)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        tracker = InRunShapley(model, opt, loss_fn, val, linearization=linearization, record_steps=True)
+        _train(rank, model, opt, tracker, x, y, loss_fn, batches[:2])
+        path = f"{out_dir}/run.ledger"
+        tracker.save(path)  # collective: rank 0 writes one file with every rank's values
+        tracker.close()
+        # Resume on every rank from the one file; rank 0 continues the totals, the others the step count.
+        tracker = InRunShapley.load(path, model, opt, loss_fn, val)
+        _train(rank, model, opt, tracker, x, y, loss_fn, batches[2:])
+        values, history, info = tracker.values(), tracker.history(), tracker.step_info()  # collectives
+
+        # The same run without the tracker: training is bit-identical.
+        plain = _shard(_model(kind), kind, engine)
+        plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+        _train(rank, plain, plain_opt, None, x, y, loss_fn, batches)
+        same = all(torch.equal(_local(a), _local(b)) for a, b in zip(model.parameters(), plain.parameters()))
+        same &= all(
+            torch.equal(_local(sa[key]), _local(sb[key]))
+            for sa, sb in zip(opt.state.values(), plain_opt.state.values())
+            for key in sa
+        )
+        torch.save({"values": values, "history": history, "info": info, "same": same}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _single_process(kind, linearization):
+    x, y = _data(kind, STEPS)
+    val, loss_fn = (x[-8:], y[-8:]), _loss(kind)
+    model = _model(kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # Multi-process runs cannot take the exact-update route (each rank holds its own samples only):
+    # the reference is the slope route, with ν computed (an infinite threshold never switches).
+    tracker = InRunShapley(
+        model, opt, loss_fn, val, linearization=linearization, record_steps=True, nonlinearity_threshold=float("inf")
+    )
+    _train(0, model, opt, tracker, x, y, loss_fn, _global_batches(STEPS), world=1)
+    return tracker
+
+
+@pytest.mark.parametrize(
+    "engine,kind,linearization",
+    [("fsdp", "mlp", "secant"), ("fsdp", "mlp", "tangent"), ("fsdp", "lm", "secant"), ("ddp", "mlp", "secant")],
+)
+def test_values_history_and_resume_equal_a_single_process_run(tmp_path, engine, kind, linearization):
+    import pandas as pd
+
+    _spawn(_values_worker, tmp_path, engine, kind, linearization)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert all(r["same"] for r in ranks), "attaching the tracker changed training"
+    single = _single_process(kind, linearization)
+    reference, ref_history = single.values().sort_index(), single.history()
+    for r in ranks:  # every rank gathers every id
+        got = r["values"].sort_index()
+        assert list(got.index) == list(reference.index)
+        assert (got["steps_seen"] == reference["steps_seen"]).all()
+        pd.testing.assert_series_equal(got["value"], reference["value"], rtol=RTOL, atol=ATOL)
+        h = r["history"].sort_values(["step", "id"]).reset_index(drop=True)
+        ref = ref_history.sort_values(["step", "id"]).reset_index(drop=True)
+        assert h[["step", "id"]].equals(ref[["step", "id"]])
+        pd.testing.assert_series_equal(h["value"], ref["value"], rtol=RTOL, atol=ATOL)
+        assert list(r["info"]["step"]) == list(range(STEPS))
+    # The ν diagnostic on shards equals the single-process one (all coordinates of these small layers).
+    nu = ranks[0]["info"]["nonlinearity"].to_numpy()
+    assert nu == pytest.approx(single.step_info()["nonlinearity"].to_numpy(), rel=1e-9, abs=1e-12)
+
+
+# ---------------------------------------------------------------------- refusals on every rank alike
+def _refusal_worker(rank, init_file, out_dir, engine):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    seen = {}
+    try:
+        x, y = _data("mlp", 2)
+        val = (x[-8:], y[-8:])
+        model = _shard(_mlp(), "mlp", engine)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for name, kwargs in [
+            ("stream", {"stream": True, "val_point": "current"}),
+            ("factored", {"estimator": "ghost-factored"}),
+            ("momentum", {"credit": "momentum"}),
+        ]:
+            try:
+                InRunShapley(model, opt, LOSS, val, **kwargs).close()
+                seen[name] = None
+            except (ValueError, TypeError) as err:
+                seen[name] = f"{type(err).__name__}: {err}"
+        try:  # an operator preconditioner (Muon on the matrices) cannot be applied to a shard
+            weights = [p for p in model.parameters() if p.dim() == 2]
+            others = [p for p in model.parameters() if p.dim() != 2]
+            InRunShapley(model, [torch.optim.Muon(weights, lr=1e-2), torch.optim.AdamW(others)], LOSS, val).close()
+            seen["muon"] = None
+        except Exception as err:  # noqa: BLE001
+            seen["muon"] = f"{type(err).__name__}: {err}"
+        tracker = InRunShapley(model, opt, LOSS, val, linearization="secant")
+        before = [_local(p).clone() for p in model.parameters()]
+        mine = torch.arange(rank * PER_RANK, (rank + 1) * PER_RANK)
+        # Rank 1 gives one id too few: both ranks refuse the step, neither waits on the other.
+        opt.zero_grad()
+        with tracker.batch(mine.tolist()[: PER_RANK - rank]):
+            LOSS(model(x[mine]), y[mine]).backward()
+        try:
+            opt.step()
+            seen["ids"] = None
+        except Exception as err:  # noqa: BLE001 - the test records what each rank raised
+            seen["ids"] = type(err).__name__
+        seen["ids_moved"] = any(not torch.equal(a, _local(b)) for a, b in zip(before, model.parameters()))
+        # A non-uniform edit of the gradient on every rank: the reduced completeness check refuses it everywhere.
+        opt.zero_grad()
+        with tracker.batch(mine.tolist()):
+            LOSS(model(x[mine]), y[mine]).backward()
+        nn.utils.clip_grad_value_(model.parameters(), 1e-3)
+        try:
+            opt.step()
+            seen["clip"] = None
+        except TrackerUsageError as err:
+            seen["clip"] = str(err)
+        # The tracker goes on: a clean step is valued on both ranks.
+        opt.zero_grad()
+        with tracker.batch(mine.tolist()):
+            LOSS(model(x[mine]), y[mine]).backward()
+        opt.step()
+        seen["values"] = len(tracker.values())
+    finally:
+        torch.save(seen, f"{out_dir}/refusal{rank}.pt")
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "ddp"])
+def test_every_rank_refuses_the_same_bad_step(tmp_path, engine):
+    _spawn(_refusal_worker, tmp_path, engine)
+    seen = [torch.load(tmp_path / f"refusal{r}.pt", weights_only=False) for r in range(WORLD)]
+    # Rank 1's own error; rank 0 refuses because rank 1 did; the step is taken by neither.
+    assert seen[1]["ids"] == "ValueError" and seen[0]["ids"] == "RankRefusedError"
+    assert not seen[0]["ids_moved"] and not seen[1]["ids_moved"]
+    for s in seen:
+        assert s["clip"] is not None and "is not the sum of the per-sample contributions" in s["clip"]
+        assert s["values"] == WORLD * PER_RANK
+        assert "stream=True is not available under" in s["stream"]
+        assert ("fully_shard" if engine == "fsdp" else "DistributedDataParallel") in s["stream"]
+    if engine == "fsdp":
+        assert "estimator='ghost-factored' is not available under fully_shard" in seen[0]["factored"]
+        assert "credit='momentum' is not available under fully_shard" in seen[0]["momentum"]
+        assert seen[0]["muon"].startswith("UnsupportedOptimizerError: Muon has an operator preconditioner")
+    else:
+        assert seen[0]["factored"] is None and seen[0]["momentum"] is None
