@@ -370,8 +370,8 @@ class StepComputer:
         captured, and the dense J lets the completeness check see that part. Dense estimators only
         (the factored path fits J as a whole).
         """
-        if not self.row_restriction or self.config.estimator not in (EstimatorKind.GHOST, EstimatorKind.MATERIALIZED):
-            return {}
+        if not self.row_restriction or self.sharded or self.config.estimator not in (EstimatorKind.GHOST, EstimatorKind.MATERIALIZED):
+            return {}  # (FSDP2: each rank holds a shard of the table's rows; not implemented there)
         out = {}
         for p, rows in self.engine.row_supports().items():
             g = grads.get(p)
