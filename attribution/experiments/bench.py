@@ -720,6 +720,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-mode memory subprocesses (default: off, memory is measured)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the benchmark: time each phase of a step and print torch.profiler's top operators per mode (default: off)")
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="W > 1: the FSDP2 bench (fully_shard over W gloo CPU processes, an MLP), per-rank throughput and "
+                             "memory ratios against plain FSDP training in the same run; the other size options do not apply "
+                             "(default: %(default)s, the single-process bench)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config-json", default=None, help=argparse.SUPPRESS)
     return parser
@@ -728,6 +732,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Command-line entry point of ``python -m attribution bench``."""
     args = build_parser().parse_args(argv)
+    if args.world_size > 1:
+        # FSDP2 over W gloo processes: its own sized workload (attribution.experiments.bench_distributed)
+        from attribution.experiments import bench_distributed
+
+        extra = ["--world-size", str(args.world_size)] + (["--json", args.json] if args.json else [])
+        bench_distributed.main(extra)
+        return 0
     if args.worker is not None:
         cfg = BenchConfig(**{k: tuple(v) if k == "modes" else v for k, v in json.loads(args.config_json).items()})
         print(json.dumps(worker(cfg, args.worker)))
