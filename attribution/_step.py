@@ -331,7 +331,7 @@ class StepComputer:
         else:
             zero = self._zero_updates  # Δ(0) as the step's own shift computed it, where it did
             shift = {
-                p: 0.5 * (zero[p] if p in zero else lin.update(p, torch.zeros_like(self._batch_grad(p))).detach())
+                p: 0.5 * (zero[p] if p in zero else lin.zero_update(p).detach())
                 for p in params
             }
         losses = getattr(self, "val_losses", None)

@@ -139,14 +139,18 @@ def val_point_shift(
                 "or run backward() first, or leave it out of params"
             )
         diagonal = None if secant is None or p not in secant else as_preconditioner(secant[p]).diagonal
-        if diagonal is not None:
-            chord = diagonal * g  # Δ(g_B) − Δ(0)
-            zero = lin.update(p, torch.zeros_like(g))
-            step = torch.add(zero, chord, alpha=0.5 if val_point is ValPoint.MIDPOINT else 1.0)
+        zero_update = getattr(lin, "zero_update", None) or (lambda q: lin.update(q, torch.zeros_like(g)))
+        if isinstance(diagonal, torch.Tensor):
+            zero = zero_update(p)
+            # Δ(0) + s·(J_sec ⊙ g_B) in one pass (s = ½ or 1: exact scalings, so the same bits as two)
+            step = torch.addcmul(zero, diagonal, g.to(zero.dtype), value=0.5 if val_point is ValPoint.MIDPOINT else 1.0)
+        elif diagonal is not None:  # a scalar secant (SGD)
+            zero = zero_update(p)
+            step = torch.add(zero, diagonal * g, alpha=0.5 if val_point is ValPoint.MIDPOINT else 1.0)
         else:
             step, zero = lin.update(p, g), None
             if val_point is ValPoint.MIDPOINT:
-                zero = lin.update(p, torch.zeros_like(g))
+                zero = zero_update(p)
                 step = torch.add(step, zero).mul_(0.5)
         if zero_updates is not None and zero is not None:
             zero_updates[p] = zero.detach()

@@ -485,6 +485,33 @@ class OptimizerLinearization(abc.ABC):
         """
         return self.update_rule(*self._inputs(param, grad))
 
+    def zero_update(self, param: torch.Tensor) -> torch.Tensor:
+        """Δ(0): the change ``step()`` would make with a zero gradient (what momentum and decay carry).
+
+        Equal to ``update(param, torch.zeros_like(param))``; a rule may give a cheaper
+        :meth:`zero_update_rule` (the midpoint validation point needs Δ(0) of every parameter at
+        every tracked step).
+
+        Args:
+            param: a covered parameter, shape ``S``.
+        Returns:
+            Tensor of shape ``S``, dtype as :meth:`update`.
+        Example:
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+            >>> opt = torch.optim.AdamW([w], lr=0.1)
+            >>> w.grad = torch.tensor([0.3, -0.1], dtype=torch.float64); opt.step()
+            >>> lin = linearize(opt)
+            >>> torch.equal(lin.zero_update(w), lin.update(w, torch.zeros_like(w)))
+            True
+        """
+        theta, _, state = self._inputs(param, param.detach())
+        return self.zero_update_rule(theta, state)
+
+    @classmethod
+    def zero_update_rule(cls, theta: torch.Tensor, state: ParamState) -> torch.Tensor:
+        """Δ(0) under ``state`` (shape of ``theta``); the default evaluates :meth:`update_rule` at g = 0."""
+        return cls.update_rule(theta, torch.zeros_like(theta), state)
+
     def update_batch(self, param: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """Δ(g) for m gradients at once, each under the same frozen state (the exact-update route).
 

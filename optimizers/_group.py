@@ -95,6 +95,9 @@ class LinearizationGroup:
     def update(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return self.owner(param).update(param, grad)
 
+    def zero_update(self, param: torch.Tensor) -> torch.Tensor:
+        return self.owner(param).zero_update(param)
+
     def update_batch(self, param: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         return self.owner(param).update_batch(param, grads)
 

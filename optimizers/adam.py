@@ -152,6 +152,23 @@ class _AdamFamily(OptimizerLinearization):
         return delta
 
     @classmethod
+    def zero_update_rule(cls, theta, st: AdamState):
+        if st.amsgrad or (st.weight_decay != 0 and not st.decoupled_weight_decay):
+            return super().zero_update_rule(theta, st)
+        # g = 0 without an L2 term: m' = β1 m and v' = β2 v, the same operations as update_rule
+        # (so the same bits) without the passes over a zero gradient.
+        t = st.step + 1
+        b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
+        if st.exp_avg is None:
+            delta = torch.zeros_like(theta)
+        else:
+            denom = torch.mul(st.exp_avg_sq, st.beta2).div_(b2).sqrt_().add_(st.eps)
+            delta = torch.mul(st.exp_avg, st.beta1).div_(denom).mul_(-(st.lr / b1))
+        if st.weight_decay != 0:
+            delta = delta - st.lr * st.weight_decay * theta
+        return delta
+
+    @classmethod
     def tangent_rule(cls, theta, grad, st: AdamState):
         # In place on fresh buffers (never on the inputs): these passes are memory-bound.
         sign = -1.0 if st.maximize else 1.0

@@ -49,7 +49,7 @@ from torch import nn
 
 from attribution import InRunShapley
 from attribution.experiments._report import markdown_table
-from attribution.experiments.models import TinyLM, lm_loss, mlp
+from attribution.experiments.models import TinyLM, bench_cnn, lm_loss, mlp
 
 #: Baseline first; then the tracker's estimators; then the streamed variants.
 MODES = ("plain", "ghost-factored", "ghost", "materialized", "ghost-factored-streamed", "ghost-streamed")
@@ -59,14 +59,20 @@ EXTRA_MODES = ("ghost-audit",)
 AUDIT = "-audit"
 BASELINE = "plain"
 STREAMED = "-streamed"
-#: (min throughput ratio, max memory ratio) targets of the issue on the default transformer;
-#: a streamed mode has the target of its estimator.
-TARGETS = {"ghost-factored": (0.95, 1.05), "ghost": (0.75, 1.10)}
+#: (min throughput ratio, max memory ratio) targets per model kind and mode (the performance issues:
+#: the default mode and its streamed variant; memory ≤ 1.05 of plain training for both).
+TARGETS = {
+    "mlp": {"ghost": (0.55, 1.05), "ghost-streamed": (0.60, 1.05)},
+    "cnn": {"ghost": (0.55, 1.05), "ghost-streamed": (0.60, 1.05)},
+    "gpt": {"ghost": (0.70, 1.05), "ghost-streamed": (0.72, 1.05)},
+    "hf-gpt2": {"ghost": (0.70, 1.05), "ghost-streamed": (0.72, 1.05)},
+    "minilm": {"ghost": (0.50, 1.05), "ghost-streamed": (0.55, 1.05)},
+}
 
 
-def target_of(mode: str) -> tuple[float, float] | None:
-    """The (throughput, memory) target of ``mode``, or ``None``."""
-    return TARGETS.get(mode.removesuffix(STREAMED))
+def target_of(mode: str, model: str = "gpt") -> tuple[float, float] | None:
+    """The (throughput, memory) target of ``mode`` on ``model``, or ``None``."""
+    return TARGETS.get(model, {}).get(mode)
 
 
 #: A run whose per-round throughput ratios of a mode lie further than this from their median,
@@ -82,6 +88,8 @@ MAX_RATIO = 1.05
 DEFAULTS = {
     "gpt": dict(vocab=1024, width=128, depth=4, heads=4, seq_len=128, batch=64, val_batch=8),
     "mlp": dict(d_in=256, width=512, depth=2, classes=10, batch=256, val_batch=32),
+    # images 3 × d_in × d_in, ``width`` channels in the first convolution
+    "cnn": dict(d_in=32, width=32, classes=10, batch=128, val_batch=16),
 }
 #: Stock Hugging Face decoders built from configs at the hand-built decoder's sizes (dropout off, tied
 #: embeddings), to compare the ghost rules of transformers' layers with the hand-built ones.
@@ -94,6 +102,7 @@ DEFAULTS["minilm"] = dict(seq_len=64, batch=16, val_batch=4, lr=2e-5)
 QUICK = {
     "gpt": dict(vocab=256, width=32, depth=2, heads=2, seq_len=32, batch=16, val_batch=4, rounds=2, steps=2, memory_steps=2),
     "mlp": dict(d_in=32, width=64, depth=2, classes=10, batch=64, val_batch=16, rounds=2, steps=2, memory_steps=2),
+    "cnn": dict(d_in=8, width=4, classes=10, batch=16, val_batch=4, rounds=2, steps=2, memory_steps=2),
 }
 QUICK.update({name: dict(QUICK["gpt"]) for name in LANGUAGE_MODELS[1:]})
 QUICK["minilm"] = dict(seq_len=16, batch=4, val_batch=2, rounds=2, steps=1, memory_steps=2)
@@ -116,6 +125,8 @@ class BenchConfig:
         modes: the modes to run; the baseline ``plain`` is always included.
         device: ``"cpu"`` or ``"cuda"``.
         threads: ``torch.set_num_threads`` (``None``: torch's default).
+        flush_denormal: ``torch.set_flush_denormal(True)`` in every mode (the default decoder's logit
+            gradients are 42 % subnormal at step 1, which made its plain step 2–3× slower on x86).
         lr, seed: AdamW learning rate (weight decay 0.01) and the seed of weights and data.
     """
 
@@ -137,6 +148,7 @@ class BenchConfig:
     modes: tuple[str, ...] = MODES
     device: str = "cpu"
     threads: int | None = None
+    flush_denormal: bool = True
     lr: float = 1e-3
     seed: int = 0
 
@@ -172,6 +184,7 @@ class Workload:
         data = make_data(cfg)
         self.batches = [(_to(x, device), y.to(device)) for x, y in data["train"]]
         val = [(_to(x, device), y.to(device)) for x, y in data["val"]]
+        self.val_batches = val
         self.tracker = None
         if mode != BASELINE:
             stream = mode.endswith(STREAMED)
@@ -223,6 +236,8 @@ def build_model(cfg: BenchConfig) -> nn.Module:
 
         encoder, _ = load_minilm()  # dropout off (eval mode): both copies see the same function
         return MiniLMClassifier(encoder, make_head(0, cfg.seed)).eval()
+    if cfg.model == "cnn":
+        return bench_cnn(cfg.width, cfg.classes, seed=cfg.seed)
     if cfg.model == "gpt":
         return TinyLM(cfg.vocab, cfg.width, cfg.depth, cfg.heads, max_len=cfg.seq_len, tied=True, seed=cfg.seed)
     if cfg.model in LANGUAGE_MODELS:
@@ -298,11 +313,12 @@ def make_data(cfg: BenchConfig) -> dict[str, list[tuple[torch.Tensor, torch.Tens
                 seq[:, t + 1] = torch.multinomial(probs[seq[:, t]], 1, generator=g).squeeze(1)
             return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
     else:
-        centers = torch.randn(cfg.classes, cfg.d_in, generator=g)
+        shape = (3, cfg.d_in, cfg.d_in) if cfg.model == "cnn" else (cfg.d_in,)
+        centers = torch.randn(cfg.classes, *shape, generator=g)
 
         def draw(n):
             y = torch.randint(0, cfg.classes, (n,), generator=g)
-            return centers[y] + torch.randn(n, cfg.d_in, generator=g), y
+            return centers[y] + torch.randn(n, *shape, generator=g), y
 
     return {"train": [draw(cfg.batch) for _ in range(n_train)], "val": [draw(cfg.val_batch) for _ in range(cfg.val_targets)]}
 
@@ -313,8 +329,10 @@ def _sync(cfg: BenchConfig) -> None:
 
 
 def _set_threads(cfg: BenchConfig) -> None:
+    """Threads and flush-to-zero of subnormal floats, alike for every mode (and every memory worker)."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(cfg.flush_denormal)
 
 
 # ---------------------------------------------------------------------- throughput
@@ -383,6 +401,49 @@ def measure_throughput(cfg: BenchConfig, progress: bool = True) -> dict[str, dic
             "exact_route_steps": w.exact_steps,
         }
     return out
+
+
+# ---------------------------------------------------------------------- the FLOP bound
+def flop_bound(cfg: BenchConfig) -> dict[str, float]:
+    """The throughput ratio an exact tracker could reach if only its matrix arithmetic cost time.
+
+    Counted with ``torch.utils.flop_counter`` (matrix products and convolutions, 2 flops per
+    multiply-add): the plain step's forward+backward F_plain, the K validation forward+backwards
+    F_val, and the dense contraction F_con = 2 Σ_terms n·T·R·C per target (what an exact
+    contraction with an elementwise J must do: ``Bilinear.dense_cost``, n·T·D for an embedding).
+    Elementwise work (the optimizer's update, J, the shift) is not counted, for the plain step
+    neither. ``bound = F_plain / (F_plain + F_val + F_con)``; a mode's efficiency is its measured
+    ratio over this bound.
+
+    Returns:
+        ``{"plain_flops", "val_flops", "contraction_flops", "bound"}``.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from estimators._factors import Bilinear
+
+    w = Workload(cfg, "ghost")
+    x, y = w.batches[0]
+
+    def count(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return float(counter.get_total_flops())
+
+    plain = count(lambda: w.loss_fn(w.model(x), y).backward())
+    val = sum(count(lambda b=b: w.loss_fn(w.model(b[0]), b[1]).backward()) for b in w.val_batches)
+    w.opt.zero_grad(set_to_none=True)
+    engine = w.tracker._computer.engine
+    with engine.capture_train():
+        w.loss_fn(w.model(x), y).backward()
+    per_target = 0
+    for _, terms in engine.captured_terms():
+        for p, ts in terms.items():
+            per_target += sum(t.dense_cost() if isinstance(t, Bilinear) else t.n * p.numel() for t in ts)
+    engine.clear()
+    w.tracker.close()
+    contraction = 2.0 * per_target * len(w.val_batches)
+    return {"plain_flops": plain, "val_flops": val, "contraction_flops": contraction, "bound": plain / (plain + val + contraction)}
 
 
 # ---------------------------------------------------------------------- memory
@@ -534,7 +595,7 @@ def describe_model(cfg: BenchConfig) -> dict:
     keys = ("vocab", "width", "depth", "heads", "seq_len") if cfg.model in LANGUAGE_MODELS else ("d_in", "width", "depth", "classes")
     if cfg.model in PRETRAINED:
         keys = ("seq_len",)
-    kind = {"gpt": "gpt2-style decoder (tied embeddings)", "hf-gpt2": "transformers GPT2LMHeadModel", "hf-llama": "transformers LlamaForCausalLM",
+    kind = {"cnn": "CNN (3 convolutions, mean pool, linear)", "gpt": "gpt2-style decoder (tied embeddings)", "hf-gpt2": "transformers GPT2LMHeadModel", "hf-llama": "transformers LlamaForCausalLM",
             "minilm": "all-MiniLM-L6-v2 (pretrained, bundled) + linear head, Rotten Tomatoes"}
     desc = {"kind": kind.get(cfg.model, "mlp"), **{k: getattr(cfg, k) for k in keys}}
     desc.update(params=sum(p.numel() for p in model.parameters()), batch=cfg.batch, val_batch=cfg.val_batch, val_targets=cfg.val_targets)
@@ -544,6 +605,9 @@ def describe_model(cfg: BenchConfig) -> dict:
 def run(cfg: BenchConfig, *, memory: bool = True, progress: bool = True) -> dict:
     """Throughput (interleaved, in process) and memory (one subprocess per mode); the JSON dict."""
     throughput = measure_throughput(cfg, progress)
+    bound = flop_bound(cfg)
+    for t in throughput.values():
+        t["efficiency"] = None
     mem = measure_memory(cfg, progress) if memory else {}
     base_tp = throughput[BASELINE]["samples_per_s"]
     base_mem = mem.get(BASELINE, {}).get("peak_mb")
@@ -569,6 +633,7 @@ def run(cfg: BenchConfig, *, memory: bool = True, progress: bool = True) -> dict
             "warmup_steps": t["warmup_steps"],
             "warmup_seconds": t["warmup_seconds"],
             "exact_route_steps": t["exact_route_steps"],
+            "efficiency": None if mode == BASELINE else t["samples_per_s"] / base_tp / bound["bound"],
             "memory_steps": m.get("steps"),
             "memory_measure": m.get("measure"),
         }
@@ -578,7 +643,8 @@ def run(cfg: BenchConfig, *, memory: bool = True, progress: bool = True) -> dict
         "modes": modes,
         "config": dataclasses.asdict(cfg),
         "machine": machine(),
-        "targets": {m: {"throughput_ratio_min": t[0], "memory_ratio_max": t[1]} for m in MODES if (t := target_of(m))},
+        "targets": {m: {"throughput_ratio_min": t[0], "memory_ratio_max": t[1]} for m in MODES if (t := target_of(m, cfg.model))},
+        "flop_bound": bound,
     }
 
 
@@ -633,6 +699,8 @@ def format_table(result: dict) -> str:
     noise (:func:`noise_of`), so that a noisy run is never read as a target met or missed.
     """
     rows = []
+    model = result.get("config", {}).get("model", "gpt")
+    bound = (result.get("flop_bound") or {}).get("bound")
     for mode, r in result["modes"].items():
         peak = "–" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
         ratio = "–" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}"
@@ -640,14 +708,17 @@ def format_table(result: dict) -> str:
         if noise_of(mode, r) is not None:
             _, spread, fastest = _timing(r)
             target = f"noise (spread ±{spread:.2f}" + (f", ratio {fastest:.3f} > {MAX_RATIO})" if fastest > MAX_RATIO else ")")
-        elif target_of(mode) is not None:
-            tp, mr = target_of(mode)
+        elif target_of(mode, model) is not None:
+            tp, mr = target_of(mode, model)
             ok_tp = r["throughput_ratio"] >= tp
             ok_mem = r["memory_ratio"] is not None and r["memory_ratio"] <= mr
             target = f"≥ {tp} {'met' if ok_tp else 'NOT met'}; ≤ {mr} {'met' if ok_mem else 'NOT met' if r['memory_ratio'] is not None else 'not measured'}"
         check = "–" if r.get("completeness_fraction") is None else f"{100 * r['completeness_fraction']:.2f} %"
-        rows.append([mode, f"{r['samples_per_s']:.2f}", f"{r['throughput_ratio']:.3f}", peak, ratio, check, target])
-    return markdown_table(["mode", "samples/s", "throughput ratio", "peak MB", "memory ratio", "completeness check", "target"], rows)
+        tracked = mode != BASELINE and bound is not None
+        rows.append([mode, f"{r['samples_per_s']:.2f}", f"{r['throughput_ratio']:.3f}", f"{bound:.3f}" if tracked else "–",
+                     f"{r['throughput_ratio'] / bound:.2f}" if tracked else "–", peak, ratio, check, target])
+    return markdown_table(["mode", "samples/s", "throughput ratio", "FLOP bound", "efficiency", "peak MB", "memory ratio",
+                           "completeness check", "target"], rows)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:

@@ -23,6 +23,17 @@ def small_cnn(classes: int = 10, seed: int = 0) -> nn.Module:
     )
 
 
+def bench_cnn(width: int = 32, classes: int = 10, seed: int = 0) -> nn.Module:
+    """For 3×S×S images: Conv(3→w) → GELU → Conv(w→2w, stride 2) → GELU → Conv(2w→2w, stride 2) → GELU → mean pool → Linear(2w → classes)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.GELU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
+        nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes),
+    )
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with separate q, k, v, out ``nn.Linear`` projections."""
 

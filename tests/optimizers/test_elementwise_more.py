@@ -356,3 +356,21 @@ def test_update_sampled_is_the_update_at_every_kth_coordinate(name, max_coordina
         got = lin.update_sampled(p, G, max_coordinates)
         assert got.shape == expected.shape, name
         assert_close(got, expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLED) + ["adamw-fresh", "adam-fresh-decoupled", "adamw-stepped", "adam-stepped-maximize"])
+def test_zero_update_is_the_update_at_a_zero_gradient_to_the_bit(name):
+    """Δ(0), which the midpoint validation point needs every step, by the rule's own shortcut where it has one."""
+    fresh = {"adamw-fresh": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+             "adam-fresh-decoupled": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+             "adamw-stepped": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+             "adam-stepped-maximize": lambda ps: torch.optim.Adam(ps, lr=1e-2, maximize=True)}
+    model = _model(4)
+    opt = (SAMPLED.get(name) or fresh[name])(model.parameters())
+    for k in range(0 if name.endswith("fresh") or "fresh-" in name else 3):
+        _backward(model, 400 + k)
+        opt.step()
+    _backward(model, 499)
+    lin = linearize(opt)
+    for p in model.parameters():
+        assert torch.equal(lin.zero_update(p), lin.update(p, torch.zeros_like(p))), name
