@@ -55,7 +55,10 @@ from attribution.experiments.models import TinyLM, bench_cnn, lm_loss, mlp
 MODES = ("plain", "ghost-factored", "ghost", "materialized", "ghost-factored-streamed", "ghost-streamed")
 #: Modes run only when asked for with ``--modes``: ``ghost-audit`` is ``ghost`` with the online audit
 #: at every step (``audit_every=1``, ``audit_samples=8``), the audit's cost at its most frequent.
-EXTRA_MODES = ("ghost-audit",)
+EXTRA_MODES = ("ghost-audit", "opacus-ghost")
+#: A peer timed in the same interleaved run (``--peers``, when Opacus is installed): Opacus's ghost
+#: clipping (per-sample gradient norms from the same kind of layer hooks, max_grad_norm 1, no noise).
+PEER_MODES = ("opacus-ghost",)
 AUDIT = "-audit"
 BASELINE = "plain"
 STREAMED = "-streamed"
@@ -186,7 +189,10 @@ class Workload:
         val = [(_to(x, device), y.to(device)) for x, y in data["val"]]
         self.val_batches = val
         self.tracker = None
-        if mode != BASELINE:
+        self.peer_loss = None
+        if mode in PEER_MODES:
+            self._opacus(cfg)
+        elif mode != BASELINE:
             stream = mode.endswith(STREAMED)
             kw = dict(val_point="current", stream=True) if stream else {}
             if mode.endswith(AUDIT):
@@ -196,10 +202,37 @@ class Workload:
         self.step = 0
         self.losses: list[float] = []
 
+    def _opacus(self, cfg: BenchConfig) -> None:
+        """Wrap model and AdamW in Opacus's fast gradient clipping with ghost norms (no noise)."""
+        try:
+            from opacus.grad_sample import GradSampleModuleFastGradientClipping
+            from opacus.optimizers import DPOptimizerFastGradientClipping
+            from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("mode 'opacus-ghost' (--peers) needs Opacus: pip install opacus") from exc
+        self.model = GradSampleModuleFastGradientClipping(self.model, max_grad_norm=1.0, use_ghost_clipping=True)
+        self.opt = DPOptimizerFastGradientClipping(
+            torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.01),
+            noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=cfg.batch,
+        )
+        criterion = DPLossFastGradientClipping(self.model, self.opt, nn.CrossEntropyLoss(reduction="mean"))
+        if cfg.model in LANGUAGE_MODELS:  # per-sequence losses: Opacus's privacy unit for generative models
+            self.peer_loss = lambda logits, y: criterion(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), shape=logits.shape)
+        else:
+            self.peer_loss = criterion
+
     def train_step(self) -> None:
         """One optimizer step on the next batch (the tracker values it in its step pre-hook)."""
         x, y = self.batches[self.step % len(self.batches)]
         ids = torch.arange(self.step * len(y), (self.step + 1) * len(y))
+        if self.peer_loss is not None:
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.peer_loss(self.model(x), y)
+            loss.backward()
+            self.opt.step()
+            self.losses.append(loss.loss_per_sample.detach().mean() if hasattr(loss, "loss_per_sample") else torch.tensor(float("nan")))
+            self.step += 1
+            return
         self.opt.zero_grad(set_to_none=True)
         with self.tracker.batch(ids) if self.tracker is not None else contextlib.nullcontext():
             loss = self.loss_fn(self.model(x), y)
@@ -633,7 +666,7 @@ def run(cfg: BenchConfig, *, memory: bool = True, progress: bool = True) -> dict
             "warmup_steps": t["warmup_steps"],
             "warmup_seconds": t["warmup_seconds"],
             "exact_route_steps": t["exact_route_steps"],
-            "efficiency": None if mode == BASELINE else t["samples_per_s"] / base_tp / bound["bound"],
+            "efficiency": None if mode in (BASELINE, *PEER_MODES) else t["samples_per_s"] / base_tp / bound["bound"],
             "memory_steps": m.get("steps"),
             "memory_measure": m.get("measure"),
         }
@@ -714,7 +747,7 @@ def format_table(result: dict) -> str:
             ok_mem = r["memory_ratio"] is not None and r["memory_ratio"] <= mr
             target = f"≥ {tp} {'met' if ok_tp else 'NOT met'}; ≤ {mr} {'met' if ok_mem else 'NOT met' if r['memory_ratio'] is not None else 'not measured'}"
         check = "–" if r.get("completeness_fraction") is None else f"{100 * r['completeness_fraction']:.2f} %"
-        tracked = mode != BASELINE and bound is not None
+        tracked = mode != BASELINE and mode not in PEER_MODES and bound is not None
         rows.append([mode, f"{r['samples_per_s']:.2f}", f"{r['throughput_ratio']:.3f}", f"{bound:.3f}" if tracked else "–",
                      f"{r['throughput_ratio'] / bound:.2f}" if tracked else "–", peak, ratio, check, target])
     return markdown_table(["mode", "samples/s", "throughput ratio", "FLOP bound", "efficiency", "peak MB", "memory ratio",
@@ -732,6 +765,18 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             values[field.name] = tuple(given.split(",")) if field.name == "modes" else given
     if "device" not in values:
         values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if getattr(args, "peers", False):
+        import importlib.util
+
+        if importlib.util.find_spec("opacus") is None:
+            print("bench: --peers: Opacus is not installed (pip install opacus); no peer is timed", file=sys.stderr)
+        elif args.model not in ("mlp", "cnn"):
+            # Opacus 1.5.4: "Parameter tying is not supported with Ghost Clipping"; with the head untied,
+            # its embedding norm rule fails on the decoder's expanded position ids (input_ids.view).
+            print(f"bench: --peers: Opacus's ghost clipping does not run on --model {args.model} (tied embeddings; "
+                  "expanded position ids); no peer is timed", file=sys.stderr)
+        else:
+            values["modes"] = tuple(dict.fromkeys((*values.get("modes", MODES), *PEER_MODES)))
     return BenchConfig(model=args.model, **values)
 
 
@@ -787,6 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", default=None,
                         help=f"comma-separated subset of {','.join((*MODES, *EXTRA_MODES))}; plain is always run "
                              f"(default: all but {','.join(EXTRA_MODES)})")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time Opacus's ghost clipping (mode opacus-ghost) on the same model in the same interleaved "
+                             "run, when Opacus is installed (default: off)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-mode memory subprocesses (default: off, memory is measured)")
     parser.add_argument("--profile", action="store_true",
