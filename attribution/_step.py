@@ -187,7 +187,8 @@ class StepComputer:
             # needs no validation gradient for them).
             if p not in lin or p.grad is None:
                 return 0.0
-            return estimators.preconditioning(lin, p, self._batch_grad(p), kind)
+            rows = self._row_supports({p: p.grad}, only=p).get(p) if p.dim() and p.shape[0] >= _MIN_ROWS else None
+            return estimators.preconditioning(lin, p, self._batch_grad(p), kind, rows=rows)
 
         self.engine.stream(val_grads, slope)
         self._stream_slope, self._stream_val_grads = slope, val_grads
@@ -360,7 +361,7 @@ class StepComputer:
         self.grad_scale = self.engine.grad_scale
         return values.to(torch.float64)
 
-    def _row_supports(self, grads) -> dict[torch.Tensor, torch.Tensor]:
+    def _row_supports(self, grads, only: torch.Tensor | None = None) -> dict[torch.Tensor, torch.Tensor]:
         """Rows of large, sparsely touched parameters (embeddings) where the step's J is needed.
 
         Every sample's contribution to such a parameter lies on the rows its tokens hit
@@ -368,12 +369,13 @@ class StepComputer:
         (:func:`estimators.preconditioning` with ``rows``) and every value is unchanged. Taken only
         when the gradient itself is zero outside those rows: otherwise a part of it was not
         captured, and the dense J lets the completeness check see that part. Dense estimators only
-        (the factored path fits J as a whole).
+        (the factored path fits J as a whole). ``only``: this parameter's support alone (the streamed
+        contraction asks in its backward hook, when the parameter's gradient is final).
         """
         if not self.row_restriction or self.sharded or self.config.estimator not in (EstimatorKind.GHOST, EstimatorKind.MATERIALIZED):
             return {}  # (FSDP2: each rank holds a shard of the table's rows; not implemented there)
         out = {}
-        for p, rows in self.engine.row_supports().items():
+        for p, rows in self.engine.row_supports(_MIN_ROWS, only=only).items():
             g = grads.get(p)
             if g is None or 2 * len(rows) > p.shape[0]:
                 continue
@@ -444,6 +446,10 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     """
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()}
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+#: Parameters with fewer rows keep their whole J (a restriction would save little).
+_MIN_ROWS = 1024
 
 
 def _route_name(kind: LinearizationKind, every: bool) -> str:

@@ -752,7 +752,7 @@ class GhostEngine:
         """
         return [(n, terms) for n, terms, _ in (self._pass_terms(p) for p in self._train if p.has_grad)]
 
-    def row_supports(self, min_rows: int = 1024) -> dict[torch.Tensor, torch.Tensor]:
+    def row_supports(self, min_rows: int = 1024, only: torch.Tensor | None = None) -> dict[torch.Tensor, torch.Tensor]:
         """The rows a step's per-sample contributions can touch, for parameters where that is known.
 
         A parameter (``[R, ...]`` with R ≥ ``min_rows``) every captured term of which is a one-hot
@@ -762,19 +762,22 @@ class GhostEngine:
 
         Returns:
             ``{param: rows}``, rows a sorted ``int64`` tensor of dim-0 indices (union over samples
-            and micro-batches).
+            and micro-batches); with ``only``, at most that parameter.
         """
         found: dict[torch.Tensor, list[torch.Tensor]] = {}
         dense: set[torch.Tensor] = set()
         streamed = self.streamed_params
         for pas in self._train:
-            if not pas.has_grad:
+            if not pas.has_grad and self._stream is None:  # (in a streamed backward the pass is still running)
                 continue
             for call in pas.calls:
                 if call.grad is None or call.streamed:
                     continue
                 tracked = self._tracked[call.module]
-                wanted = {a: q for a, q in tracked.covered.items() if q.dim() >= 1 and q.shape[0] >= min_rows and q not in streamed}
+                wanted = {
+                    a: q for a, q in tracked.covered.items()
+                    if q.dim() >= 1 and q.shape[0] >= min_rows and q not in streamed and (only is None or q is only)
+                }
                 if not wanted:
                     continue
                 computed = call.terms if call.terms is not None else tracked.rule.call_terms(call.module, call.args, call.kwargs, call.grad)
