@@ -144,6 +144,11 @@ class MomentumCarry:
     gain: float
 
 
+#: Up to this many entries (m gradients × coordinates) an elementwise rule is evaluated on tiled
+#: coordinates in one call; above, vmap over views (copying the state m times would cost more).
+_TILE_ELEMENTS = 1 << 16
+
+
 class OptimizerLinearization(abc.ABC):
     """The linearization of one optimizer's update under its current, fixed state.
 
@@ -645,6 +650,10 @@ class OptimizerLinearization(abc.ABC):
         """
         theta, _, state = self._inputs(param, param.detach())
         m = len(grads)
+        if grads.numel() > _TILE_ELEMENTS:  # large blocks (the exact route): vmap over views, no m copies of the state
+            pick = lambda t: t.reshape(-1)[index]  # noqa: E731
+            state = dataclasses.replace(state, **{k: pick(v) for k, v in state.tensors().items()})
+            return self._rule_over(pick(theta), grads.detach().to(theta.dtype), state)
         pick = lambda t: t.reshape(-1)[index].repeat(m)  # noqa: E731
         state = dataclasses.replace(state, **{k: pick(v) for k, v in state.tensors().items()})
         g = grads.detach().to(theta.dtype).reshape(-1)
