@@ -236,3 +236,24 @@ def test_optimizer_cost_quick_prints_a_ratio_row_per_optimizer_and_linearization
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert len(rows) == 15 and {r[0] for r in rows} == {"sgd-momentum", "adam", "nadam", "adafactor", "muon+adamw"}
     assert all(float(r[-1]) > 0 for r in rows) and all(float(r[-1]) == 1.0 for r in rows if r[1] == "sgd")
+
+
+def test_peers_time_opacus_in_the_same_run_or_say_it_is_missing(capsys, monkeypatch):
+    """--peers adds Opacus's ghost clipping as a mode of the interleaved run; without Opacus it says so."""
+    import importlib.util
+
+    args = bench.build_parser().parse_args(["--model", "mlp", "--quick", "--modes", "ghost", "--peers"])
+    if importlib.util.find_spec("opacus") is None:
+        assert "opacus-ghost" not in bench.config_from_args(args).modes
+        assert "Opacus is not installed" in capsys.readouterr().err
+        return
+    cfg = bench.config_from_args(args)
+    assert cfg.modes[-2:] == ("ghost", "opacus-ghost")
+    cfg = bench.BenchConfig(**{**bench.dataclasses.asdict(cfg), "modes": ("ghost", "opacus-ghost"), "rounds": 1, "steps": 1, "warmup": 1})
+    result = bench.run(cfg, memory=False, progress=False)
+    peer = result["modes"]["opacus-ghost"]
+    assert peer["samples_per_s"] > 0 and peer["efficiency"] is None and peer["completeness_fraction"] is None
+    # A decoder is refused by Opacus's ghost clipping (tied embeddings): no peer, and it says why.
+    args = bench.build_parser().parse_args(["--model", "gpt", "--quick", "--modes", "ghost", "--peers"])
+    assert "opacus-ghost" not in bench.config_from_args(args).modes
+    assert "does not run on --model gpt" in capsys.readouterr().err
