@@ -106,6 +106,8 @@ class StepComputer:
         self._zero_updates: dict[torch.Tensor, torch.Tensor] = {}
         #: Compute an embedding's J on the rows the step touches only (values unchanged; False: whole tables).
         self.row_restriction = True
+        #: Keep each step's Δ(0) for carry_validation_gradients (set by the tracker for credit="momentum").
+        self.keep_zero_updates = False
         # Set by begin_stream() for one step: J of a parameter at its .grad, and ∇L_val(θ_t).
         self._stream_slope: Callable[[torch.Tensor], torch.Tensor | float] | None = None
         self._stream_val_grads: list[dict[torch.Tensor, torch.Tensor]] | None = None
@@ -255,9 +257,12 @@ class StepComputer:
         sgd_slope = set(exact)  # parameters valued by the SGD proxy in the engine's pass
         # The secant already holds Δ(g_B) − Δ(0): the shift then needs only Δ(0).
         secant = {p: j for p, j in slopes.items() if p not in exact} if kind is LinearizationKind.SECANT else None
-        self._zero_updates = {}  # Δ(0) of each parameter, reused by carry_validation_gradients
+        # Δ(0) of each parameter, reused by carry_validation_gradients (credit="momentum" only: a
+        # model-sized buffer otherwise held through the contraction for nothing)
+        self._zero_updates = {}
         shift = estimators.val_point_shift(
-            lin, params, batch_grads, self.config.val_point, secant=secant, zero_updates=self._zero_updates
+            lin, params, batch_grads, self.config.val_point, secant=secant,
+            zero_updates=self._zero_updates if self.keep_zero_updates else None,
         )
         # A trainable parameter the optimizer does not step (or that got no gradient) does not move: J = 0.
         slopes.update({p: 0.0 for p in self.params() if p not in slopes})
@@ -266,6 +271,7 @@ class StepComputer:
         self.engine.clear_val()  # a repeated call on one capture takes the validation passes anew
         with self.engine.capture_val() if self._val_capture_used(slopes) else contextlib.nullcontext():
             val_grads = self.validation_gradients(params, shift)
+        del shift  # model-sized: not held through the contraction
         values = self._checked_values(slopes, val_grads, grads)
         moved = [p for p in params if p in grads and not optimizers.as_preconditioner(slopes[p]).is_zero]
         self.last_lin, self.last_val_grads, self.last_moved = lin, val_grads, moved

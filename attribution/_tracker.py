@@ -276,6 +276,7 @@ class InRunShapley:
         if credit == "momentum":
             _check_momentum_credit(self.optimizers)
             self._momentum = MomentumCredit(int(momentum_window), self._computer.compute_dtype)
+            self._computer.keep_zero_updates = True
         self._staged_credit = None
         _warn_fallback(self._computer.engine)
         warn_unstepped(module, self.optimizers)
