@@ -576,6 +576,16 @@ def _markdown(table: pd.DataFrame, metric: str) -> str:
     return markdown_table(["removed", *rankings], rows)
 
 
+def flip_detection(vtable: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """precision@k (k = number flipped) and AUROC of each value variant (lowest first) and the final loss (highest first)."""
+    from attribution.experiments.mislabel import _scores
+
+    truth = vtable["flipped"].to_numpy(dtype=bool)
+    out = {name: _scores(truth, -vtable[name].to_numpy()) for name in VARIANTS}
+    out["final-loss"] = _scores(truth, vtable["final_loss"].to_numpy())
+    return out
+
+
 def _write_summary(out: Path, config: PruneConfig, table: pd.DataFrame, vtable: pd.DataFrame, tracked: dict) -> None:
     from scipy.stats import spearmanr
 
@@ -611,7 +621,10 @@ def _write_summary(out: Path, config: PruneConfig, table: pd.DataFrame, vtable: 
     if "flipped_removed" in table:
         flips = table.groupby(["ranking", "fraction"], sort=False)["flipped_removed"].mean().unstack("ranking")[_rankings(table)]
         text += [f"## Flipped labels removed (mean over seeds; {int(vtable['flipped'].sum())} flipped in all)\n",
-                 flips.to_string() + "\n"]
+                 flips.to_string() + "\n",
+                 "## Flipped-label detection by the tracked run (lowest value / highest final loss first)\n",
+                 markdown_table(["method", "precision@k", "AUROC"],
+                                [[m, f"{d['precision_at_k']:.3f}", f"{d['auroc']:.3f}"] for m, d in flip_detection(vtable).items()]) + "\n"]
     text.append(f"Wall time {tracked['total_s']:.0f} s (data and features {tracked['prepare_s']:.0f} s, "
                 f"tracked run {tracked['tracked_run_s']:.0f} s, retraining {tracked['retrain_s']:.0f} s).\n")
     (out / "summary.md").write_text("\n".join(text))

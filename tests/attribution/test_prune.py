@@ -118,6 +118,22 @@ def test_bad_config():
         PruneConfig(rankings=("best",))
 
 
+def test_label_noise_is_counted_and_detected(tmp_path, one_thread):
+    from attribution.experiments.prune import flip_detection
+
+    config = PruneConfig.preset("fast", quick=True, seeds=1, fractions=(0.0, 0.3), noise=0.25, rankings=("step", "random"))
+    result = run(config, out=tmp_path, progress=False)
+    flipped = result.values["flipped"]
+    assert int(flipped.sum()) == round(0.25 * config.train_size)
+    removed = result.table.set_index(["ranking", "fraction"])["flipped_removed"]
+    assert removed[("step", 0.0)] == 0 and 0 < removed[("step", 0.3)] <= flipped.sum()
+    scores = flip_detection(result.values)
+    assert set(scores) == {*VARIANTS, "final-loss"}
+    assert all(0 <= d["auroc"] <= 1 and 0 <= d["precision_at_k"] <= 1 for d in scores.values())
+    assert scores["final-loss"]["auroc"] > 0.6  # flipped labels keep a high loss after 3 epochs
+    assert "## Flipped-label detection" in (tmp_path / "summary.md").read_text()
+
+
 def test_values_from_an_earlier_run_are_reused_and_checked(tmp_path, one_thread):
     """``--values-from``: retrain with the values of an earlier run (no tracking); other splits are refused."""
     first = run(PruneConfig.preset("fast", quick=True, seeds=1, fractions=(0.0, 0.3)), out=tmp_path / "a", progress=False)
