@@ -404,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context", type=int, default=defaults.context, help="tokens per training chunk (default: %(default)s)")
     parser.add_argument("--query-tokens", type=int, default=defaults.query_tokens, help="word tokens taken from the start of each query passage (default: %(default)s)")
     parser.add_argument("--max-events", type=int, default=defaults.max_events, help="queries per kind, 0 = every event (default: %(default)s)")
-    parser.add_argument("--kinds", type=lambda s: tuple(s.split(",")), default=QUERY_KINDS,
-                        help=f"comma-separated query kinds (default: {','.join(QUERY_KINDS)})")
+    parser.add_argument("--kinds", type=lambda s: tuple(s.split(",")), default=None,
+                        help=f"comma-separated query kinds (default: all, {','.join(QUERY_KINDS)})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 is robust on a shared machine (default: %(default)s)")
     parser.add_argument("--out", default="results/source_id", help="output folder (default: %(default)s)")
     return parser
@@ -418,7 +418,7 @@ def main(argv=None) -> int:
     quick = {"seeds": 1, "epochs": 1, "docs": 16, "max_events": 4} if args.quick else {}
     config = SourceIdConfig(**{
         "seeds": args.seeds, "docs": args.docs, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "context": args.context, "query_tokens": args.query_tokens, "max_events": args.max_events, "kinds": args.kinds, **quick,
+        "context": args.context, "query_tokens": args.query_tokens, "max_events": args.max_events, "kinds": args.kinds or QUERY_KINDS, **quick,
     })
     _, summary = run(config, args.out)
     print(summary.round(3).to_string())
