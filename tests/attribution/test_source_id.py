@@ -11,11 +11,13 @@ pytest.importorskip("sklearn")
 from attribution.experiments import bible  # noqa: E402
 from attribution.experiments.source_id import (  # noqa: E402
     BASELINE,
+    MASK,
     QUERY_KINDS,
     VARIANTS,
     SourceIdConfig,
     build_corpus,
     main,
+    proper_names,
     rank_of_source,
 )
 
@@ -39,7 +41,11 @@ def test_quick_run_ranks_every_query_for_every_method(tmp_path):
     verbatim = table[(table["method"] == BASELINE) & (table["kind"] == "verbatim")]
     assert len(verbatim) >= 2 and (verbatim["rank"] == 1).all()
     summary = (tmp_path / "summary.md").read_text()
-    assert "| adam-aware | verbatim |" in summary and "Chance: mean rank 8.5" in summary
+    assert "| step | verbatim |" in summary and "| momentum/len | parallel-masked |" in summary
+    assert "Chance: mean rank 8.5" in summary
+    # total and length-normalised rankings are different rankings of the same values
+    ranks = table.pivot_table(index=["query"], columns="method", values="rank")
+    assert not (ranks["step"] == ranks["step/len"]).all() or not (ranks["momentum"] == ranks["momentum/len"]).all()
 
 
 def test_queries_and_true_sources():
@@ -49,8 +55,16 @@ def test_queries_and_true_sources():
     sources = sorted({corpus.titles[q.source] for q in corpus.queries})
     assert sources == ["Matthew 3", "Matthew 4", "Matthew 8"]
     by_kind = {k: [q for q in corpus.queries if q.kind == k] for k in QUERY_KINDS}
-    assert [len(v) for v in by_kind.values()] == [3, 3, 3]
-    for verbatim, paraphrase, parallel in zip(*by_kind.values()):
+    assert [len(v) for v in by_kind.values()] == [3] * len(QUERY_KINDS)
+    names = corpus.names
+    assert {"jesus", "galilee", "peter"} <= names and not {"and", "he", "the"} & names
+    for verbatim, paraphrase, paraphrase_masked, parallel, parallel_masked in zip(*by_kind.values()):
+        # masking replaces the names and places, token for token, and nothing else
+        for plain, masked in ((paraphrase, paraphrase_masked), (parallel, parallel_masked)):
+            a, b = plain.text.split(), masked.text.split()
+            assert len(a) == len(b) and masked.source == plain.source and masked.passage == plain.passage[:-1] + ", masked)"
+            assert all(y == (MASK if x in names else x) for x, y in zip(a, b))
+        assert MASK in parallel_masked.text.split() or MASK in paraphrase_masked.text.split()
         assert verbatim.source == paraphrase.source == parallel.source
         # the verbatim query is text of its source chapter; the paraphrase and the parallel are not
         source_text = " ".join(corpus.vocab.tokenize(corpus.texts[verbatim.source]))
@@ -60,6 +74,12 @@ def test_queries_and_true_sources():
         assert 0 < len(verbatim.text.split()) <= 128  # the first query_tokens tokens (fewer for a short passage)
     # every chunk belongs to a document, and every document has chunks
     assert set(corpus.chunk_doc.tolist()) == set(range(16))
+
+
+def test_proper_names_are_words_never_written_in_lower_case():
+    texts = ["And Jesus went into Galilee; and Bar-jesus followed.", "and he went to the Sea"]
+    assert proper_names(texts) == {"jesus", "galilee", "bar", "sea"}
+    assert proper_names(texts + ["by the sea"]) == {"jesus", "galilee", "bar"}
 
 
 def test_rank_of_source_counts_ties_against_the_source():
@@ -79,6 +99,9 @@ def test_parallels_are_valid_passages():
 def test_bad_config():
     with pytest.raises(ValueError, match="docs=3 must be between 6"):
         SourceIdConfig(docs=3)
+    with pytest.raises(ValueError, match=r"kinds=\('parody',\) must be a non-empty subset of verbatim, paraphrase"):
+        SourceIdConfig(kinds=("parody",))
+    assert {q.kind for q in build_corpus(SourceIdConfig(docs=16, kinds=("parallel-masked",))).queries} == {"parallel-masked"}
     with pytest.raises(ValueError, match="seeds=0"):
         SourceIdConfig(seeds=0)
     with pytest.raises(ValueError, match="unknown Bible version 'niv'"):
