@@ -369,9 +369,26 @@ def _set_threads(cfg: BenchConfig) -> None:
 
 
 # ---------------------------------------------------------------------- throughput
+@contextlib.contextmanager
+def _settings(cfg: BenchConfig):
+    """:func:`_set_threads` for an in-process measurement, undone after it (flush-to-zero is process-wide
+    state: left on, it would change the arithmetic of whatever runs next in the process)."""
+    threads = torch.get_num_threads()
+    _set_threads(cfg)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)  # torch's default; there is no getter to restore another value
+        torch.set_num_threads(threads)
+
+
 def measure_throughput(cfg: BenchConfig, progress: bool = True) -> dict[str, dict]:
     """Interleaved timing rounds in this process: per mode seconds, samples/s, steps, losses."""
-    _set_threads(cfg)
+    with _settings(cfg):
+        return _measure_throughput(cfg, progress)
+
+
+def _measure_throughput(cfg: BenchConfig, progress: bool) -> dict[str, dict]:
     work = {mode: Workload(cfg, mode) for mode in cfg.modes}
     warm_seconds = {mode: 0.0 for mode in cfg.modes}
 
@@ -560,9 +577,13 @@ def profile(cfg: BenchConfig, steps: int = 2, top: int = 12) -> dict[str, dict[s
     of one step of each mode. Returns the phase table. (Streamed modes do their validation pass
     when the batch context is entered and their contraction inside the backward: both count as
     forward+backward there.)"""
+    with _settings(cfg):
+        return _profile(cfg, steps, top)
+
+
+def _profile(cfg: BenchConfig, steps: int, top: int) -> dict[str, dict[str, float]]:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    _set_threads(cfg)
     phases = {}
     for mode in cfg.modes:
         w = Workload(cfg, mode)

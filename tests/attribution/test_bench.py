@@ -257,3 +257,13 @@ def test_peers_time_opacus_in_the_same_run_or_say_it_is_missing(capsys, monkeypa
     args = bench.build_parser().parse_args(["--model", "gpt", "--quick", "--modes", "ghost", "--peers"])
     assert "opacus-ghost" not in bench.config_from_args(args).modes
     assert "does not run on --model gpt" in capsys.readouterr().err
+
+
+def test_an_in_process_run_leaves_subnormals_and_threads_as_it_found_them():
+    """Flush-to-zero is process-wide: the bench turns it on for its own steps only."""
+    threads = torch.get_num_threads()
+    cfg = bench.BenchConfig(model="mlp", d_in=6, width=8, batch=5, val_batch=3, rounds=1, steps=1, warmup=0,
+                            modes=("ghost",), device="cpu", threads=1)
+    bench.run(cfg, memory=False, progress=False)
+    tiny = torch.tensor([1e-40], dtype=torch.float32)  # subnormal in float32
+    assert float(tiny * 1.0) != 0.0 and torch.get_num_threads() == threads
