@@ -385,9 +385,8 @@ class StepComputer:
             g = grads.get(p)
             if g is None or 2 * len(rows) > p.shape[0]:
                 continue
-            outside = (g != 0).reshape(g.shape[0], -1).any(1)
-            outside[rows] = False
-            if not bool(outside.any()):
+            # Exact and one pass: every nonzero entry of the gradient lies on the rows.
+            if int(torch.count_nonzero(g)) == int(torch.count_nonzero(g.index_select(0, rows))):
                 out[p] = rows
         return out
 
