@@ -19,7 +19,11 @@ them, without another training run:
 
 from __future__ import annotations
 
+import contextlib
+
 import pandas as pd
+
+from attribution import InRunShapley
 
 #: The two trackers of a run (name -> ``InRunShapley`` keyword arguments).
 TRACKERS = {
@@ -28,6 +32,20 @@ TRACKERS = {
 }
 #: The value variants :func:`variant_values` derives, in reporting order.
 VARIANTS = ("step", "step-no-early", "momentum", "momentum-no-early", "sgd-proxy")
+
+
+def make_trackers(model, optimizer, loss_fn, val_batches) -> dict[str, InRunShapley]:
+    """The :data:`TRACKERS` of one run, by name, on ``model`` and ``optimizer``."""
+    return {name: InRunShapley(model, optimizer, loss_fn, val_batches, **kw) for name, kw in TRACKERS.items()}
+
+
+@contextlib.contextmanager
+def tracked_batch(trackers: dict, ids):
+    """Every tracker's ``batch(ids)`` around one forward+backward (nothing for an empty dict)."""
+    with contextlib.ExitStack() as stack:
+        for tracker in trackers.values():
+            stack.enter_context(tracker.batch(ids))
+        yield
 
 
 def early_steps(tracker) -> list[int]:

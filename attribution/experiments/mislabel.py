@@ -31,7 +31,6 @@ Writes ``mislabel.csv`` (every seed × method), ``summary.md``, ``mislabel.png``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import time
@@ -43,9 +42,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from attribution import InRunShapley
 from attribution.experiments._report import frame_table
-from attribution.experiments._variants import TRACKERS, VARIANTS, variant_values
+from attribution.experiments._variants import VARIANTS, make_trackers, tracked_batch, variant_values
 from attribution.experiments.data import load_digits
 from attribution.experiments.models import mlp
 
@@ -178,7 +176,7 @@ def run_seed(seed: int, config: MislabelConfig, out: Path | None = None) -> list
     model = mlp(d_in=d_in, hidden=config.hidden, classes=classes, seed=seed, depth=2 if config.data == "digits" else 1)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
     loss_fn = nn.functional.cross_entropy
-    trackers = {name: InRunShapley(model, opt, loss_fn, (xv, yv), **kw) for name, kw in TRACKERS.items()}
+    trackers = make_trackers(model, opt, loss_fn, (xv, yv))
     n = len(noisy)
     positions = torch.arange(n)  # ids are row positions in the training split
     loss_sum, loss_count, influence = np.zeros(n), np.zeros(n), np.zeros(n)
@@ -187,9 +185,7 @@ def run_seed(seed: int, config: MislabelConfig, out: Path | None = None) -> list
         for start in range(0, n - config.batch_size + 1, config.batch_size):
             idx = order[start : start + config.batch_size]
             opt.zero_grad()
-            with contextlib.ExitStack() as stack:
-                for tracker in trackers.values():
-                    stack.enter_context(tracker.batch(positions[idx]))
+            with tracked_batch(trackers, positions[idx]):
                 losses = loss_fn(model(x[idx]), noisy[idx], reduction="none")
                 losses.mean().backward()
             opt.step()

@@ -46,7 +46,6 @@ is downloaded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
@@ -61,10 +60,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from attribution import InRunShapley
 from attribution.experiments.data import load_rotten_tomatoes
 from attribution.experiments._report import markdown_table, mean_std
-from attribution.experiments._variants import TRACKERS, VARIANTS, early_steps, variant_values
+from attribution.experiments._variants import VARIANTS, early_steps, make_trackers, tracked_batch, variant_values
 from attribution.experiments.models import mlp
 
 #: Removal rankings in reporting order: the value variants (lowest first), then the baselines.
@@ -376,7 +374,7 @@ def train(task: Task, keep: torch.Tensor, seed: int, config: PruneConfig, track:
     model = task.make_model(seed)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     loss_fn = nn.functional.cross_entropy
-    trackers = {name: InRunShapley(model, opt, loss_fn, task.val_batch(), **kw) for name, kw in TRACKERS.items()} if track else {}
+    trackers = make_trackers(model, opt, loss_fn, task.val_batch()) if track else {}
     gen = torch.Generator().manual_seed(seed)
     targets = task.targets["train"]
     steps = 0
@@ -386,9 +384,7 @@ def train(task: Task, keep: torch.Tensor, seed: int, config: PruneConfig, track:
             for start in range(0, len(order), config.batch_size):
                 idx = order[start : start + config.batch_size]
                 opt.zero_grad()
-                with contextlib.ExitStack() as stack:
-                    for tracker in trackers.values():
-                        stack.enter_context(tracker.batch(idx))
+                with tracked_batch(trackers, idx):
                     loss_fn(model(task.take("train", idx)), targets[idx]).backward()
                 opt.step()
                 steps += 1

@@ -343,23 +343,19 @@ def run(config: RunTotalsConfig = RunTotalsConfig(), out: str | Path = "results/
     return cells, steps
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``python -m attribution run-totals``, each help stating its default."""
     d = RunTotalsConfig()
     parser = argparse.ArgumentParser(prog="python -m attribution run-totals", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: MLP under Adam, 8 steps of 6 samples from a pool of 24, a few seconds (default: off)")
-    parser.add_argument("--models", type=_csv, default=None,
+    parser.add_argument("--models", type=fidelity._csv, default=None,
                         help=f"comma-separated models from {', '.join(fidelity.MODELS)} (default: {','.join(d.models)})")
-    parser.add_argument("--optimizers", type=_csv, default=None,
+    parser.add_argument("--optimizers", type=fidelity._csv, default=None,
                         help=f"comma-separated optimizers from {', '.join(fidelity.OPTIMIZERS)} (default: {','.join(d.optimizers)})")
-    parser.add_argument("--seeds", type=_csv, default=None, help=f"comma-separated seeds (default: {','.join(map(str, d.seeds))})")
+    parser.add_argument("--seeds", type=fidelity._csv, default=None, help=f"comma-separated seeds (default: {','.join(map(str, d.seeds))})")
     parser.add_argument("--steps", type=int, default=None, help=f"training steps from initialisation (default: {d.steps})")
-    parser.add_argument("--thresholds", type=_csv, default=None,
+    parser.add_argument("--thresholds", type=fidelity._csv, default=None,
                         help="comma-separated nonlinearity thresholds τ; a tracker auto@τ is attached for each "
                              "(default: none, only the default route and the secant-only tracker)")
     parser.add_argument("--out", default=None, help="output folder (default: results/run_totals, or results/run_totals-quick with --quick)")

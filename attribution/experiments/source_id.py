@@ -47,10 +47,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from attribution import InRunShapley
 from attribution.experiments import bible
 from attribution.experiments._report import markdown_table
-from attribution.experiments._variants import TRACKERS, VARIANTS as VALUE_VARIANTS, variant_values
+from attribution.experiments._variants import VARIANTS as VALUE_VARIANTS, make_trackers, tracked_batch, variant_values
 from attribution.experiments.data import WordVocabulary
 from attribution.experiments.models import TinyLM, lm_loss
 
@@ -272,7 +271,7 @@ def run_seed(seed: int, config: SourceIdConfig, corpus: Corpus, progress: bool =
     model = TinyLM(len(corpus.vocab), width=config.width, depth=config.depth, heads=config.heads, max_len=config.context, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
     val_batches = [q.batch for q in corpus.queries]
-    trackers = {name: InRunShapley(model, opt, lm_loss, val_batches, **kw) for name, kw in TRACKERS.items()}
+    trackers = make_trackers(model, opt, lm_loss, val_batches)
     n = len(corpus.chunks)
     steps = config.epochs * -(-n // config.batch_size)
     with tqdm(total=steps, desc=f"source-id: seed {seed}", disable=not progress, leave=False) as bar:
@@ -282,7 +281,7 @@ def run_seed(seed: int, config: SourceIdConfig, corpus: Corpus, progress: bool =
                 idx = order[start : start + config.batch_size]
                 inputs, targets = _as_batch(corpus.chunks[idx])
                 opt.zero_grad()
-                with trackers["adam"].batch(idx), trackers["sgd-proxy"].batch(idx):
+                with tracked_batch(trackers, idx):
                     loss = lm_loss(model(inputs), targets)
                     loss.backward()
                 opt.step()

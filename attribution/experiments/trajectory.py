@@ -54,7 +54,7 @@ from attribution.experiments._json_config import JsonConfig
 from attribution.experiments._report import frame_table, mean_std
 from attribution.experiments.data import load_digits
 from attribution.experiments.fidelity import OPTIMIZERS as STUDY_OPTIMIZERS
-from attribution.experiments.fidelity import machine
+from attribution.experiments.fidelity import _csv, machine
 from attribution.experiments.models import mlp
 
 #: name -> (torch.optim class, keyword arguments): the fidelity study's settings.
@@ -372,10 +372,6 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``python -m attribution trajectory``, each help stating its default."""
     d = TrajectoryConfig()
@@ -385,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: off, the full experiment)")
     parser.add_argument("--seeds", type=_ints, default=None,
                         help=f"comma-separated seeds (default: {','.join(map(str, d.seeds))}, or 0 with --quick)")
-    parser.add_argument("--optimizers", type=_names, default=None,
+    parser.add_argument("--optimizers", type=_csv, default=None,
                         help=f"comma-separated optimizers from {', '.join(OPTIMIZERS)} "
                              f"(default: {','.join(d.optimizers)}, or adam with --quick)")
     parser.add_argument("--steps", type=_ints, default=None,
