@@ -131,6 +131,11 @@ def val_point_shift(
     if val_point is ValPoint.CURRENT:
         return None
     shift: dict[torch.Tensor, torch.Tensor] = {}
+
+    def zero_update(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Δ(0), by the rule's shortcut where the linearization has one (a duck-typed one may not)."""
+        return lin.zero_update(q) if hasattr(lin, "zero_update") else lin.update(q, torch.zeros_like(g))
+
     for p in params:
         g = p.grad if batch_grads is None else batch_grads.get(p)
         if g is None:
@@ -139,18 +144,19 @@ def val_point_shift(
                 "or run backward() first, or leave it out of params"
             )
         diagonal = None if secant is None or p not in secant else as_preconditioner(secant[p]).diagonal
-        zero_update = getattr(lin, "zero_update", None) or (lambda q: lin.update(q, torch.zeros_like(g)))
-        if isinstance(diagonal, torch.Tensor):
-            zero = zero_update(p)
-            # Δ(0) + s·(J_sec ⊙ g_B) in one pass (s = ½ or 1: exact scalings, so the same bits as two)
-            step = torch.addcmul(zero, diagonal, g.to(zero.dtype), value=0.5 if val_point is ValPoint.MIDPOINT else 1.0)
-        elif diagonal is not None:  # a scalar secant (SGD)
-            zero = zero_update(p)
-            step = torch.add(zero, diagonal * g, alpha=0.5 if val_point is ValPoint.MIDPOINT else 1.0)
+        if diagonal is not None:
+            zero = zero_update(p, g)
+            # Δ(0) + s·(J_sec ⊙ g_B), s = ½ or 1 (exact scalings: the same bits as adding the chord);
+            # one addcmul for a tensor J, a scalar secant (SGD) scales g
+            scale = 0.5 if val_point is ValPoint.MIDPOINT else 1.0
+            if isinstance(diagonal, torch.Tensor):
+                step = torch.addcmul(zero, diagonal, g.to(zero.dtype), value=scale)
+            else:
+                step = torch.add(zero, diagonal * g, alpha=scale)
         else:
             step, zero = lin.update(p, g), None
             if val_point is ValPoint.MIDPOINT:
-                zero = zero_update(p)
+                zero = zero_update(p, g)
                 step = torch.add(step, zero).mul_(0.5)
         if zero_updates is not None and zero is not None:
             zero_updates[p] = zero.detach()

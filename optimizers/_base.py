@@ -99,6 +99,16 @@ class ParamState:
         """
         return {f.name: v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
 
+    def map_tensors(self, fn) -> ParamState:
+        """This state with ``fn`` applied to every tensor field (a subset of coordinates, a dtype).
+
+        Example:
+            >>> from optimizers import SGDState
+            >>> SGDState(lr=0.1, momentum_buffer=torch.arange(4.0)).map_tensors(lambda t: t[1:3]).momentum_buffer
+            tensor([1., 2.])
+        """
+        return dataclasses.replace(self, **{k: fn(v) for k, v in self.tensors().items()})
+
     def coordinate(self, index: int) -> ParamState:
         """This state with every tensor field replaced by its value at flat ``index`` (a float).
 
@@ -115,7 +125,7 @@ class ParamState:
             >>> SGDState(lr=0.1, momentum_buffer=torch.tensor([[1.0, 2.0], [3.0, 4.0]])).coordinate(2)
             SGDState(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, momentum_buffer=3.0)
         """
-        return dataclasses.replace(self, **{k: float(v.reshape(-1)[index]) for k, v in self.tensors().items()})
+        return self.map_tensors(lambda v: float(v.reshape(-1)[index]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,7 +470,7 @@ class OptimizerLinearization(abc.ABC):
         tensors = state.tensors()
         if any(t.dtype in _HALF for t in (theta, grad, *tensors.values())):
             theta, grad = theta.float(), grad.float()
-            state = dataclasses.replace(state, **{k: v.float() for k, v in tensors.items()})
+            state = state.map_tensors(lambda v: v.float())
         return theta, grad, state
 
     def update(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -652,10 +662,10 @@ class OptimizerLinearization(abc.ABC):
         m = len(grads)
         if grads.numel() > _TILE_ELEMENTS:  # large blocks (the exact route): vmap over views, no m copies of the state
             pick = lambda t: t.reshape(-1)[index]  # noqa: E731
-            state = dataclasses.replace(state, **{k: pick(v) for k, v in state.tensors().items()})
+            state = state.map_tensors(pick)
             return self._rule_over(pick(theta), grads.detach().to(theta.dtype), state)
         pick = lambda t: t.reshape(-1)[index].repeat(m)  # noqa: E731
-        state = dataclasses.replace(state, **{k: pick(v) for k, v in state.tensors().items()})
+        state = state.map_tensors(pick)
         g = grads.detach().to(theta.dtype).reshape(-1)
         return type(self).update_rule(pick(theta), g, state).reshape(m, -1)
 
@@ -833,7 +843,7 @@ class OptimizerLinearization(abc.ABC):
             return self.preconditioner(param, grad, kind)
         theta, g, state = self._inputs(param, grad)
         pick = lambda t: t.index_select(0, rows)  # noqa: E731
-        state = dataclasses.replace(state, **{k: pick(v) for k, v in state.tensors().items()})
+        state = state.map_tensors(pick)
         rule = type(self).tangent_rule if name == "tangent" else type(self).secant_rule
         part = rule(pick(theta), pick(g), state)
         return Diagonal(torch.zeros(theta.shape, dtype=part.dtype, device=part.device).index_copy_(0, rows, part))

@@ -225,18 +225,16 @@ class Workload:
         """One optimizer step on the next batch (the tracker values it in its step pre-hook)."""
         x, y = self.batches[self.step % len(self.batches)]
         ids = torch.arange(self.step * len(y), (self.step + 1) * len(y))
-        if self.peer_loss is not None:
-            self.opt.zero_grad(set_to_none=True)
-            loss = self.peer_loss(self.model(x), y)
-            loss.backward()
-            self.opt.step()
-            self.losses.append(loss.loss_per_sample.detach().mean() if hasattr(loss, "loss_per_sample") else torch.tensor(float("nan")))
-            self.step += 1
-            return
         self.opt.zero_grad(set_to_none=True)
-        with self.tracker.batch(ids) if self.tracker is not None else contextlib.nullcontext():
-            loss = self.loss_fn(self.model(x), y)
-            loss.backward()
+        if self.peer_loss is not None:  # Opacus's loss wrapper: its backward runs the clipping's passes
+            wrapped = self.peer_loss(self.model(x), y)
+            wrapped.backward()
+            per_sample = getattr(wrapped, "loss_per_sample", None)
+            loss = torch.tensor(float("nan")) if per_sample is None else per_sample.mean()
+        else:
+            with self.tracker.batch(ids) if self.tracker is not None else contextlib.nullcontext():
+                loss = self.loss_fn(self.model(x), y)
+                loss.backward()
         self.opt.step()
         self.losses.append(loss.detach())
         self.step += 1
