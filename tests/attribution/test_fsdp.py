@@ -2,8 +2,11 @@
 
 Each test spawns two ranks (file:// rendezvous, as tests/attribution/test_distributed.py), runs
 the tracked loop, and compares values, totals and history in float64 with the single-process
-run on the concatenated global batches (rtol 1e-9, atol 1e-14; measured: about 2e-16 absolute).
+run on the concatenated global batches (rtol 1e-9, atol 1e-14; measured: about 2e-16 absolute,
+``FSDP_REPORT=1 python -m pytest tests/attribution/test_fsdp.py -k single_process -s`` prints it).
 """
+
+import os
 
 import pytest
 import torch
@@ -184,6 +187,9 @@ def test_values_history_and_resume_equal_a_single_process_run(tmp_path, engine, 
         assert list(got.index) == list(reference.index)
         assert (got["steps_seen"] == reference["steps_seen"]).all()
         pd.testing.assert_series_equal(got["value"], reference["value"], rtol=RTOL, atol=ATOL)
+        if os.environ.get("FSDP_REPORT"):  # FSDP_REPORT=1 python -m pytest ... -s: the measured differences
+            diff = (got["value"] - reference["value"]).abs()
+            print(f"\n{engine}-{kind}-{linearization}: max|diff| {diff.max():.3g}, max rel {(diff / reference['value'].abs()).max():.3g}")
         h = r["history"].sort_values(["step", "id"]).reset_index(drop=True)
         ref = ref_history.sort_values(["step", "id"]).reset_index(drop=True)
         assert h[["step", "id"]].equals(ref[["step", "id"]])
