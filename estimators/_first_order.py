@@ -144,11 +144,14 @@ def val_point_shift(
                 "or run backward() first, or leave it out of params"
             )
         diagonal = None if secant is None or p not in secant else as_preconditioner(secant[p]).diagonal
-        if diagonal is not None:
+        scale = 0.5 if val_point is ValPoint.MIDPOINT else 1.0
+        if diagonal is not None and zero_updates is None and isinstance(diagonal, torch.Tensor) and hasattr(lin, "chord_shift"):
+            # Δ(0) + s·(J_sec ⊙ g_B) in the rule's own (possibly fused, one-pass) form: nobody needs Δ(0) alone
+            step, zero = lin.chord_shift(p, diagonal, g, scale), None
+        elif diagonal is not None:
             zero = zero_update(p, g)
             # Δ(0) + s·(J_sec ⊙ g_B), s = ½ or 1 (exact scalings: the same bits as adding the chord);
             # one addcmul for a tensor J, a scalar secant (SGD) scales g
-            scale = 0.5 if val_point is ValPoint.MIDPOINT else 1.0
             if isinstance(diagonal, torch.Tensor):
                 step = torch.addcmul(zero, diagonal, g.to(zero.dtype), value=scale)
             else:

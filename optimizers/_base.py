@@ -522,6 +522,32 @@ class OptimizerLinearization(abc.ABC):
         theta, _, state = self._inputs(param, param.detach())
         return self.zero_update_rule(theta, state)
 
+    def chord_shift(self, param: torch.Tensor, J: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
+        """Δ(0) + scale · J ⊙ grad: the update at scale·grad along the secant chord (shape of ``param``).
+
+        With J the secant at ``grad`` this is Δ(grad) at scale 1 and the midpoint validation
+        point's ½(Δ(grad) + Δ(0)) at scale ½. A rule may fuse it into one pass (Adam and AdamW do,
+        with a compiled kernel: :mod:`optimizers._fused`); the default is :meth:`zero_update` and
+        one ``addcmul``.
+
+        Args:
+            param: a covered parameter, shape ``S``.
+            J: the secant slopes, shape ``S``.
+            grad: the point g, shape ``S``.
+            scale: s.
+        Returns:
+            Tensor of shape ``S``.
+        Example:
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+            >>> opt = torch.optim.AdamW([w], lr=0.1)
+            >>> w.grad = torch.tensor([0.3, -0.1], dtype=torch.float64); opt.step()
+            >>> lin = linearize(opt); g = torch.tensor([0.2, 0.4], dtype=torch.float64)
+            >>> torch.allclose(lin.chord_shift(w, lin.secant(w, g), g, 1.0), lin.update(w, g))
+            True
+        """
+        zero = self.zero_update(param)
+        return torch.addcmul(zero, J, grad.detach().to(zero.dtype), value=scale)
+
     @classmethod
     def zero_update_rule(cls, theta: torch.Tensor, state: ParamState) -> torch.Tensor:
         """Δ(0) under ``state`` (shape of ``theta``); the default evaluates :meth:`update_rule` at g = 0."""

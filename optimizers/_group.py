@@ -98,6 +98,9 @@ class LinearizationGroup:
     def zero_update(self, param: torch.Tensor) -> torch.Tensor:
         return self.owner(param).zero_update(param)
 
+    def chord_shift(self, param: torch.Tensor, J: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.owner(param).chord_shift(param, J, grad, scale)
+
     def update_batch(self, param: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         return self.owner(param).update_batch(param, grads)
 

@@ -35,6 +35,7 @@ import sympy
 import torch
 
 from ._algebra import root_product_gap, safe_div
+from ._fused import Kernel, coefficients
 from ._base import (
     OptimizerLinearization,
     ParamState,
@@ -43,6 +44,30 @@ from ._base import (
     state_tensor,
     zeros_or,
 )
+
+
+# -- fused kernels (optimizers._fused): the two formulas every tracked step evaluates ------------
+def adam_secant(b, m, v, c):
+    """The secant from zero (:meth:`_AdamFamily._secant_from_zero`) in one pass; ``c`` = [β1, β2, b2, ε, −η/b1]."""
+    beta1, beta2, b2, eps, scale = c.unbind()
+    va = v * beta2
+    da = (va / b2).sqrt()
+    db = ((va + (1 - beta2) * b * b) / b2).sqrt()
+    n = (da * db * b2 + va) * (1 - beta1) - (1 - beta2) * beta1 * m * b
+    den = (da + db) * b2
+    bracket = torch.where(den == 0, 0.0, n / den) + (1 - beta1) * eps
+    return bracket / ((da + eps) * (db + eps)) * scale
+
+
+def adam_chord_shift(theta, m, v, J, g, c):
+    """Δ(0) + s·J ⊙ g in one pass (AdamW or Adam without L2); ``c`` = [β1, β2, b2, ε, −η/b1, −ηλ, s]."""
+    beta1, beta2, b2, eps, scale, decay, s = c.unbind()
+    zero = beta1 * m / ((beta2 * v / b2).sqrt() + eps) * scale + decay * theta
+    return zero + s * J * g
+
+
+_SECANT = Kernel(adam_secant)
+_CHORD_SHIFT = Kernel(adam_chord_shift)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +193,20 @@ class _AdamFamily(OptimizerLinearization):
             delta = delta - st.lr * st.weight_decay * theta
         return delta
 
+    def chord_shift(self, param, J, grad, scale):
+        st = self._state_of(param)
+        if (
+            isinstance(J, torch.Tensor) and not st.amsgrad and st.exp_avg is not None and st.exp_avg_sq is not None
+            and (st.weight_decay == 0 or st.decoupled_weight_decay) and J.shape == param.shape
+        ):
+            t = st.step + 1
+            b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
+            c = coefficients(st.beta1, st.beta2, b2, st.eps, -(st.lr / b1), -st.lr * st.weight_decay, scale)
+            fused = _CHORD_SHIFT(param.detach(), st.exp_avg, st.exp_avg_sq, J, grad.detach(), c)
+            if fused is not None:
+                return fused
+        return super().chord_shift(param, J, grad, scale)
+
     @classmethod
     def tangent_rule(cls, theta, grad, st: AdamState):
         # In place on fresh buffers (never on the inputs): these passes are memory-bound.
@@ -242,6 +281,10 @@ class _AdamFamily(OptimizerLinearization):
         sign = -1.0 if st.maximize else 1.0
         t = st.step + 1
         b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
+        if st.exp_avg is not None and st.exp_avg_sq is not None:
+            fused = _SECANT(b, st.exp_avg, st.exp_avg_sq, coefficients(st.beta1, st.beta2, b2, st.eps, -(st.lr / b1) * sign))
+            if fused is not None:
+                return fused
         m = zeros_or(st.exp_avg, b)
         va = zeros_or(st.exp_avg_sq, b) * st.beta2
         da = (va / b2).sqrt_()
