@@ -54,12 +54,14 @@ from attribution.experiments.models import TinyLM, bench_cnn, lm_loss, mlp
 #: Baseline first; then the tracker's estimators; then the streamed variants.
 MODES = ("plain", "ghost-factored", "ghost", "materialized", "ghost-factored-streamed", "ghost-streamed")
 #: Modes run only when asked for with ``--modes``: ``ghost-audit`` is ``ghost`` with the online audit
-#: at every step (``audit_every=1``, ``audit_samples=8``), the audit's cost at its most frequent.
-EXTRA_MODES = ("ghost-audit", "opacus-ghost")
+#: at every step (``audit_every=1``, ``audit_samples=8``), the audit's cost at its most frequent;
+#: ``ghost-eager`` is ``ghost`` with ``compile=False`` (the optimizer formulas unfused: what fusing saves).
+EXTRA_MODES = ("ghost-audit", "ghost-eager", "opacus-ghost")
 #: A peer timed in the same interleaved run (``--peers``, when Opacus is installed): Opacus's ghost
 #: clipping (per-sample gradient norms from the same kind of layer hooks, max_grad_norm 1, no noise).
 PEER_MODES = ("opacus-ghost",)
 AUDIT = "-audit"
+EAGER = "-eager"
 BASELINE = "plain"
 STREAMED = "-streamed"
 #: (min throughput ratio, max memory ratio) targets per model kind and mode (the performance issues:
@@ -197,7 +199,9 @@ class Workload:
             kw = dict(val_point="current", stream=True) if stream else {}
             if mode.endswith(AUDIT):
                 kw = dict(audit_every=1, audit_samples=8, audit_threshold=-1.0)  # cost only: no warning
-            estimator = mode.removesuffix(STREAMED).removesuffix(AUDIT)
+            if mode.endswith(EAGER):
+                kw = dict(compile=False)
+            estimator = mode.removesuffix(STREAMED).removesuffix(AUDIT).removesuffix(EAGER)
             self.tracker = InRunShapley(self.model, self.opt, self.loss_fn, val if len(val) > 1 else val[0], estimator=estimator, **kw)
         self.step = 0
         self.losses: list[float] = []
@@ -700,7 +704,7 @@ def run(cfg: BenchConfig, *, memory: bool = True, progress: bool = True) -> dict
         "model": describe_model(cfg),
         "modes": modes,
         "config": dataclasses.asdict(cfg),
-        "machine": machine(),
+        "machine": {**machine(), "threads": cfg.threads or torch.get_num_threads()},  # the measured count
         "targets": {m: {"throughput_ratio_min": t[0], "memory_ratio_max": t[1]} for m in MODES if (t := target_of(m, cfg.model))},
         "flop_bound": bound,
     }
