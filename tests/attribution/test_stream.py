@@ -69,7 +69,7 @@ def test_captured_tensors_are_released_during_the_backward():
     engine = E.GhostEngine(model)
     released_at_hook = []
 
-    def slope(p):
+    def slope(p, g):
         # Called from the post-accumulate-grad hook: the first layer's gradient is the last to arrive,
         # by then the output layer (contracted first) must already be released.
         released_at_hook.append([c.streamed for pas in engine._train for c in pas.calls])
@@ -197,8 +197,8 @@ def test_engine_stream_argument_errors():
     model = _mlp()
     engine = E.GhostEngine(model)
     with pytest.raises(ValueError, match="non-empty list"):
-        engine.stream({}, lambda p: 1.0)
+        engine.stream({}, lambda p, g: 1.0)
     with engine.capture_train():
         LOSS(model(X[:2]), Y[:2]).backward()
     with pytest.raises(E.GhostEngineError, match="before the step's training capture"):
-        engine.stream([{}], lambda p: 1.0)
+        engine.stream([{}], lambda p, g: 1.0)
