@@ -1,4 +1,4 @@
-"""FSDP2 (``fully_shard``) and DDP: 2 gloo processes on CPU equal one process on the whole batch.
+"""FSDP2 (``fully_shard``) and DDP (also with ``stream=True``): 2 gloo processes on CPU equal one process on the whole batch.
 
 Each test spawns two ranks (file:// rendezvous, as tests/attribution/test_distributed.py), runs
 the tracked loop, and compares values, totals and history in float64 with the single-process
@@ -329,6 +329,17 @@ def _ddp_stream_refusal_worker(rank, init_file, out_dir):
         hooked = nn.parallel.DistributedDataParallel(_mlp())
         hooked.register_comm_hook(None, allreduce_hook)
         attempt("user_hook", lambda: InRunShapley(hooked, torch.optim.SGD(hooked.parameters(), lr=0.1), LOSS, val, **streamed))
+        builtin = nn.parallel.DistributedDataParallel(_mlp())
+        builtin._register_builtin_comm_hook(dist.BuiltinCommHookType.ALLREDUCE)  # not listed in DDP's _comm_hooks
+        attempt("builtin_hook", lambda: InRunShapley(builtin, torch.optim.SGD(builtin.parameters(), lr=0.1), LOSS, val, **streamed))
+        # A hook the look-up misses: DDP's own refusal to take a second hook is turned into the same advice.
+        import attribution._distributed as D
+
+        found, D._user_comm_hook = D._user_comm_hook, lambda ddp: None
+        try:
+            attempt("unseen_hook", lambda: InRunShapley(hooked, torch.optim.SGD(hooked.parameters(), lr=0.1), LOSS, val, **streamed))
+        finally:
+            D._user_comm_hook = found
 
         model = nn.parallel.DistributedDataParallel(_mlp())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -375,6 +386,9 @@ def test_ddp_stream_refusals_are_the_same_on_every_rank(tmp_path):
     seen = [torch.load(tmp_path / f"stream_refusal{r}.pt", weights_only=False) for r in range(WORLD)]
     for s in seen:
         assert s["user_hook"].startswith("ValueError: the DistributedDataParallel model already has a communication hook (allreduce_hook)")
+        assert "already has a communication hook (BuiltinCommHookType.ALLREDUCE)" in s["builtin_hook"]
+        assert s["unseen_hook"].startswith("ValueError: stream=True could not register its communication hook")
+        assert "can only be called once" in s["unseen_hook"]
         assert s["second"].startswith("ValueError: another InRunShapley(stream=True) is open on this DistributedDataParallel")
         assert s["no_sync"].startswith("ValueError: the backward of this tracker.batch() ran under DistributedDataParallel.no_sync()")
         assert "gradient accumulation under no_sync cannot be streamed" in s["no_sync"]

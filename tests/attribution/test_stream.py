@@ -202,3 +202,37 @@ def test_engine_stream_argument_errors():
         LOSS(model(X[:2]), Y[:2]).backward()
     with pytest.raises(E.GhostEngineError, match="before the step's training capture"):
         engine.stream([{}], lambda p, g: 1.0)
+
+
+def test_contract_streamed_needs_a_stream_without_own_hooks():
+    model = _mlp()
+    engine = E.GhostEngine(model)
+    params = list(model.parameters())
+    with pytest.raises(E.GhostEngineError, match=r"contract_streamed\(\) needs a stream\(\.\.\., own_hooks=False\)"):
+        engine.contract_streamed(params, [torch.zeros_like(p) for p in params])
+    engine.stream([{p: torch.randn_like(p) for p in params}], lambda p, g: 1.0)  # own hooks: the engine's
+    with pytest.raises(E.GhostEngineError, match="own_hooks=False"):
+        engine.contract_streamed(params, [torch.zeros_like(p) for p in params])
+
+
+def test_contract_streamed_values_equal_the_engines_own_hooks():
+    """own_hooks=False with each parameter's gradient handed in equals the post-accumulate-grad hooks."""
+    model = _mlp()
+    G = [{p: torch.randn_like(p) for p in model.parameters()}]
+    J = {p: torch.rand_like(p) for p in model.parameters()}
+    engine = E.GhostEngine(model)
+    engine.stream(G, lambda p, g: J[p] * torch.sign(g))  # J depends on the gradient it is given
+    with engine.capture_train():
+        LOSS(model(X[:6]), Y[:6]).backward()
+    own = engine.values({})
+    engine.clear()
+    model.zero_grad()
+    engine.stream(G, lambda p, g: J[p] * torch.sign(g), own_hooks=False)
+    assert engine.streaming
+    with engine.capture_train():
+        LOSS(model(X[:6]), Y[:6]).backward()
+    assert engine.streamed_params == set()  # no hook of its own ran
+    params = list(model.parameters())
+    engine.contract_streamed(params, [p.grad.clone() for p in params])
+    assert engine.streamed_params == set(params)
+    assert_close(engine.values({}), own, rtol=1e-12, atol=1e-15)
