@@ -10,6 +10,9 @@ z enters ``param.grad`` as c_z / W, so its value is −⟨J ⊙ ∇L_val, c_z⟩
   P = J ⊙ ∇L_val are computed on the shard (elementwise optimizer rules only) and P is gathered
   one layer at a time inside the contraction (``estimators._sharded``).
 
+With ``stream=True`` under DDP the contraction runs in a DDP communication hook
+(:func:`attach_stream_hook`), after each bucket's all-reduce, at the averaged gradient.
+
 A step is refused on every rank alike: a refusal that depends on one rank's data (its ids, its
 captured batch, non-finite gradient shards) is agreed with :meth:`DataParallel.agree` before the
 step's collectives start, and the completeness identity is reduced over ranks.

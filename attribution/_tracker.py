@@ -97,8 +97,11 @@ class InRunShapley:
             values are the same as without it. Needs ``val_point="current"`` (∇L_val(θ_t) is
             taken when ``batch()`` is entered, before the forward), one ``batch`` context per
             step (no gradient accumulation), no change of the gradient after the backward (no
-            clipping that clips, no loss-scale unscaling), a single process, and an estimator
-            other than ``"materialized"``; each is checked with a clear error.
+            clipping that clips, no loss-scale unscaling), a single process or
+            DistributedDataParallel (each bucket is contracted in a DDP communication hook at
+            its averaged gradient; not FSDP2, not a DDP model with a hook of its own, no
+            backward under ``no_sync()``), and an estimator other than ``"materialized"``; each
+            is checked with a clear error.
         val_mode: ``"eval"`` (default): validation passes run with every module in eval mode
             (dropout off, running statistics), the loss users measure; ``"train"`` keeps the
             modules' own modes (the RNG is restored after each pass either way).
