@@ -10,6 +10,9 @@ z enters ``param.grad`` as c_z / W, so its value is −⟨J ⊙ ∇L_val, c_z⟩
   P = J ⊙ ∇L_val are computed on the shard (elementwise optimizer rules only) and P is gathered
   one layer at a time inside the contraction (``estimators._sharded``).
 
+With ``stream=True`` under DDP the contraction runs in a DDP communication hook
+(:func:`attach_stream_hook`), after each bucket's all-reduce, at the averaged gradient.
+
 A step is refused on every rank alike: a refusal that depends on one rank's data (its ids, its
 captured batch, non-finite gradient shards) is agreed with :meth:`DataParallel.agree` before the
 step's collectives start, and the completeness identity is reduced over ranks.
@@ -18,6 +21,8 @@ step's collectives start, and the completeness identity is reduced over ranks.
 from __future__ import annotations
 
 import dataclasses
+import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -214,4 +219,142 @@ def sharded_update_nonlinearity(lin, batch_grads, val_grads, all_reduce, *, per_
     return num / den if den > 0 else 0.0
 
 
-__all__ = ["DataParallel", "RankRefusedError", "data_parallel", "refuse_under_fsdp", "is_sharded"]
+# ---------------------------------------------------------------------- stream=True under DDP
+class StreamHook:
+    """The tracker's side of the DDP communication hook that streams the contraction (see :func:`attach_stream_hook`).
+
+    Attributes:
+        engine: the ``GhostEngine`` whose streamed step the hook feeds (held weakly; ``None``
+            once detached: the hook then only all-reduces, as DDP's default does).
+        error: the first exception raised while contracting a bucket this step (agreed over the
+            ranks at the step, never raised inside DDP's backward).
+        fired: buckets all-reduced since :meth:`reset` (0 after a backward under ``no_sync``).
+    """
+
+    def __init__(self, group, world_size: int):
+        self.group, self.world_size = group, int(world_size)
+        self._engine = None
+        self.error: BaseException | None = None
+        self.fired = 0
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self):
+        return None if self._engine is None else self._engine()
+
+    def reset(self) -> None:
+        """A new step: forget the last one's error and count."""
+        with self._lock:
+            self.error, self.fired = None, 0
+
+    def attach(self, engine) -> None:
+        with self._lock:
+            self._engine = weakref.ref(engine)
+            self.error, self.fired = None, 0
+
+    def detach(self, engine=None) -> None:
+        """Stop contracting for ``engine`` (its tracker closed); DDP keeps the hook, which then only averages."""
+        with self._lock:
+            if engine is None or self.engine is engine:
+                self._engine = None
+                self.error, self.fired = None, 0
+
+    def contract(self, params, grads) -> None:
+        """Hand a bucket's parameters and averaged gradients to the engine; store, never raise, an error."""
+        with self._lock:
+            self.fired += 1
+            engine = self.engine
+            if engine is None or self.error is not None or not engine.streaming:
+                return
+            try:
+                engine.contract_streamed(params, grads)
+            except BaseException as err:  # noqa: BLE001 - raised at the step, on every rank alike
+                self.error = err
+
+
+#: DDP model -> its StreamHook (a comm hook cannot be removed: a later tracker reuses it)
+_STREAM_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _stream_comm_hook(state: StreamHook, bucket):
+    """DDP's default all-reduce (the bucket pre-scaled by 1/W, then summed), then the streamed contraction.
+
+    The average is computed as DDP's reducer computes it without a hook (``grad * (1/W)`` into
+    the bucket, then a sum all-reduce), so training is bitwise the same with and without the
+    tracker. When the all-reduce completes, the bucket's views hold the averaged gradient the
+    optimizer will use, and J of each of its parameters is evaluated there.
+    """
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    buffer.mul_(1.0 / state.world_size)
+    params, grads = bucket.parameters(), bucket.gradients()  # gradients(): views of the buffer
+
+    def contract(fut):
+        reduced = fut.value()[0]
+        if state.engine is not None:
+            state.contract(params, grads)
+        return reduced
+
+    return dist.all_reduce(buffer, group=state.group, async_op=True).get_future().then(contract)
+
+
+def _user_comm_hook(ddp) -> str | None:
+    """The name of a communication hook already registered on ``ddp`` that is not the tracker's, if any."""
+    hooks = [h for h, _ in getattr(ddp, "_comm_hooks", []) if h is not _stream_comm_hook]
+    if hooks:
+        return getattr(hooks[0], "__qualname__", repr(hooks[0]))
+    try:  # built-in (C++) hooks are not listed in _comm_hooks; DDP's logging data names them
+        name = ddp._get_ddp_logging_data().get("comm_hook")
+    except Exception:  # noqa: BLE001 - private API: absent in some versions
+        name = None
+    return name or None
+
+
+def attach_stream_hook(ddp, engine) -> StreamHook:
+    """Make ``stream=True`` work under DistributedDataParallel: contract each bucket at its averaged gradient.
+
+    DDP all-reduces a bucket of gradients once all of them are accumulated, after the
+    parameters' post-accumulate-grad hooks have run; J must be evaluated at the averaged
+    gradient the optimizer uses. A communication hook (``ddp.register_comm_hook``) that does
+    DDP's default average and then calls ``engine.contract_streamed(bucket.parameters(),
+    bucket.gradients())`` does that; the engine's stream is set up with ``own_hooks=False``.
+
+    Raises:
+        ValueError: ``ddp`` already has a communication hook of its own (its reduction would
+            be replaced), or another open ``stream=True`` tracker is attached to it.
+    """
+    hook = _STREAM_HOOKS.get(ddp)
+    if hook is not None:
+        if hook.engine is not None:
+            raise ValueError(
+                "another InRunShapley(stream=True) is open on this DistributedDataParallel model; its communication "
+                "hook streams that tracker's contraction and DDP takes one hook only. close() the other tracker "
+                "first, or pass stream=False to this one"
+            )
+    else:
+        name = _user_comm_hook(ddp)
+        if name is not None:
+            raise ValueError(
+                f"the DistributedDataParallel model already has a communication hook ({name}); stream=True contracts "
+                "each bucket in a communication hook of its own, after DDP's default average, and DDP takes one hook "
+                "only. Use stream=False (values after the all-reduce, with any hook), or drop your hook"
+            )
+        import torch.distributed as dist
+
+        hook = StreamHook(ddp.process_group, dist.get_world_size(ddp.process_group))
+        try:
+            ddp.register_comm_hook(hook, _stream_comm_hook)
+        except RuntimeError as err:
+            raise ValueError(
+                f"stream=True could not register its communication hook on the DistributedDataParallel model ({err}); "
+                "it has a hook of its own. Use stream=False"
+            ) from err
+        _STREAM_HOOKS[ddp] = hook
+    hook.attach(engine)
+    return hook
+
+
+__all__ = [
+    "DataParallel", "RankRefusedError", "StreamHook", "attach_stream_hook", "data_parallel", "refuse_under_fsdp", "is_sharded",
+]

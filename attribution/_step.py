@@ -109,7 +109,7 @@ class StepComputer:
         #: Keep each step's Δ(0) for carry_validation_gradients (set by the tracker for credit="momentum").
         self.keep_zero_updates = False
         # Set by begin_stream() for one step: J of a parameter at its .grad, and ∇L_val(θ_t).
-        self._stream_slope: Callable[[torch.Tensor], torch.Tensor | float] | None = None
+        self._stream_slope: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | float] | None = None
         self._stream_val_grads: list[dict[torch.Tensor, torch.Tensor]] | None = None
 
     def params(self) -> list[torch.Tensor]:
@@ -169,12 +169,14 @@ class StepComputer:
         self.last_lin = self.last_val_grads = self.last_moved = None
         self._zero_updates = {}
 
-    def begin_stream(self, optimizer) -> None:
+    def begin_stream(self, optimizer, *, own_hooks: bool = True) -> None:
         """Prepare the coming step's in-backward contraction (``val_point="current"`` only).
 
         Before the training forward, θ_t and the optimizer's state are those of the step, so
         ∇L_val(θ_t) is taken now and J of each parameter is evaluated by the engine's
         post-accumulate-grad hook at the parameter's final gradient (see ``GhostEngine.stream``).
+        ``own_hooks=False`` (DistributedDataParallel): the tracker's communication hook hands
+        the engine each bucket's averaged gradients instead (``GhostEngine.contract_streamed``).
         """
         if self.config.val_point is not ValPoint.CURRENT:
             raise ValueError(f"streaming needs val_point='current', not {self.config.val_point.value!r}")
@@ -184,15 +186,15 @@ class StepComputer:
         kind = self.config.linearization
         val_grads = self.validation_gradients(params)
 
-        def slope(p: torch.Tensor) -> torch.Tensor | float:
+        def slope(p: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | float:
             # Trainable parameters outside the optimizer do not move: J = 0 (the engine then
             # needs no validation gradient for them).
-            if p not in lin or p.grad is None:
+            if p not in lin or grad is None:
                 return 0.0
-            rows = self._row_supports({p: p.grad}, only=p).get(p) if p.dim() and p.shape[0] >= _MIN_ROWS else None
-            return estimators.preconditioning(lin, p, self._batch_grad(p), kind, rows=rows)
+            rows = self._row_supports({p: grad}, only=p).get(p) if p.dim() and p.shape[0] >= _MIN_ROWS else None
+            return estimators.preconditioning(lin, p, self._in_compute_dtype(grad), kind, rows=rows)
 
-        self.engine.stream(val_grads, slope)
+        self.engine.stream(val_grads, slope, own_hooks=own_hooks)
         self._stream_slope, self._stream_val_grads = slope, val_grads
 
     def step_values(self, optimizer, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -224,7 +226,7 @@ class StepComputer:
         if self._stream_slope is not None:
             # Parameters the backward hooks did not contract (fallback, materialized path, unused).
             streamed = self.engine.streamed_params
-            slopes = {p: self._stream_slope(p) for p in self.params() if p not in streamed}
+            slopes = {p: self._stream_slope(p, p.grad) for p in self.params() if p not in streamed}
             values = self._checked_values(slopes, self._stream_val_grads, grads)
             if self.route == "auto" and self.config.linearization in _AUTO_KINDS:
                 lin = optimizers.linearize(optimizer)
@@ -392,7 +394,10 @@ class StepComputer:
 
     def _batch_grad(self, p: torch.Tensor) -> torch.Tensor:
         """``p.grad`` in the computation dtype (float32 for half-precision parameters)."""
-        return p.grad if self.compute_dtype is None else p.grad.to(self.compute_dtype)
+        return self._in_compute_dtype(p.grad)
+
+    def _in_compute_dtype(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad if self.compute_dtype is None else grad.to(self.compute_dtype)
 
     def _val_capture_used(self, slopes) -> bool:
         """Whether the engine may read a captured validation pass for these slopes.

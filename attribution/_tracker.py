@@ -21,7 +21,7 @@ from estimators._sharded import reshard
 from optimizers._fused import fused_kernels
 
 from ._config import AttributionConfig, EstimatorKind
-from ._distributed import data_parallel, refuse_under_fsdp
+from ._distributed import attach_stream_hook, data_parallel, refuse_under_fsdp
 from ._audit import timed_audit
 from ._momentum import MomentumCredit
 from ._ledger import Ledger, atomic_save, check_same_validation, load_checked, normalize_ids, val_fingerprint
@@ -98,8 +98,11 @@ class InRunShapley:
             values are the same as without it. Needs ``val_point="current"`` (∇L_val(θ_t) is
             taken when ``batch()`` is entered, before the forward), one ``batch`` context per
             step (no gradient accumulation), no change of the gradient after the backward (no
-            clipping that clips, no loss-scale unscaling), a single process, and an estimator
-            other than ``"materialized"``; each is checked with a clear error.
+            clipping that clips, no loss-scale unscaling), a single process or
+            DistributedDataParallel (each bucket is contracted in a DDP communication hook at
+            its averaged gradient; not FSDP2, not a DDP model with a hook of its own, no
+            backward under ``no_sync()``), and an estimator other than ``"materialized"``; each
+            is checked with a clear error.
         compile: evaluate the optimizer's per-step formulas (Adam's secant J and the shift to
             the validation point) as fused kernels compiled with ``torch.compile`` (one pass over
             each parameter instead of one per operation; :mod:`optimizers._fused`), for tensors
@@ -266,8 +269,8 @@ class InRunShapley:
         #: DDP, FSDP2 (fully_shard) or a single process (see attribution/_distributed.py)
         self._parallel = data_parallel(model)
         module, self._world_size = self._parallel.module, self._parallel.world_size
-        if self.stream and self._world_size > 1:
-            raise ValueError(_STREAM_REFUSAL[self._parallel.kind])
+        if self.stream and self._parallel.sharded:
+            raise ValueError(_STREAM_REFUSAL_FSDP)
         self._computer = StepComputer(
             module, loss_fn, self.val_batches, self.config, val_train_mode=val_mode == "train", strict=strict, modules=modules
         )
@@ -315,6 +318,12 @@ class InRunShapley:
         # The optimizers' hooks hold the tracker weakly: a tracker nobody references any more (a
         # notebook cell run twice) detaches itself instead of refusing every later step.
         self._hooks, self._finalizers = {}, []
+        #: under DDP with stream=True: the communication hook that contracts each bucket at its average
+        self._stream_hook = None
+        if self.stream and self._parallel.kind == "ddp":
+            engine = self._computer.engine
+            self._stream_hook = attach_stream_hook(model, engine)
+            self._finalizers.append(weakref.finalize(self, self._stream_hook.detach, engine))
         for opt in self.optimizers:
             pre = opt.register_step_pre_hook(_weak_hook(self, "_before_step"))
             post = opt.register_step_post_hook(_weak_hook(self, "_after_step"))
@@ -357,12 +366,16 @@ class InRunShapley:
                     "stream=True values one batch context per optimizer step, but this step already has "
                     f"{len(self._pending_ids)} samples (gradient accumulation); use stream=False to accumulate"
                 )
-            self._computer.begin_stream(self._optimizer_arg)
+            if self._stream_hook is not None:
+                self._stream_hook.reset()
+            self._computer.begin_stream(self._optimizer_arg, own_hooks=self._stream_hook is None)
         start = self._computer.passes_captured()
         self._in_batch = True
         try:
             with self._computer.capture(), fused_kernels(self.compile):
                 yield self
+            if self._stream_hook is not None:
+                _check_synced(self._stream_hook, self._computer.params())
         except BaseException:
             # Forget this block's capture; earlier blocks of the step stay pending.
             self._computer.drop_passes(start)
@@ -559,6 +572,8 @@ class InRunShapley:
                 self._check_blocks(blocks)
             except (TrackerUsageError, ValueError) as err:
                 error = err
+            if error is None and self._stream_hook is not None:
+                error = self._stream_refusal()
             # A refusal on one rank's data is every rank's, before the step's collectives start.
             self._parallel.agree(error)
             params = [p for p in self._computer.params() if p.grad is not None]
@@ -599,6 +614,18 @@ class InRunShapley:
             return
         info = self._step_info()
         self._staged = (ids, values, None, info)
+
+    def _stream_refusal(self) -> BaseException | None:
+        """Under DDP with stream=True: what went wrong in this rank's communication hooks, or in the streamed step's conditions."""
+        if self._stream_hook.error is not None:
+            return self._stream_hook.error
+        try:
+            self._computer.engine.check_stream()
+        except IncompleteGradientError as err:
+            return TrackerUsageError(f"step {self._ledger.steps}: {err}")
+        except Exception as err:  # noqa: BLE001 - refused on every rank alike by agree()
+            return err
+        return None
 
     def _step_info(self) -> tuple[str, float | None, float | None]:
         """(route, ν, largest standard error) of the step just valued; warns once where the slope fits poorly."""
@@ -1045,19 +1072,22 @@ def _warn_fallback(engine) -> None:
 
 _ENGINE_NAME = {"ddp": "DistributedDataParallel", "fsdp": "fully_shard (FSDP2)", "single": "one process"}
 
-_STREAM_REFUSAL = {
-    "ddp": (
-        "stream=True is not available under DistributedDataParallel: DDP all-reduces the gradient after the "
-        "parameters' post-accumulate-grad hooks have run, so the streamed contraction would evaluate J at this rank's "
-        "own gradient, not at the averaged one the optimizer uses. Use stream=False (the contraction then runs in "
-        "the optimizer's step pre-hook, after the all-reduce)"
-    ),
-    "fsdp": (
-        "stream=True is not available under fully_shard (FSDP2): the streamed contraction would gather each layer's "
-        "P inside the backward pass, interleaving its collectives with FSDP's reduce-scatters, which is not "
-        "implemented. Use stream=False (the layers' P are still gathered one at a time, in the step pre-hook)"
-    ),
-}
+_STREAM_REFUSAL_FSDP = (
+    "stream=True is not available under fully_shard (FSDP2): the streamed contraction would gather each layer's "
+    "P inside the backward pass, interleaving its collectives with FSDP's reduce-scatters, which is not "
+    "implemented. Use stream=False (the layers' P are still gathered one at a time, in the step pre-hook)"
+)
+
+
+def _check_synced(hook, params) -> None:
+    """Refuse a streamed batch whose backward DDP did not all-reduce (it ran under ``ddp.no_sync()``)."""
+    if hook.fired == 0 and any(p.grad is not None for p in params):
+        raise ValueError(
+            "the backward of this tracker.batch() ran under DistributedDataParallel.no_sync(), so DDP did not "
+            "all-reduce it and the communication hook that values each layer at the averaged gradient never ran. "
+            "stream=True values one batch context per optimizer step, each all-reduced: gradient accumulation "
+            "under no_sync cannot be streamed. Use stream=False to accumulate, or run the backward outside no_sync"
+        )
 
 
 def _weak_hook(tracker: InRunShapley, method: str) -> Callable:

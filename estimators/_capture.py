@@ -104,7 +104,7 @@ class _Stream:
     """One step's in-backward contraction (see :meth:`GhostEngine.stream`)."""
 
     val_grads: list[Mapping[torch.Tensor, torch.Tensor]]
-    slope: Callable[[torch.Tensor], Any]
+    slope: Callable[[torch.Tensor, torch.Tensor], Any]
     dtype: torch.dtype
     #: The step's contraction routine (shared with ``values()``, which adds the other parameters).
     contraction: StepContraction
@@ -117,6 +117,12 @@ class _Stream:
     #: Both sides of the completeness identity of the streamed parameters (at hook time).
     check: CompletenessCheck = dataclasses.field(default_factory=CompletenessCheck)
     error: str | None = None
+    #: the engine's own post-accumulate-grad hooks contract (False: the caller's, see ``contract_streamed``)
+    own_hooks: bool = True
+    #: the parameters contracted in the backward, fixed when the training capture starts
+    streamable: set | None = None
+    #: the conditions were checked once after the backward (``check_stream``)
+    checked: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

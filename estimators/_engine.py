@@ -19,6 +19,7 @@ which the ``pairwise`` and ``factored`` paths need (each captured model call = o
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -157,6 +158,8 @@ class GhostEngine:
         self._stack: list[nn.Module] = []
         self._mode: _ParamUseMode | None = None
         self._stream: _Stream | None = None
+        #: contract_streamed() may run on a thread of the process group (a DDP communication hook)
+        self._stream_lock = threading.Lock()
         self._boundary = False
         self._call_batch: int | None = None
         #: Errors found by hooks on outputs a rule does not read (raised by values()).
@@ -295,7 +298,9 @@ class GhostEngine:
     def stream(
         self,
         val_grads: Sequence[Mapping[torch.Tensor, torch.Tensor]],
-        slope: Callable[[torch.Tensor], torch.Tensor | float],
+        slope: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float],
+        *,
+        own_hooks: bool = True,
     ) -> None:
         """Contract each weight during the next training backward, as soon as its gradient is final.
 
@@ -314,11 +319,21 @@ class GhostEngine:
         clipping) changes J and cannot be checked here: the caller must refuse it
         (``InRunShapley(stream=True)`` does).
 
+        Under DistributedDataParallel the gradient the optimizer uses is the all-reduced average,
+        which exists only once DDP's bucket all-reduce has completed, after the post-accumulate-grad
+        hooks. With ``own_hooks=False`` the engine registers no hook of its own; the caller hands
+        each parameter's final gradient to :meth:`contract_streamed` (the tracker's DDP
+        communication hook does, per bucket, see ``attribution._distributed.attach_stream_hook``).
+
         Args:
             val_grads: K dicts parameter -> ∇L_val^k (from :func:`validation_gradients`, taken
                 before the training forward).
-            slope: ``slope(param)`` -> J of ``param`` at its current ``param.grad`` (a tensor
-                broadcastable to the parameter, or a float; exactly ``0.0`` skips the parameter).
+            slope: ``slope(param, grad)`` -> J of ``param`` at its final gradient ``grad`` (a
+                tensor broadcastable to the parameter, or a float; exactly ``0.0`` skips the
+                parameter). ``grad`` is ``param.grad`` in the engine's own hooks, the averaged
+                gradient under DDP.
+            own_hooks: register the post-accumulate-grad hooks (default); ``False``: the caller
+                calls :meth:`contract_streamed` with each parameter's final gradient.
         Raises:
             GhostEngineError: a capture is active, or training passes were already captured.
             ValueError: ``val_grads`` is not a non-empty list.
@@ -331,7 +346,7 @@ class GhostEngine:
             >>> G = [{p: torch.randn_like(p) for p in model.parameters()}]
             >>> J = {p: torch.rand_like(p) for p in model.parameters()}
             >>> engine = GhostEngine(model)
-            >>> engine.stream(G, lambda p: J[p])
+            >>> engine.stream(G, lambda p, g: J[p])
             >>> with engine.capture_train():
             ...     ((model(x) - y) ** 2).sum().backward()
             >>> len(engine.streamed_params)
@@ -349,9 +364,14 @@ class GhostEngine:
         if not isinstance(val_grads, (list, tuple)) or not val_grads:
             raise ValueError("val_grads must be a non-empty list of K dicts parameter -> validation gradient")
         dtype = self._compute_dtype(list(self._names))
-        self._stream = _Stream(list(val_grads), slope, dtype, StepContraction(dtype, self.factorization))
+        self._stream = _Stream(list(val_grads), slope, dtype, StepContraction(dtype, self.factorization), own_hooks=bool(own_hooks))
         self.paths_taken = {}
         self.factored_errors = self._stream.contraction.factored_errors
+
+    @property
+    def streaming(self) -> bool:
+        """A :meth:`stream` with ``own_hooks=False`` is set up: :meth:`contract_streamed` is expected."""
+        return self._stream is not None and not self._stream.own_hooks
 
     @property
     def streamed_params(self) -> set[torch.Tensor]:
@@ -369,7 +389,65 @@ class GhostEngine:
         return out
 
     def _contract_in_backward(self, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook of ``p``: −⟨J ⊙ ∇L_val, c_z⟩ of ``p`` now; release finished layers."""
+        """Post-accumulate-grad hook of ``p``: −⟨J ⊙ ∇L_val, c_z⟩ of ``p`` at ``p.grad`` now; release finished layers."""
+        self._contract(p, p.grad)
+
+    def contract_streamed(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+        """Contract ``params`` at their final gradients ``grads`` (a :meth:`stream` set up with ``own_hooks=False``).
+
+        Called by a DDP communication hook once a bucket's all-reduce has completed, with the
+        bucket's parameters and their averaged gradients (``GradBucket.parameters()`` /
+        ``gradients()``). Parameters the engine does not stream (fallback, forced
+        ``materialized``, outside the attributed modules) are left to :meth:`values`. Thread-safe:
+        communication hooks may complete on a thread of the process group.
+
+        Raises:
+            GhostEngineError: no :meth:`stream` set up with ``own_hooks=False``.
+        """
+        with self._stream_lock:
+            s = self._stream
+            if s is None or s.own_hooks:
+                raise GhostEngineError("contract_streamed() needs a stream(..., own_hooks=False) set up for this step")
+            if s.streamable is None:
+                return  # no training capture of this step started: nothing was captured to contract
+            for p, g in zip(params, grads):
+                if p in s.streamable:
+                    self._contract(p, g)
+
+    def check_stream(self) -> None:
+        """Refuse a streamed step whose conditions failed (what :meth:`values` checks first; a no-op once passed).
+
+        Raises:
+            GhostEngineError: an error found in the backward (a second gradient, several model
+                calls), or a ``.grad`` replaced after the backward.
+            IncompleteGradientError: a gradient changed after the backward (clipping, unscaling).
+        """
+        stream = self._stream
+        if stream is None or stream.checked:
+            return
+        if stream.error is not None:
+            raise GhostEngineError(stream.error)
+        t0 = time.perf_counter()
+        changed = _changed_since(stream.fingerprints)
+        self.check_seconds += time.perf_counter() - t0
+        for p, g in stream.done.items():
+            if g is not None and p.grad is not g:
+                raise GhostEngineError(
+                    f"the gradient of parameter {self._names[p]!r} was replaced after the backward pass; the streamed "
+                    "contraction evaluated J at the gradient of the backward pass. Edit gradients in place before "
+                    "the backward ends, or contract after the step (InRunShapley(stream=False))"
+                )
+            if p in changed:
+                raise IncompleteGradientError(
+                    f"the gradient of parameter {self._names[p]!r} changed after the backward pass (gradient clipping "
+                    "that clips, GradScaler.unscale_, manual edits); the streamed contraction evaluated J at the "
+                    "gradient of the backward pass, and J of the changed gradient is another slope. Use "
+                    "InRunShapley(stream=False), which values rescaled steps exactly"
+                )
+        stream.checked = True
+
+    def _contract(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """−⟨J ⊙ ∇L_val, c_z⟩ of ``p`` with J evaluated at its final gradient ``grad``; release finished layers."""
         s = self._stream
         if s is None or s.error is not None:
             return
@@ -392,7 +470,9 @@ class GhostEngine:
         # No parameter-use checks here (nothing is differentiated): skip the capture's
         # TorchFunctionMode, whose Python dispatch would otherwise wrap every elementwise op of J.
         with torch.no_grad(), torch._C.DisableTorchFunction():
-            J = as_preconditioner(s.slope(p))
+            J = as_preconditioner(s.slope(p, grad))
+            # The .grad tensor whose identity values() checks (under DDP it receives the average in
+            # place after the hooks; None where this rank did not use p, DDP then creates it)
             s.done[p] = p.grad
             if J.is_zero:
                 return  # the step does not move p: no contribution
@@ -405,6 +485,14 @@ class GhostEngine:
                     c.terms = tracked.rule.call_terms(c.module, c.args, c.kwargs, c.grad)
                 raw.extend(c.terms[a] for a, q in tracked.covered.items() if q is p)
             terms = [t.to(s.dtype) for t in raw]
+            if not terms and not s.own_hooks:
+                # Under DDP every rank must record the same completeness entries (they are summed
+                # over ranks): a parameter this rank's samples did not reach still has ⟨P, grad⟩.
+                for k, G in enumerate(s.val_grads):
+                    if p in G:
+                        s.check.add_grad(name, k, _precondition(J.to(s.dtype), G[p].to(s.dtype), p.shape), grad, keep=False)
+                if p not in s.fingerprints:
+                    s.fingerprints[p] = _fingerprint(grad)
             if terms:
                 n = self._pass_n(pas)
                 if s.out is None:
@@ -434,13 +522,13 @@ class GhostEngine:
                     # P is freed with this layer: its rounding scale is taken now (no synchronisation;
                     # the check runs in values()).
                     if p not in s.fingerprints:
-                        s.fingerprints[p] = _fingerprint(p.grad)
-                    s.check.add_grad(name, k, P, p.grad, keep=False, grad_norm=s.fingerprints[p][1])
+                        s.fingerprints[p] = _fingerprint(grad)
+                    s.check.add_grad(name, k, P, grad, keep=False, grad_norm=s.fingerprints[p][1])
                     self.check_seconds += time.perf_counter() - t0
                 self.paths_taken[name] = "factored" if factored else "dense"
                 if p not in s.fingerprints:
                     t0 = time.perf_counter()
-                    s.fingerprints[p] = _fingerprint(p.grad)
+                    s.fingerprints[p] = _fingerprint(grad)
                     self.check_seconds += time.perf_counter() - t0
             for c in calls:
                 tracked = self._tracked[c.module]
@@ -466,8 +554,10 @@ class GhostEngine:
                     self._handles.append(module.register_forward_hook(self._record, with_kwargs=True, prepend=True))
             self._handles.extend(_broadcast_index_hooks(self, self._tracked))
             if kind == "train" and self._stream is not None:
-                for p in self._streamable():
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._contract_in_backward))
+                self._stream.streamable = set(self._streamable())
+                if self._stream.own_hooks:
+                    for p in self._stream.streamable:
+                        self._handles.append(p.register_post_accumulate_grad_hook(self._contract_in_backward))
             self._mode = _ParamUseMode(self)
             self._mode.__enter__()
         except BaseException:
@@ -922,25 +1012,7 @@ class GhostEngine:
             raise GhostEngineError(f"values() was called inside a {self._active} capture; exit the capture first")
         stream = self._stream
         if stream is not None:
-            if stream.error is not None:
-                raise GhostEngineError(stream.error)
-            t0 = time.perf_counter()
-            changed = _changed_since(stream.fingerprints)
-            self.check_seconds += time.perf_counter() - t0
-            for p, g in stream.done.items():
-                if p.grad is not g:
-                    raise GhostEngineError(
-                        f"the gradient of parameter {self._names[p]!r} was replaced after the backward pass; the streamed "
-                        "contraction evaluated J at the gradient of the backward pass. Edit gradients in place before "
-                        "the backward ends, or contract after the step (InRunShapley(stream=False))"
-                    )
-                if p in changed:
-                    raise IncompleteGradientError(
-                        f"the gradient of parameter {self._names[p]!r} changed after the backward pass (gradient clipping "
-                        "that clips, GradScaler.unscale_, manual edits); the streamed contraction evaluated J at the "
-                        "gradient of the backward pass, and J of the changed gradient is another slope. Use "
-                        "InRunShapley(stream=False), which values rescaled steps exactly"
-                    )
+            self.check_stream()
             if val_grads is None:
                 val_grads = stream.val_grads
         train = [p for p in self._train if p.has_grad]

@@ -1,4 +1,4 @@
-"""FSDP2 (``fully_shard``) and DDP: 2 gloo processes on CPU equal one process on the whole batch.
+"""FSDP2 (``fully_shard``) and DDP (also with ``stream=True``): 2 gloo processes on CPU equal one process on the whole batch.
 
 Each test spawns two ranks (file:// rendezvous, as tests/attribution/test_distributed.py), runs
 the tracked loop, and compares values, totals and history in float64 with the single-process
@@ -89,7 +89,7 @@ def _global_batches(steps):
 
 
 def _shard(model, kind, engine):
-    if engine == "ddp":
+    if engine in ("ddp", "ddp-stream"):
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
@@ -131,13 +131,15 @@ def _values_worker(rank, init_file, out_dir, engine, kind, linearization):
         batches = _global_batches(STEPS)
         model = _shard(_model(kind), kind, engine)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        tracker = InRunShapley(model, opt, loss_fn, val, linearization=linearization, record_steps=True)
+        stream = engine == "ddp-stream"
+        tracker = InRunShapley(model, opt, loss_fn, val, linearization=linearization, record_steps=True, **_stream_options(engine))
         _train(rank, model, opt, tracker, x, y, loss_fn, batches[:2])
         path = f"{out_dir}/run.ledger"
         tracker.save(path)  # collective: rank 0 writes one file with every rank's values
         tracker.close()
         # Resume on every rank from the one file; rank 0 continues the totals, the others the step count.
-        tracker = InRunShapley.load(path, model, opt, loss_fn, val)
+        # (ddp-stream: the closed tracker's communication hook stays on the DDP model; the new one reuses it.)
+        tracker = InRunShapley.load(path, model, opt, loss_fn, val, stream=stream)
         _train(rank, model, opt, tracker, x, y, loss_fn, batches[2:])
         values, history, info = tracker.values(), tracker.history(), tracker.step_info()  # collectives
 
@@ -156,15 +158,23 @@ def _values_worker(rank, init_file, out_dir, engine, kind, linearization):
         dist.destroy_process_group()
 
 
-def _single_process(kind, linearization):
+def _stream_options(engine):
+    """``ddp-stream``: DDP with the contraction streamed in the communication hook (it needs val_point='current')."""
+    return {"stream": True, "val_point": "current"} if engine == "ddp-stream" else {}
+
+
+def _single_process(kind, linearization, engine):
     x, y = _data(kind, STEPS)
     val, loss_fn = (x[-8:], y[-8:]), _loss(kind)
     model = _model(kind)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     # Multi-process runs cannot take the exact-update route (each rank holds its own samples only):
     # the reference is the slope route, with ν computed (an infinite threshold never switches).
+    # The streamed DDP run is compared with stream=False at the same validation point.
+    options = {"val_point": "current"} if engine == "ddp-stream" else {}
     tracker = InRunShapley(
-        model, opt, loss_fn, val, linearization=linearization, record_steps=True, nonlinearity_threshold=float("inf")
+        model, opt, loss_fn, val, linearization=linearization, record_steps=True, nonlinearity_threshold=float("inf"),
+        **options,
     )
     _train(0, model, opt, tracker, x, y, loss_fn, _global_batches(STEPS), world=1)
     return tracker
@@ -172,7 +182,10 @@ def _single_process(kind, linearization):
 
 @pytest.mark.parametrize(
     "engine,kind,linearization",
-    [("fsdp", "mlp", "secant"), ("fsdp", "mlp", "tangent"), ("fsdp", "lm", "secant"), ("ddp", "mlp", "secant")],
+    [
+        ("fsdp", "mlp", "secant"), ("fsdp", "mlp", "tangent"), ("fsdp", "lm", "secant"), ("ddp", "mlp", "secant"),
+        ("ddp-stream", "lm", "secant"),
+    ],
 )
 def test_values_history_and_resume_equal_a_single_process_run(tmp_path, engine, kind, linearization):
     import pandas as pd
@@ -180,7 +193,7 @@ def test_values_history_and_resume_equal_a_single_process_run(tmp_path, engine, 
     _spawn(_values_worker, tmp_path, engine, kind, linearization)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     assert all(r["same"] for r in ranks), "attaching the tracker changed training"
-    single = _single_process(kind, linearization)
+    single = _single_process(kind, linearization, engine)
     reference, ref_history = single.values().sort_index(), single.history()
     for r in ranks:  # every rank gathers every id
         got = r["values"].sort_index()
@@ -271,11 +284,119 @@ def test_every_rank_refuses_the_same_bad_step(tmp_path, engine):
     for s in seen:
         assert s["clip"] is not None and "is not the sum of the per-sample contributions" in s["clip"]
         assert s["values"] == WORLD * PER_RANK
-        assert "stream=True is not available under" in s["stream"]
-        assert ("fully_shard" if engine == "fsdp" else "DistributedDataParallel") in s["stream"]
+        if engine == "fsdp":
+            assert "stream=True is not available under fully_shard (FSDP2)" in s["stream"]
+        else:  # DDP streams in its communication hook (test_ddp_stream_refusals_are_the_same_on_every_rank)
+            assert s["stream"] is None
     if engine == "fsdp":
         assert "estimator='ghost-factored' is not available under fully_shard" in seen[0]["factored"]
         assert "credit='momentum' is not available under fully_shard" in seen[0]["momentum"]
         assert seen[0]["muon"].startswith("UnsupportedOptimizerError: Muon has an operator preconditioner")
     else:
         assert seen[0]["factored"] is None and seen[0]["momentum"] is None
+
+
+# ---------------------------------------------------------------------- stream=True under DDP: refusals
+def _ddp_stream_refusal_worker(rank, init_file, out_dir):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    seen = {}
+    streamed = {"stream": True, "val_point": "current"}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            seen[name] = None
+        except Exception as err:  # noqa: BLE001 - the test records what each rank raised
+            seen[name] = f"{type(err).__name__}: {err}"
+
+    def step(tracker, forward):
+        """One step whose backward is ``forward()``; records whether the parameters moved."""
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        with tracker.batch(mine.tolist()):
+            forward()
+        opt.step()
+        return any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    try:
+        x, y = _data("mlp", 2)
+        val = (x[-8:], y[-8:])
+        mine = torch.arange(rank * PER_RANK, (rank + 1) * PER_RANK)
+        # The user's own communication hook: DDP takes one, so the tracker's cannot be added.
+        hooked = nn.parallel.DistributedDataParallel(_mlp())
+        hooked.register_comm_hook(None, allreduce_hook)
+        attempt("user_hook", lambda: InRunShapley(hooked, torch.optim.SGD(hooked.parameters(), lr=0.1), LOSS, val, **streamed))
+        builtin = nn.parallel.DistributedDataParallel(_mlp())
+        builtin._register_builtin_comm_hook(dist.BuiltinCommHookType.ALLREDUCE)  # not listed in DDP's _comm_hooks
+        attempt("builtin_hook", lambda: InRunShapley(builtin, torch.optim.SGD(builtin.parameters(), lr=0.1), LOSS, val, **streamed))
+        # A hook the look-up misses: DDP's own refusal to take a second hook is turned into the same advice.
+        import attribution._distributed as D
+
+        found, D._user_comm_hook = D._user_comm_hook, lambda ddp: None
+        try:
+            attempt("unseen_hook", lambda: InRunShapley(hooked, torch.optim.SGD(hooked.parameters(), lr=0.1), LOSS, val, **streamed))
+        finally:
+            D._user_comm_hook = found
+
+        model = nn.parallel.DistributedDataParallel(_mlp())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        tracker = InRunShapley(model, opt, LOSS, val, **streamed)
+        attempt("second", lambda: InRunShapley(model, opt, LOSS, val, **streamed))
+
+        def under_no_sync():
+            opt.zero_grad()
+            with model.no_sync(), tracker.batch(mine.tolist()):
+                LOSS(model(x[mine]), y[mine]).backward()
+
+        attempt("no_sync", under_no_sync)
+
+        def accumulated():  # one micro-batch under no_sync, the last one synced, in one batch context
+            with model.no_sync():
+                (LOSS(model(x[mine[:2]]), y[mine[:2]]) / 2).backward()
+            (LOSS(model(x[mine[2:]]), y[mine[2:]]) / 2).backward()
+
+        before = [p.detach().clone() for p in model.parameters()]
+        attempt("accumulate", lambda: step(tracker, accumulated))
+        seen["accumulate_moved"] = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+        def rank_one_calls_twice():  # rank 1's samples go through two model calls: only its hooks refuse
+            if rank == 0:
+                LOSS(model(x[mine]), y[mine]).backward()
+            else:
+                (LOSS(model(x[mine[:2]]), y[mine[:2]]) + LOSS(model.module(x[mine[2:]]), y[mine[2:]])).div(2).backward()
+
+        before = [p.detach().clone() for p in model.parameters()]
+        attempt("rank_only", lambda: step(tracker, rank_one_calls_twice))
+        seen["rank_only_moved"] = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        # The tracker goes on: a clean step is valued on both ranks.
+        seen["clean_moved"] = step(tracker, lambda: LOSS(model(x[mine]), y[mine]).backward())
+        seen["values"] = len(tracker.values())
+        tracker.close()  # the hook stays on the DDP model; a new streamed tracker takes it over
+        attempt("after_close", lambda: InRunShapley(model, opt, LOSS, val, **streamed).close())
+    finally:
+        torch.save(seen, f"{out_dir}/stream_refusal{rank}.pt")
+        dist.destroy_process_group()
+
+
+def test_ddp_stream_refusals_are_the_same_on_every_rank(tmp_path):
+    _spawn(_ddp_stream_refusal_worker, tmp_path)
+    seen = [torch.load(tmp_path / f"stream_refusal{r}.pt", weights_only=False) for r in range(WORLD)]
+    for s in seen:
+        assert s["user_hook"].startswith("ValueError: the DistributedDataParallel model already has a communication hook (allreduce_hook)")
+        assert "already has a communication hook (BuiltinCommHookType.ALLREDUCE)" in s["builtin_hook"]
+        assert s["unseen_hook"].startswith("ValueError: stream=True could not register its communication hook")
+        assert "can only be called once" in s["unseen_hook"]
+        assert s["second"].startswith("ValueError: another InRunShapley(stream=True) is open on this DistributedDataParallel")
+        assert s["no_sync"].startswith("ValueError: the backward of this tracker.batch() ran under DistributedDataParallel.no_sync()")
+        assert "gradient accumulation under no_sync cannot be streamed" in s["no_sync"]
+        assert s["accumulate"].startswith("GhostEngineError: 2 model calls were captured in one step")
+        assert not s["accumulate_moved"]
+        assert not s["rank_only_moved"]
+        assert s["clean_moved"] and s["values"] == WORLD * PER_RANK
+        assert s["after_close"] is None
+    # Rank 1's hooks found the error; rank 0 refuses because rank 1 did, and neither waits on the other.
+    assert seen[1]["rank_only"].startswith("GhostEngineError: 2 model calls were captured in one step")
+    assert seen[0]["rank_only"].startswith("RankRefusedError: rank 1 refused this step (GhostEngineError: 2 model calls")

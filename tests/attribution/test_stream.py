@@ -69,7 +69,7 @@ def test_captured_tensors_are_released_during_the_backward():
     engine = E.GhostEngine(model)
     released_at_hook = []
 
-    def slope(p):
+    def slope(p, g):
         # Called from the post-accumulate-grad hook: the first layer's gradient is the last to arrive,
         # by then the output layer (contracted first) must already be released.
         released_at_hook.append([c.streamed for pas in engine._train for c in pas.calls])
@@ -197,8 +197,42 @@ def test_engine_stream_argument_errors():
     model = _mlp()
     engine = E.GhostEngine(model)
     with pytest.raises(ValueError, match="non-empty list"):
-        engine.stream({}, lambda p: 1.0)
+        engine.stream({}, lambda p, g: 1.0)
     with engine.capture_train():
         LOSS(model(X[:2]), Y[:2]).backward()
     with pytest.raises(E.GhostEngineError, match="before the step's training capture"):
-        engine.stream([{}], lambda p: 1.0)
+        engine.stream([{}], lambda p, g: 1.0)
+
+
+def test_contract_streamed_needs_a_stream_without_own_hooks():
+    model = _mlp()
+    engine = E.GhostEngine(model)
+    params = list(model.parameters())
+    with pytest.raises(E.GhostEngineError, match=r"contract_streamed\(\) needs a stream\(\.\.\., own_hooks=False\)"):
+        engine.contract_streamed(params, [torch.zeros_like(p) for p in params])
+    engine.stream([{p: torch.randn_like(p) for p in params}], lambda p, g: 1.0)  # own hooks: the engine's
+    with pytest.raises(E.GhostEngineError, match="own_hooks=False"):
+        engine.contract_streamed(params, [torch.zeros_like(p) for p in params])
+
+
+def test_contract_streamed_values_equal_the_engines_own_hooks():
+    """own_hooks=False with each parameter's gradient handed in equals the post-accumulate-grad hooks."""
+    model = _mlp()
+    G = [{p: torch.randn_like(p) for p in model.parameters()}]
+    J = {p: torch.rand_like(p) for p in model.parameters()}
+    engine = E.GhostEngine(model)
+    engine.stream(G, lambda p, g: J[p] * torch.sign(g))  # J depends on the gradient it is given
+    with engine.capture_train():
+        LOSS(model(X[:6]), Y[:6]).backward()
+    own = engine.values({})
+    engine.clear()
+    model.zero_grad()
+    engine.stream(G, lambda p, g: J[p] * torch.sign(g), own_hooks=False)
+    assert engine.streaming
+    with engine.capture_train():
+        LOSS(model(X[:6]), Y[:6]).backward()
+    assert engine.streamed_params == set()  # no hook of its own ran
+    params = list(model.parameters())
+    engine.contract_streamed(params, [p.grad.clone() for p in params])
+    assert engine.streamed_params == set(params)
+    assert_close(engine.values({}), own, rtol=1e-12, atol=1e-15)
