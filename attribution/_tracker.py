@@ -19,6 +19,7 @@ from estimators import IncompleteGradientError, ValPoint
 
 from estimators._sharded import reshard
 from optimizers._fused import fused_kernels
+from optimizers._fused import resolve as resolve_compile
 
 from ._config import AttributionConfig, EstimatorKind
 from ._distributed import attach_stream_hook, data_parallel, refuse_under_fsdp
@@ -107,8 +108,11 @@ class InRunShapley:
             the validation point) as fused kernels compiled with ``torch.compile`` (one pass over
             each parameter instead of one per operation; :mod:`optimizers._fused`), for tensors
             of at least 32,768 elements. The values agree with the eager formulas to rounding.
-            The first compilation takes seconds (cached on disk after); ``False`` runs eagerly.
-            Where compiling fails (no C++ compiler), the eager formulas run, with a warning.
+            ``"auto"`` (default) compiles on a GPU, and on a CPU for models of at least 2**22
+            trainable elements, where it pays for the compiler's fixed cost (seconds for the
+            first compilation, cached on disk after; about 115 MB of resident memory);
+            ``True``/``False`` force it. Where compiling fails (no C++ compiler), the eager
+            formulas run, with a warning.
         val_mode: ``"eval"`` (default): validation passes run with every module in eval mode
             (dropout off, running statistics), the loss users measure; ``"train"`` keeps the
             modules' own modes (the RNG is restored after each pass either way).
@@ -194,7 +198,7 @@ class InRunShapley:
         estimator="ghost",
         record_steps: bool = False,
         stream: bool = False,
-        compile: bool = True,
+        compile: bool | str = "auto",
         val_mode: str = "eval",
         strict: bool = False,
         modules=None,
@@ -210,7 +214,8 @@ class InRunShapley:
     ):
         self.config = AttributionConfig(linearization, val_point, estimator)
         self.stream = bool(stream)
-        self.compile = bool(compile)
+        #: whether the fused kernels are compiled (``compile`` resolved for this model)
+        self.compile = resolve_compile(compile, [p for p in model.parameters() if p.requires_grad])
         if route not in ("auto", "linear"):
             raise ValueError(f"route={route!r} is not accepted; use 'auto' (default) or 'linear'")
         if nonlinearity_threshold is None:
@@ -931,7 +936,7 @@ class InRunShapley:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, model, optimizer, loss_fn, val_batch, *, stream: bool = False, compile: bool = True
+        cls, path: str | os.PathLike, model, optimizer, loss_fn, val_batch, *, stream: bool = False, compile: bool | str = "auto"
     ) -> InRunShapley:
         """A tracker for ``model``/``optimizer`` that continues the totals saved at ``path``.
 

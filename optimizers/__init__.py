@@ -15,6 +15,7 @@ Example (for SGD every slope is −η, the original In-Run Data Shapley precondi
 """
 
 from ._autograd import UpdateJumpError, gauss_legendre
+from ._fused import FusedKernelWarning, fused_kernels
 from ._base import (
     MomentumCarry,
     OptimizerLinearization,
@@ -86,6 +87,8 @@ __all__ = [
     "as_optimizer_list",
     "as_preconditioner",
     "gauss_legendre",
+    "FusedKernelWarning",
+    "fused_kernels",
     "linearization_class",
     "linearize",
     "registered",

@@ -34,13 +34,20 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+#: ``compile="auto"`` compiles on a CPU only for models with at least this many trainable elements:
+#: below it, what fusing saves per step is small beside the compiler's fixed cost (about 115 MB of
+#: resident memory for dynamo and inductor, and seconds for the first compilation).
+AUTO_ELEMENTS = 2**22
+
 #: A tensor below this many elements is evaluated eagerly: the compiled call's fixed cost
 #: (guards, launch; about 30 µs on a CPU) exceeds what fusing saves on it.
 MIN_ELEMENTS = 2**15
 
 _log = logging.getLogger(__name__)
 # Process-wide, not per thread: a streamed contraction runs in autograd's (or DDP's) threads.
-_enabled = True
+# Off outside a block: a library call never starts a compilation unasked; the tracker (or the
+# user, ``with optimizers.fused_kernels():``) switches it on.
+_enabled = False
 
 
 class FusedKernelWarning(UserWarning):
@@ -48,7 +55,7 @@ class FusedKernelWarning(UserWarning):
 
 
 def enabled() -> bool:
-    """Whether fused kernels are compiled (default True; see :func:`fused_kernels`)."""
+    """Whether fused kernels are compiled here (False outside a :func:`fused_kernels` block)."""
     return _enabled
 
 
@@ -56,9 +63,14 @@ def enabled() -> bool:
 def fused_kernels(enable: bool = True) -> Iterator[None]:
     """Switch compiled kernels on or off inside the block (``InRunShapley(..., compile=...)`` does).
 
+    Outside any block they are off, so that the functional API (``optimizers.linearize(opt).secant``,
+    ``attribution.step_values``) runs eagerly unless asked.
+
     Example:
-        >>> with fused_kernels(False):
+        >>> with fused_kernels():
         ...     enabled()
+        True
+        >>> enabled()
         False
     """
     global _enabled
@@ -67,6 +79,28 @@ def fused_kernels(enable: bool = True) -> Iterator[None]:
         yield
     finally:
         _enabled = previous
+
+
+def resolve(compile: bool | str, params) -> bool:
+    """The ``compile`` option of :class:`~attribution.InRunShapley` as a bool for these parameters.
+
+    ``True``/``False`` are kept; ``"auto"`` is True when a parameter lives on an accelerator (host
+    memory is not what a GPU run is short of) or the parameters hold at least
+    :data:`AUTO_ELEMENTS` elements (MiniLM's 22.7M: 0.46 → 0.54 of plain throughput on a CPU; a
+    0.4M-parameter MLP gains 0.39 → 0.41 and would pay 1.04 → 1.20 in peak memory).
+
+    Raises:
+        ValueError: any other value.
+    Example:
+        >>> resolve("auto", [torch.zeros(10)]), resolve(True, [torch.zeros(10)])
+        (False, True)
+    """
+    if compile is True or compile is False:
+        return compile
+    if compile != "auto":
+        raise ValueError(f"compile={compile!r} is not accepted; use 'auto' (default), True or False")
+    params = list(params)
+    return any(p.device.type != "cpu" for p in params) or sum(p.numel() for p in params) >= AUTO_ELEMENTS
 
 
 def _compilable(tensors: tuple[torch.Tensor, ...]) -> bool:

@@ -55,13 +55,15 @@ from attribution.experiments.models import TinyLM, bench_cnn, lm_loss, mlp
 MODES = ("plain", "ghost-factored", "ghost", "materialized", "ghost-factored-streamed", "ghost-streamed")
 #: Modes run only when asked for with ``--modes``: ``ghost-audit`` is ``ghost`` with the online audit
 #: at every step (``audit_every=1``, ``audit_samples=8``), the audit's cost at its most frequent;
-#: ``ghost-eager`` is ``ghost`` with ``compile=False`` (the optimizer formulas unfused: what fusing saves).
-EXTRA_MODES = ("ghost-audit", "ghost-eager", "opacus-ghost")
+#: ``ghost-eager`` / ``ghost-compiled`` are ``ghost`` with ``compile=False`` / ``True`` (the optimizer's
+#: formulas unfused or fused, whatever ``compile="auto"`` picks for the model: what fusing saves and costs).
+EXTRA_MODES = ("ghost-audit", "ghost-eager", "ghost-compiled", "opacus-ghost")
 #: A peer timed in the same interleaved run (``--peers``, when Opacus is installed): Opacus's ghost
 #: clipping (per-sample gradient norms from the same kind of layer hooks, max_grad_norm 1, no noise).
 PEER_MODES = ("opacus-ghost",)
 AUDIT = "-audit"
 EAGER = "-eager"
+COMPILED = "-compiled"
 BASELINE = "plain"
 STREAMED = "-streamed"
 #: (min throughput ratio, max memory ratio) targets per model kind and mode (the performance issues:
@@ -199,9 +201,9 @@ class Workload:
             kw = dict(val_point="current", stream=True) if stream else {}
             if mode.endswith(AUDIT):
                 kw = dict(audit_every=1, audit_samples=8, audit_threshold=-1.0)  # cost only: no warning
-            if mode.endswith(EAGER):
-                kw = dict(compile=False)
-            estimator = mode.removesuffix(STREAMED).removesuffix(AUDIT).removesuffix(EAGER)
+            if mode.endswith((EAGER, COMPILED)):
+                kw = dict(compile=mode.endswith(COMPILED))
+            estimator = mode.removesuffix(STREAMED).removesuffix(AUDIT).removesuffix(EAGER).removesuffix(COMPILED)
             self.tracker = InRunShapley(self.model, self.opt, self.loss_fn, val if len(val) > 1 else val[0], estimator=estimator, **kw)
         self.step = 0
         self.losses: list[float] = []

@@ -14,7 +14,7 @@ from torch import nn
 
 import optimizers
 from optimizers import adam
-from optimizers._fused import MIN_ELEMENTS, FusedKernelWarning, Kernel, coefficients, fused_kernels
+from optimizers._fused import AUTO_ELEMENTS, MIN_ELEMENTS, FusedKernelWarning, Kernel, coefficients, fused_kernels, resolve
 
 SHAPE = (256, MIN_ELEMENTS // 256)  # exactly the smallest tensor that is fused
 
@@ -42,8 +42,9 @@ def _eager_and_fused(lin, w, g, scale):
     with fused_kernels(False):
         J0 = lin.secant(w, g)
         shift0 = lin.chord_shift(w, J0, g, scale)
-    J1 = lin.secant(w, g)
-    shift1 = lin.chord_shift(w, J1, g, scale)
+    with fused_kernels():
+        J1 = lin.secant(w, g)
+        shift1 = lin.chord_shift(w, J1, g, scale)
     return (J0, shift0), (J1, shift1)
 
 
@@ -52,7 +53,8 @@ def test_the_kernels_compile_on_this_machine():
     w, opt, g = _stepped("adamw", 2, 0, lr=1e-2)
     st_ = optimizers.linearize(opt)._state_of(w)
     c = coefficients(st_.beta1, st_.beta2, 0.5, st_.eps, -1.0)
-    with warnings.catch_warnings():
+    assert adam._SECANT(g, st_.exp_avg, st_.exp_avg_sq, c) is None  # off outside a fused_kernels block
+    with warnings.catch_warnings(), fused_kernels():
         warnings.simplefilter("error", FusedKernelWarning)
         out = adam._SECANT(g, st_.exp_avg, st_.exp_avg_sq, c)
     assert out is not None and out.shape == SHAPE and adam._SECANT.broken is None
@@ -92,10 +94,13 @@ def test_fused_kernels_run_in_float32():
 def test_small_tensors_switched_off_and_autograd_inputs_run_eagerly():
     k = Kernel(lambda x, c: x * c[0])
     c = torch.tensor([2.0], dtype=torch.float64)
-    assert k(torch.ones(MIN_ELEMENTS - 1), c) is None
-    assert k(torch.ones(MIN_ELEMENTS, requires_grad=True), c) is None
-    with fused_kernels(False):
-        assert k(torch.ones(MIN_ELEMENTS), c) is None
+    with fused_kernels():
+        assert k(torch.ones(MIN_ELEMENTS - 1), c) is None
+        assert k(torch.ones(MIN_ELEMENTS, requires_grad=True), c) is None
+        assert k(torch.ones(MIN_ELEMENTS), torch.ones(MIN_ELEMENTS, dtype=torch.float64), c) is None  # mixed dtypes
+        with fused_kernels(False):
+            assert k(torch.ones(MIN_ELEMENTS), c) is None
+    assert k(torch.ones(MIN_ELEMENTS), c) is None
     assert k._compiled is None  # nothing was compiled for any of them
 
 
@@ -112,13 +117,21 @@ def test_a_failed_compilation_warns_once_and_falls_back_to_the_same_values(monke
 
     monkeypatch.setattr(torch, "compile", no_compiler)
     monkeypatch.setattr(adam, "_SECANT", Kernel(adam.adam_secant))
-    with pytest.warns(FusedKernelWarning, match=r"adam_secant could not be compiled.*compile=False"):
+    with pytest.warns(FusedKernelWarning, match=r"adam_secant could not be compiled.*compile=False"), fused_kernels():
         J = lin.secant(w, g)
     assert torch.equal(J, J_eager)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), fused_kernels():
         warnings.simplefilter("error")
         assert torch.equal(lin.secant(w, g), J_eager)  # no second warning, no retry
     assert isinstance(adam._SECANT.broken, RuntimeError)
+
+
+def test_auto_compiles_on_a_cpu_only_for_large_models():
+    small, large = [torch.zeros(AUTO_ELEMENTS - 1)], [torch.zeros(AUTO_ELEMENTS // 2), torch.zeros(AUTO_ELEMENTS // 2)]
+    assert (resolve("auto", small), resolve("auto", large)) == (False, True)
+    assert (resolve(True, small), resolve(False, large)) == (True, False)
+    with pytest.raises(ValueError, match=r"compile='yes' is not accepted; use 'auto'"):
+        resolve("yes", small)
 
 
 def _big_model(seed=0):
@@ -153,6 +166,9 @@ def _train(compile: bool | None, steps: int = 3):
 def test_tracker_values_with_and_without_compile_agree_and_training_is_untouched():
     plain_model, plain_opt, _, plain_rng = _train(None)
     runs = {flag: _train(flag) for flag in (True, False)}
+    assert runs[True][2].compile and not runs[False][2].compile
+    compiled_before = adam._CHORD_SHIFT._compiled
+    assert compiled_before is not None and adam._CHORD_SHIFT.broken is None  # the fused shift ran
     fused, eager = runs[True][2].history(), runs[False][2].history()
     cols = [c for c in fused.columns if c.startswith("value")]
     assert cols and (fused[cols] - eager[cols]).abs().to_numpy().max() <= 1e-12 * eager[cols].abs().to_numpy().max()
