@@ -52,6 +52,7 @@ def _worker(rank, init_file, out_file, linearization):
         tracker.save(out_file + ".ledger")  # collective too: every rank's values in one file by rank 0
         if rank == 0:
             values.to_pickle(out_file)
+        dist.barrier()  # no rank tears gloo down while the other may still hold work in flight
     finally:
         dist.destroy_process_group()
 
