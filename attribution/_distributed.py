@@ -322,7 +322,9 @@ def attach_stream_hook(ddp, engine) -> StreamHook:
 
     Raises:
         ValueError: ``ddp`` already has a communication hook of its own (its reduction would
-            be replaced), or another open ``stream=True`` tracker is attached to it.
+            be replaced), another open ``stream=True`` tracker is attached to it, or it uses
+            ``gradient_as_bucket_view=True`` with a world size that is not a power of two (its
+            average would round differently from DDP's).
     """
     hook = _STREAM_HOOKS.get(ddp)
     if hook is not None:
@@ -342,7 +344,18 @@ def attach_stream_hook(ddp, engine) -> StreamHook:
             )
         import torch.distributed as dist
 
-        hook = StreamHook(ddp.process_group, dist.get_world_size(ddp.process_group))
+        world = dist.get_world_size(ddp.process_group)
+        if getattr(ddp, "gradient_as_bucket_view", False) and world & (world - 1):
+            # From the second step DDP's reducer divides the bucket view by W in place, where the hook
+            # (as the reducer's first step) multiplies by 1/W: the same bits only when 1/W is exact.
+            raise ValueError(
+                f"stream=True under DistributedDataParallel(gradient_as_bucket_view=True) with {world} processes: "
+                "DDP averages a bucket view by dividing by the world size, the stream's communication hook by "
+                f"multiplying by 1/{world}, which rounds differently unless the world size is a power of two, so "
+                "training would not be bit-identical with the tracker. Use gradient_as_bucket_view=False, a "
+                "power-of-two world size, or stream=False"
+            )
+        hook = StreamHook(ddp.process_group, world)
         try:
             ddp.register_comm_hook(hook, _stream_comm_hook)
         except RuntimeError as err:

@@ -236,3 +236,30 @@ def test_contract_streamed_values_equal_the_engines_own_hooks():
     engine.contract_streamed(params, [p.grad.clone() for p in params])
     assert engine.streamed_params == set(params)
     assert_close(engine.values({}), own, rtol=1e-12, atol=1e-15)
+
+
+class _BucketViewDDP:
+    """Just what attach_stream_hook reads of a DistributedDataParallel model (no process group needed)."""
+
+    def __init__(self):
+        self.gradient_as_bucket_view, self.process_group, self._comm_hooks, self.registered = True, None, [], []
+
+    def register_comm_hook(self, state, hook):
+        self.registered.append(hook)
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_ddp_stream_refuses_a_bucket_view_average_that_would_round_differently(monkeypatch, world):
+    """gradient_as_bucket_view=True: DDP divides by W, the hook multiplies by 1/W; equal bits only for W = 2^k."""
+    import torch.distributed as dist
+
+    from attribution._distributed import attach_stream_hook
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    ddp, engine = _BucketViewDDP(), E.GhostEngine(_mlp())
+    if world == 3:
+        with pytest.raises(ValueError, match=r"gradient_as_bucket_view=True\) with 3 processes: .*power of two"):
+            attach_stream_hook(ddp, engine)
+        assert not ddp.registered
+    else:
+        assert attach_stream_hook(ddp, engine).world_size == 4 and len(ddp.registered) == 1
