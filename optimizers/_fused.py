@@ -11,10 +11,10 @@ The kernels only ever feed attribution (slopes and validation points), never the
 update: training stays bit-identical with or without them. They agree with the eager formulas
 to rounding (the compiler may fuse a multiply-add), which the tests check in float64.
 
-Where a kernel cannot run (compiling switched off, tensors below :data:`MIN_ELEMENTS`, a tensor
-subclass such as FSDP2's ``DTensor``, a torch function mode active, a failed compilation), it
-returns ``None`` and the caller runs its eager formula; a failed compilation warns once with
-:class:`FusedKernelWarning` and is not retried in the process.
+Where a kernel cannot run (compiling switched off, tensors below :data:`MIN_ELEMENTS`, half
+precision, a tensor subclass such as FSDP2's ``DTensor``, a torch function mode active, a failed
+compilation), it returns ``None`` and the caller runs its eager formula; a failed compilation
+warns once with :class:`FusedKernelWarning` and is not retried in the process.
 
 Example:
     >>> import torch
@@ -111,7 +111,8 @@ def _compilable(tensors: tuple[torch.Tensor, ...]) -> bool:
         return False  # DTensor shards, autograd inputs, mixed devices or dtypes: the eager formula
     if torch.compiler.is_compiling() or torch.overrides._get_current_function_mode_stack():
         return False  # inside a user's compiled region or a capture mode: do not nest dynamo
-    return lead.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    # Not half precision: the eager formulas promote it to float32 (OptimizerLinearization._inputs).
+    return lead.dtype in (torch.float32, torch.float64)
 
 
 class Kernel:
@@ -135,7 +136,7 @@ class Kernel:
         if self.broken is not None or not _compilable(tuple(tensors)):
             return None
         if self._compiled is None:
-            _log.info("compiling the fused kernel %s (once per dtype and device)", self.fn.__name__)
+            _log.info("compiling the fused kernel %s (dynamic shapes; dynamo adds a graph per dtype and device)", self.fn.__name__)
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         try:
             with torch.no_grad():

@@ -176,9 +176,14 @@ class _AdamFamily(OptimizerLinearization):
             delta = delta - st.lr * st.weight_decay * theta
         return delta
 
+    @staticmethod
+    def _zero_is_momentum(st: AdamState) -> bool:
+        """Whether Δ(0) is momentum and decoupled decay only (no AMSGrad maximum, no L2 term in g̃(0))."""
+        return not st.amsgrad and (st.weight_decay == 0 or st.decoupled_weight_decay)
+
     @classmethod
     def zero_update_rule(cls, theta, st: AdamState):
-        if st.amsgrad or (st.weight_decay != 0 and not st.decoupled_weight_decay):
+        if not cls._zero_is_momentum(st):
             return super().zero_update_rule(theta, st)
         # g = 0 without an L2 term: m' = β1 m and v' = β2 v, the same operations as update_rule
         # (so the same bits) without the passes over a zero gradient.
@@ -195,10 +200,7 @@ class _AdamFamily(OptimizerLinearization):
 
     def chord_shift(self, param, J, grad, scale):
         st = self._state_of(param)
-        if (
-            isinstance(J, torch.Tensor) and not st.amsgrad and st.exp_avg is not None and st.exp_avg_sq is not None
-            and (st.weight_decay == 0 or st.decoupled_weight_decay) and J.shape == param.shape
-        ):
+        if self._zero_is_momentum(st) and st.exp_avg is not None and st.exp_avg_sq is not None and J.shape == param.shape:
             t = st.step + 1
             b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
             c = coefficients(st.beta1, st.beta2, b2, st.eps, -(st.lr / b1), -st.lr * st.weight_decay, scale)

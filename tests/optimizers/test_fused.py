@@ -91,12 +91,13 @@ def test_fused_kernels_run_in_float32():
     assert J1.dtype == torch.float32 and _rel(J1, J0) < 1e-5 and _rel(s1, s0) < 1e-5
 
 
-def test_small_tensors_switched_off_and_autograd_inputs_run_eagerly():
+def test_small_tensors_half_precision_switched_off_and_autograd_inputs_run_eagerly():
     k = Kernel(lambda x, c: x * c[0])
     c = torch.tensor([2.0], dtype=torch.float64)
     with fused_kernels():
         assert k(torch.ones(MIN_ELEMENTS - 1), c) is None
         assert k(torch.ones(MIN_ELEMENTS, requires_grad=True), c) is None
+        assert k(torch.ones(MIN_ELEMENTS, dtype=torch.bfloat16), c) is None  # the eager path promotes half to float32
         assert k(torch.ones(MIN_ELEMENTS), torch.ones(MIN_ELEMENTS, dtype=torch.float64), c) is None  # mixed dtypes
         with fused_kernels(False):
             assert k(torch.ones(MIN_ELEMENTS), c) is None
