@@ -21,7 +21,7 @@ Example:
     >>> from optimizers._fused import Kernel, fused_kernels
     >>> double = Kernel(lambda x, c: x * c[0])
     >>> with fused_kernels(False):
-    ...     double(torch.ones(3), torch.tensor([2.0], dtype=torch.float64)) is None
+    ...     double(torch.ones(3), (2.0,)) is None
     True
 """
 
@@ -119,11 +119,14 @@ class Kernel:
     """An elementwise formula compiled on first use; ``None`` where it does not apply.
 
     Args:
-        fn: ``fn(*tensors, coefficients) -> tensor``: tensors of one shape (or broadcastable)
-            and a float64 ``[k]`` tensor of hyper-parameters, unpacked inside ``fn``.
+        fn: ``fn(*tensors, c) -> tensor``: tensors of one shape (or broadcastable) and a float64
+            ``[k]`` tensor ``c`` of hyper-parameters, unpacked inside ``fn``.
     Call:
-        ``kernel(*tensors, coefficients)`` returns ``fn``'s result computed by the compiled
-        kernel, or ``None`` (the caller's eager path) when the tensors do not qualify.
+        ``kernel(*tensors, values)`` with ``values`` the k hyper-parameters as Python floats
+        returns ``fn``'s result computed by the compiled kernel, or ``None`` (the caller's eager
+        path) when the tensors do not qualify. The float64 ``c`` is made only for a compiled call
+        (data, not constants: a new step count is not a recompilation), so the eager path costs
+        no tensor creation.
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor]):
@@ -131,8 +134,8 @@ class Kernel:
         self._compiled: Callable[..., torch.Tensor] | None = None
         self.broken: BaseException | None = None
 
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor | None:
-        *tensors, coefficients = args
+    def __call__(self, *args) -> torch.Tensor | None:
+        *tensors, values = args
         if self.broken is not None or not _compilable(tuple(tensors)):
             return None
         if self._compiled is None:
@@ -140,7 +143,7 @@ class Kernel:
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         try:
             with torch.no_grad():
-                return self._compiled(*tensors, coefficients.to(tensors[0].device))
+                return self._compiled(*tensors, torch.tensor(values, dtype=torch.float64, device=tensors[0].device))
         except Exception as exc:  # no C++ compiler, an unsupported device, a compiler bug
             self.broken = exc
             warnings.warn(
@@ -152,8 +155,3 @@ class Kernel:
                 stacklevel=3,
             )
             return None
-
-
-def coefficients(*values: float) -> torch.Tensor:
-    """Hyper-parameters as the float64 ``[k]`` tensor a :class:`Kernel` takes (data, not constants)."""
-    return torch.tensor(values, dtype=torch.float64)

@@ -35,7 +35,7 @@ import sympy
 import torch
 
 from ._algebra import root_product_gap, safe_div
-from ._fused import Kernel, coefficients
+from ._fused import Kernel
 from ._base import (
     OptimizerLinearization,
     ParamState,
@@ -203,7 +203,7 @@ class _AdamFamily(OptimizerLinearization):
         if self._zero_is_momentum(st) and st.exp_avg is not None and st.exp_avg_sq is not None and J.shape == param.shape:
             t = st.step + 1
             b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
-            c = coefficients(st.beta1, st.beta2, b2, st.eps, -(st.lr / b1), -st.lr * st.weight_decay, scale)
+            c = (st.beta1, st.beta2, b2, st.eps, -(st.lr / b1), -st.lr * st.weight_decay, scale)
             fused = _CHORD_SHIFT(param.detach(), st.exp_avg, st.exp_avg_sq, J, grad.detach(), c)
             if fused is not None:
                 return fused
@@ -284,7 +284,7 @@ class _AdamFamily(OptimizerLinearization):
         t = st.step + 1
         b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
         if st.exp_avg is not None and st.exp_avg_sq is not None:
-            fused = _SECANT(b, st.exp_avg, st.exp_avg_sq, coefficients(st.beta1, st.beta2, b2, st.eps, -(st.lr / b1) * sign))
+            fused = _SECANT(b, st.exp_avg, st.exp_avg_sq, (st.beta1, st.beta2, b2, st.eps, -(st.lr / b1) * sign))
             if fused is not None:
                 return fused
         m = zeros_or(st.exp_avg, b)

@@ -14,7 +14,7 @@ from torch import nn
 
 import optimizers
 from optimizers import adam
-from optimizers._fused import AUTO_ELEMENTS, MIN_ELEMENTS, FusedKernelWarning, Kernel, coefficients, fused_kernels, resolve
+from optimizers._fused import AUTO_ELEMENTS, MIN_ELEMENTS, FusedKernelWarning, Kernel, fused_kernels, resolve
 
 SHAPE = (256, MIN_ELEMENTS // 256)  # exactly the smallest tensor that is fused
 
@@ -52,7 +52,7 @@ def test_the_kernels_compile_on_this_machine():
     """Guard for the tests below: a machine where compiling fails would make them compare eager with eager."""
     w, opt, g = _stepped("adamw", 2, 0, lr=1e-2)
     st_ = optimizers.linearize(opt)._state_of(w)
-    c = coefficients(st_.beta1, st_.beta2, 0.5, st_.eps, -1.0)
+    c = (st_.beta1, st_.beta2, 0.5, st_.eps, -1.0)
     assert adam._SECANT(g, st_.exp_avg, st_.exp_avg_sq, c) is None  # off outside a fused_kernels block
     with warnings.catch_warnings(), fused_kernels():
         warnings.simplefilter("error", FusedKernelWarning)
@@ -93,7 +93,7 @@ def test_fused_kernels_run_in_float32():
 
 def test_small_tensors_half_precision_switched_off_and_autograd_inputs_run_eagerly():
     k = Kernel(lambda x, c: x * c[0])
-    c = torch.tensor([2.0], dtype=torch.float64)
+    c = (2.0,)
     with fused_kernels():
         assert k(torch.ones(MIN_ELEMENTS - 1), c) is None
         assert k(torch.ones(MIN_ELEMENTS, requires_grad=True), c) is None
