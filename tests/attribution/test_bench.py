@@ -293,3 +293,15 @@ def test_minilm_workload_restricts_the_token_table_to_the_rows_it_touches(monkey
     values = w.tracker.values()
     assert len(values) == cfg.batch and torch.isfinite(torch.tensor(values["value"].to_numpy())).all()
     w.tracker.close()
+
+
+def test_compile_cost_measures_every_stage_in_this_process():
+    """The smoke version of ``python -m attribution.experiments.compile_cost`` (which runs fresh processes)."""
+    from attribution.experiments import compile_cost
+
+    result = compile_cost.measure()
+    assert result["compiled"], "a fused kernel fell back to eager: the compile-cost figures would describe nothing"
+    assert [s["stage"] for s in result["stages"]] == [
+        "import dynamo + inductor", "adam_secant (first call)", "adam_chord_shift (first call)",
+    ]
+    assert result["base_mb"] > 0 and all(s["seconds"] >= 0 for s in result["stages"])
