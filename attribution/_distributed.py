@@ -104,7 +104,7 @@ class DataParallel:
             rank, message = bad[0]
             raise RankRefusedError(
                 f"rank {rank} refused this step ({message}); every rank refuses it so that none waits on the others. "
-                "Fix the cause on that rank (each rank's tracker.batch(ids) must hold one id per sample of its batch)"
+                "Fix the cause that rank names"
             )
 
     def all_finite(self, grads: list[torch.Tensor | None], check: Callable[[list], bool]) -> bool:

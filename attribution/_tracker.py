@@ -99,11 +99,12 @@ class InRunShapley:
             values are the same as without it. Needs ``val_point="current"`` (∇L_val(θ_t) is
             taken when ``batch()`` is entered, before the forward), one ``batch`` context per
             step (no gradient accumulation), no change of the gradient after the backward (no
-            clipping that clips, no loss-scale unscaling), a single process or
+            clipping that clips, no loss-scale unscaling), a single process,
             DistributedDataParallel (each bucket is contracted in a DDP communication hook at
-            its averaged gradient; not FSDP2, not a DDP model with a hook of its own, no
-            backward under ``no_sync()``), and an estimator other than ``"materialized"``; each
-            is checked with a clear error.
+            its averaged gradient; not a DDP model with a hook of its own, no backward under
+            ``no_sync()``) or FSDP2 (each parameter is contracted when ``fully_shard``'s
+            reduce-scatter has given it its averaged shard, with the layer's P gathered there),
+            and an estimator other than ``"materialized"``; each is checked with a clear error.
         compile: evaluate the optimizer's per-step formulas (Adam's secant J and the shift to
             the validation point) as fused kernels compiled with ``torch.compile`` (one pass over
             each parameter instead of one per operation; :mod:`optimizers._fused`), for tensors
@@ -274,8 +275,6 @@ class InRunShapley:
         #: DDP, FSDP2 (fully_shard) or a single process (see attribution/_distributed.py)
         self._parallel = data_parallel(model)
         module, self._world_size = self._parallel.module, self._parallel.world_size
-        if self.stream and self._parallel.sharded:
-            raise ValueError(_STREAM_REFUSAL_FSDP)
         self._computer = StepComputer(
             module, loss_fn, self.val_batches, self.config, val_train_mode=val_mode == "train", strict=strict, modules=modules
         )
@@ -381,6 +380,8 @@ class InRunShapley:
                 yield self
             if self._stream_hook is not None:
                 _check_synced(self._stream_hook, self._computer.params())
+            elif self.stream and self._parallel.sharded:
+                _check_reduce_scattered(self._computer, start)
         except BaseException:
             # Forget this block's capture; earlier blocks of the step stay pending.
             self._computer.drop_passes(start)
@@ -577,7 +578,7 @@ class InRunShapley:
                 self._check_blocks(blocks)
             except (TrackerUsageError, ValueError) as err:
                 error = err
-            if error is None and self._stream_hook is not None:
+            if error is None and self.stream and self._world_size > 1:
                 error = self._stream_refusal()
             # A refusal on one rank's data is every rank's, before the step's collectives start.
             self._parallel.agree(error)
@@ -621,8 +622,8 @@ class InRunShapley:
         self._staged = (ids, values, None, info)
 
     def _stream_refusal(self) -> BaseException | None:
-        """Under DDP with stream=True: what went wrong in this rank's communication hooks, or in the streamed step's conditions."""
-        if self._stream_hook.error is not None:
+        """Under DDP or FSDP2 with stream=True: what went wrong in this rank's hooks, or in the streamed step's conditions."""
+        if self._stream_hook is not None and self._stream_hook.error is not None:
             return self._stream_hook.error
         try:
             self._computer.engine.check_stream()
@@ -1077,13 +1078,6 @@ def _warn_fallback(engine) -> None:
 
 _ENGINE_NAME = {"ddp": "DistributedDataParallel", "fsdp": "fully_shard (FSDP2)", "single": "one process"}
 
-_STREAM_REFUSAL_FSDP = (
-    "stream=True is not available under fully_shard (FSDP2): the streamed contraction would gather each layer's "
-    "P inside the backward pass, interleaving its collectives with FSDP's reduce-scatters, which is not "
-    "implemented. Use stream=False (the layers' P are still gathered one at a time, in the step pre-hook)"
-)
-
-
 def _check_synced(hook, params) -> None:
     """Refuse a streamed batch whose backward DDP did not all-reduce (it ran under ``ddp.no_sync()``)."""
     if hook.fired == 0 and any(p.grad is not None for p in params):
@@ -1092,6 +1086,24 @@ def _check_synced(hook, params) -> None:
             "all-reduce it and the communication hook that values each layer at the averaged gradient never ran. "
             "stream=True values one batch context per optimizer step, each all-reduced: gradient accumulation "
             "under no_sync cannot be streamed. Use stream=False to accumulate, or run the backward outside no_sync"
+        )
+
+
+def _check_reduce_scattered(computer, start: int) -> None:
+    """Refuse a streamed FSDP2 batch whose backward reached the model but contracted no parameter.
+
+    ``fully_shard`` calls each sharded parameter's post-accumulate-grad hook once the
+    reduce-scatter has given it its averaged gradient; under ``set_requires_gradient_sync(False)``
+    it reduces nothing, so no hook ran and the step's gradient is not the one the hooks would see.
+    """
+    sizes = computer.pass_sizes(start, computer.passes_captured())
+    if sizes and None not in sizes and not computer.engine.stream_hooks_fired:
+        raise ValueError(
+            "the backward of this tracker.batch() did not reduce-scatter the gradients of the fully_shard (FSDP2) "
+            "model (set_requires_gradient_sync(False)), so the hooks that value each parameter at its averaged "
+            "gradient shard never ran. stream=True values one batch context per optimizer step, each reduce-scattered: "
+            "gradient accumulation without sync cannot be streamed. Use stream=False to accumulate, or keep gradient "
+            "sync on (a torch whose fully_shard does not call post-accumulate-grad hooks also ends here: use stream=False)"
         )
 
 

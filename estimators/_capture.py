@@ -21,6 +21,7 @@ from ._contraction import StepContraction
 from ._errors import ParameterUseError
 from ._factors import PerSample, Term
 from ._rules import LayerRule
+from ._sharded import local
 
 if TYPE_CHECKING:
     from ._engine import GhostEngine
@@ -117,6 +118,12 @@ class _Stream:
     #: Both sides of the completeness identity of the streamed parameters (at hook time).
     check: CompletenessCheck = dataclasses.field(default_factory=CompletenessCheck)
     error: str | None = None
+    #: an exception a hook stored instead of raising it inside FSDP2's post-backward (raised by ``check_stream``)
+    failure: BaseException | None = None
+    #: all-gathers of P taken in the backward (FSDP2: every rank takes the same ones)
+    gathers: int = 0
+    #: post-accumulate-grad hooks of sharded parameters run (0: FSDP2 reduce-scattered nothing)
+    fired: int = 0
     #: the engine's own post-accumulate-grad hooks contract (False: the caller's, see ``contract_streamed``)
     own_hooks: bool = True
     #: the parameters contracted in the backward, fixed when the training capture starts
@@ -184,7 +191,7 @@ _COMPOSITE: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 
 def _fingerprint(g: torch.Tensor) -> torch.Tensor:
     """(sum, norm) of a gradient, ``[2]``: changes under any rescale, sign flip or edit (bitwise-equal tensors agree)."""
-    g = g.detach()
+    g = local(g.detach())  # FSDP2: this rank's shard (each rank checks its own; the ranks agree at the step)
     # The same norm kernel as _changed_since uses for all gradients at once (bitwise-equal results).
     foreach_norm = getattr(torch, "_foreach_norm", None)
     norm = foreach_norm([g])[0] if foreach_norm is not None else torch.linalg.vector_norm(g)
@@ -197,7 +204,7 @@ def _changed_since(fingerprints: Mapping[torch.Tensor, torch.Tensor]) -> set[tor
     if not params:
         return set()
     then = torch.stack([fingerprints[p] for p in params])
-    grads = [p.grad.detach() for p in params]
+    grads = [local(p.grad.detach()) for p in params]
     # One fused norm kernel for all gradients (as clip_grad_norm_ does), then one sum per gradient.
     foreach_norm = getattr(torch, "_foreach_norm", None)
     norms = foreach_norm(grads) if foreach_norm is not None else [torch.linalg.vector_norm(g) for g in grads]

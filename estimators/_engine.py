@@ -52,6 +52,7 @@ from ._errors import GhostEngineError, ParameterUseError, UncoveredParameterErro
 from ._factors import Bilinear, OneHotFactor, PerSample, Term
 from ._fallback import _broadcast_index_hooks, _fallback_grads
 from ._paths import choose_path
+from ._sharded import full, is_sharded
 from ._rules import registered_rules, rule_for
 
 __all__ = ["GhostEngine", "GhostEngineError", "JLike", "ParameterUseError", "UncoveredParameterError"]
@@ -374,6 +375,11 @@ class GhostEngine:
         return self._stream is not None and not self._stream.own_hooks
 
     @property
+    def stream_hooks_fired(self) -> int:
+        """Post-accumulate-grad hooks of sharded (FSDP2) parameters run in this step's backward (see :meth:`stream`)."""
+        return 0 if self._stream is None else self._stream.fired
+
+    @property
     def streamed_params(self) -> set[torch.Tensor]:
         """Parameters already contracted during the backward pass of this step (see :meth:`stream`)."""
         return set() if self._stream is None else set(self._stream.done)
@@ -389,8 +395,29 @@ class GhostEngine:
         return out
 
     def _contract_in_backward(self, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook of ``p``: −⟨J ⊙ ∇L_val, c_z⟩ of ``p`` at ``p.grad`` now; release finished layers."""
-        self._contract(p, p.grad)
+        """Post-accumulate-grad hook of ``p``: −⟨J ⊙ ∇L_val, c_z⟩ of ``p`` at ``p.grad`` now; release finished layers.
+
+        Under FSDP2 the hook is registered on the sharded parameter, and ``fully_shard`` calls it
+        once the reduce-scatter has given ``p.grad`` its averaged shard. An error is then stored,
+        not raised: raising inside FSDP's post-backward on one rank would leave the others waiting
+        in the next collective; the tracker refuses the step on every rank alike instead.
+        """
+        if not is_sharded(p):
+            self._contract(p, p.grad)
+            return
+        s = self._stream
+        if s is None:
+            return
+        before, s.fired = s.gathers, s.fired + 1
+        try:
+            self._contract(p, p.grad)
+        except Exception as err:  # noqa: BLE001 - raised by check_stream(), agreed over the ranks
+            if s.failure is None:
+                s.failure = err
+        # Every rank gathers a streamed parameter's P once per validation target, whatever failed
+        # (or was skipped) on this one: an all-gather left out here would leave the others waiting.
+        for G in [G for G in s.val_grads if p in G][s.gathers - before :]:
+            full(G[p])
 
     def contract_streamed(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         """Contract ``params`` at their final gradients ``grads`` (a :meth:`stream` set up with ``own_hooks=False``).
@@ -425,6 +452,8 @@ class GhostEngine:
         stream = self._stream
         if stream is None or stream.checked:
             return
+        if stream.failure is not None:
+            raise stream.failure
         if stream.error is not None:
             raise GhostEngineError(stream.error)
         t0 = time.perf_counter()
@@ -449,7 +478,7 @@ class GhostEngine:
     def _contract(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         """−⟨J ⊙ ∇L_val, c_z⟩ of ``p`` with J evaluated at its final gradient ``grad``; release finished layers."""
         s = self._stream
-        if s is None or s.error is not None:
+        if s is None or s.error is not None or s.failure is not None:
             return
         name = self._names[p]
         if p in s.done:
@@ -485,12 +514,17 @@ class GhostEngine:
                     c.terms = tracked.rule.call_terms(c.module, c.args, c.kwargs, c.grad)
                 raw.extend(c.terms[a] for a, q in tracked.covered.items() if q is p)
             terms = [t.to(s.dtype) for t in raw]
-            if not terms and not s.own_hooks:
-                # Under DDP every rank must record the same completeness entries (they are summed
-                # over ranks): a parameter this rank's samples did not reach still has ⟨P, grad⟩.
+            sharded = is_sharded(grad)
+            if not terms and (not s.own_hooks or sharded):
+                # Under DDP and FSDP2 every rank must record the same completeness entries (they are
+                # summed over ranks): a parameter this rank's samples did not reach still has ⟨P, grad⟩.
                 for k, G in enumerate(s.val_grads):
                     if p in G:
-                        s.check.add_grad(name, k, _precondition(J.to(s.dtype), G[p].to(s.dtype), p.shape), grad, keep=False)
+                        P = _precondition(J.to(s.dtype), G[p].to(s.dtype), p.shape)
+                        if sharded:
+                            full(P)  # the other ranks gather this layer's P now: take part in the collective
+                            s.gathers += 1
+                        s.check.add_grad(name, k, P, grad, keep=False)
                 if p not in s.fingerprints:
                     s.fingerprints[p] = _fingerprint(grad)
             if terms:
@@ -515,7 +549,11 @@ class GhostEngine:
                         P = s.contraction.preconditioned(p, name, k, GhostPath.FACTORED, J, g, R, C, keep=False)
                     else:
                         P = _precondition(J, g, p.shape)
-                    v = contract(terms, P)
+                    if sharded:  # FSDP2: the layer's whole P for this rank's samples (the shard stays for the check)
+                        v = contract(terms, full(P))
+                        s.gathers += 1
+                    else:
+                        v = contract(terms, P)
                     s.out[:, k] -= v
                     t0 = time.perf_counter()
                     s.check.add_samples(name, k, v, captured_dtype=_coarsest_dtype(raw))

@@ -1,4 +1,4 @@
-"""FSDP2 (``fully_shard``) and DDP (also with ``stream=True``): 2 gloo processes on CPU equal one process on the whole batch.
+"""FSDP2 (``fully_shard``) and DDP (both also with ``stream=True``): 2 gloo processes on CPU equal one process on the whole batch.
 
 Each test spawns two ranks (file:// rendezvous, as tests/attribution/test_distributed.py), runs
 the tracked loop, and compares values, totals and history in float64 with the single-process
@@ -90,7 +90,7 @@ def _global_batches(steps):
 
 
 def _shard(model, kind, engine):
-    if engine in ("ddp", "ddp-stream"):
+    if engine.startswith("ddp"):
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
@@ -132,7 +132,7 @@ def _values_worker(rank, init_file, out_dir, engine, kind, linearization):
         batches = _global_batches(STEPS)
         model = _shard(_model(kind), kind, engine)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        stream = engine == "ddp-stream"
+        stream = engine.endswith("-stream")
         tracker = InRunShapley(model, opt, loss_fn, val, linearization=linearization, record_steps=True, **_stream_options(engine))
         _train(rank, model, opt, tracker, x, y, loss_fn, batches[:2])
         path = f"{out_dir}/run.ledger"
@@ -165,8 +165,12 @@ def _values_worker(rank, init_file, out_dir, engine, kind, linearization):
 
 
 def _stream_options(engine):
-    """``ddp-stream``: DDP with the contraction streamed in the communication hook (it needs val_point='current')."""
-    return {"stream": True, "val_point": "current"} if engine == "ddp-stream" else {}
+    """``ddp-stream`` / ``fsdp-stream``: the contraction streamed in the backward (it needs val_point='current').
+
+    Under DDP each bucket is contracted in the tracker's communication hook; under FSDP2 each
+    parameter in its post-accumulate-grad hook, which ``fully_shard`` calls after the reduce-scatter.
+    """
+    return {"stream": True, "val_point": "current"} if engine.endswith("-stream") else {}
 
 
 def _single_process(kind, linearization, engine):
@@ -177,7 +181,7 @@ def _single_process(kind, linearization, engine):
     # Multi-process runs cannot take the exact-update route (each rank holds its own samples only):
     # the reference is the slope route, with ν computed (an infinite threshold never switches).
     # The streamed DDP run is compared with stream=False at the same validation point.
-    options = {"val_point": "current"} if engine == "ddp-stream" else {}
+    options = {"val_point": "current"} if engine.endswith("-stream") else {}
     tracker = InRunShapley(
         model, opt, loss_fn, val, linearization=linearization, record_steps=True, nonlinearity_threshold=float("inf"),
         **options,
@@ -190,7 +194,7 @@ def _single_process(kind, linearization, engine):
     "engine,kind,linearization",
     [
         ("fsdp", "mlp", "secant"), ("fsdp", "mlp", "tangent"), ("fsdp", "lm", "secant"), ("ddp", "mlp", "secant"),
-        ("ddp-stream", "lm", "secant"),
+        ("ddp-stream", "lm", "secant"), ("fsdp-stream", "mlp", "secant"), ("fsdp-stream", "lm", "tangent"),
     ],
 )
 def test_values_history_and_resume_equal_a_single_process_run(tmp_path, engine, kind, linearization):
@@ -290,10 +294,8 @@ def test_every_rank_refuses_the_same_bad_step(tmp_path, engine):
     for s in seen:
         assert s["clip"] is not None and "is not the sum of the per-sample contributions" in s["clip"]
         assert s["values"] == WORLD * PER_RANK
-        if engine == "fsdp":
-            assert "stream=True is not available under fully_shard (FSDP2)" in s["stream"]
-        else:  # DDP streams in its communication hook (test_ddp_stream_refusals_are_the_same_on_every_rank)
-            assert s["stream"] is None
+        # Both engines stream (test_ddp_stream_refusals_..., test_fsdp_stream_refusals_...).
+        assert s["stream"] is None
     if engine == "fsdp":
         assert "estimator='ghost-factored' is not available under fully_shard" in seen[0]["factored"]
         assert "credit='momentum' is not available under fully_shard" in seen[0]["momentum"]
@@ -406,3 +408,113 @@ def test_ddp_stream_refusals_are_the_same_on_every_rank(tmp_path):
     # Rank 1's hooks found the error; rank 0 refuses because rank 1 did, and neither waits on the other.
     assert seen[1]["rank_only"].startswith("GhostEngineError: 2 model calls were captured in one step")
     assert seen[0]["rank_only"].startswith("RankRefusedError: rank 1 refused this step (GhostEngineError: 2 model calls")
+
+
+# ---------------------------------------------------------------------- stream=True under FSDP2: refusals
+def _fsdp_stream_refusal_worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    seen = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            seen[name] = None
+        except Exception as err:  # noqa: BLE001 - the test records what each rank raised
+            seen[name] = f"{type(err).__name__}: {err}"
+
+    def moved(before):
+        return any(not torch.equal(a, _local(b)) for a, b in zip(before, model.parameters()))
+
+    try:
+        x, y = _data("mlp", 2)
+        val = (x[-8:], y[-8:])
+        mine = torch.arange(rank * PER_RANK, (rank + 1) * PER_RANK)
+        model = _shard(_mlp(), "mlp", "fsdp-stream")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        tracker = InRunShapley(model, opt, LOSS, val, stream=True, val_point="current")
+        engine = tracker._computer.engine
+
+        # Every parameter is contracted in the backward, in fully_shard's post-reduce-scatter hooks.
+        opt.zero_grad()
+        with tracker.batch(mine.tolist()):
+            LOSS(model(x[mine]), y[mine]).backward()
+        seen["streamed"] = len(engine.streamed_params)
+        seen["released"] = all(c.streamed for pas in engine._train for c in pas.calls)
+        opt.step()
+
+        def unsynced():  # FSDP2's no_sync: the reduce-scatter (and with it every hook) is skipped
+            model.set_requires_gradient_sync(False)
+            try:
+                opt.zero_grad()
+                with tracker.batch(mine.tolist()):
+                    LOSS(model(x[mine]), y[mine]).backward()
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        attempt("unsynced", unsynced)
+        opt.zero_grad()
+
+        def step(forward, after=lambda: None):
+            before = [_local(p).detach().clone() for p in model.parameters()]
+            opt.zero_grad()
+            with tracker.batch(mine.tolist()):
+                forward()
+            after()
+            try:
+                opt.step()
+            finally:
+                seen[f"{name}_moved"] = moved(before)
+
+        def accumulated():  # one micro-batch without sync, the last one synced, in one batch context
+            model.set_requires_gradient_sync(False)
+            (LOSS(model(x[mine[:2]]), y[mine[:2]]) / 2).backward()
+            model.set_requires_gradient_sync(True)
+            (LOSS(model(x[mine[2:]]), y[mine[2:]]) / 2).backward()
+
+        name = "accumulate"
+        attempt(name, lambda: step(accumulated))
+
+        def rank_one_edits():  # after the backward, rank 1 halves its shard of one gradient
+            if rank == 1:
+                next(model.parameters()).grad.mul_(0.5)
+
+        name = "rank_edit"
+        attempt(name, lambda: step(lambda: LOSS(model(x[mine]), y[mine]).backward(), rank_one_edits))
+
+        def rank_one_fails():  # a slope that raises inside the hooks of rank 1 only
+            if rank == 1:
+                def broken(p, g):
+                    raise RuntimeError("injected failure")
+                engine._stream.slope = broken
+            LOSS(model(x[mine]), y[mine]).backward()
+
+        name = "rank_fail"
+        attempt(name, lambda: step(rank_one_fails))
+        # The tracker goes on: a clean step is valued on both ranks.
+        name = "clean"
+        attempt(name, lambda: step(lambda: LOSS(model(x[mine]), y[mine]).backward()))
+        seen["values"] = len(tracker.values())
+        tracker.close()
+        gc.collect()
+        dist.barrier()
+    finally:
+        torch.save(seen, f"{out_dir}/fsdp_stream_refusal{rank}.pt")
+        dist.destroy_process_group()
+
+
+def test_fsdp_stream_refusals_are_the_same_on_every_rank(tmp_path):
+    _spawn(_fsdp_stream_refusal_worker, tmp_path)
+    seen = [torch.load(tmp_path / f"fsdp_stream_refusal{r}.pt", weights_only=False) for r in range(WORLD)]
+    for s in seen:
+        assert s["streamed"] == 4 and s["released"]  # two Linear layers' weights and biases
+        assert s["unsynced"].startswith("ValueError: the backward of this tracker.batch() did not reduce-scatter")
+        assert s["accumulate"].startswith("GhostEngineError: 2 model calls were captured in one step")
+        assert not s["accumulate_moved"] and not s["rank_edit_moved"] and not s["rank_fail_moved"]
+        assert s["clean"] is None and s["clean_moved"]
+        assert s["values"] == WORLD * PER_RANK
+    # Rank 1 found the error; rank 0 refuses because rank 1 did, and neither waits on the other.
+    assert seen[1]["rank_edit"].startswith("TrackerUsageError: step 1: the gradient of parameter '0.weight' changed")
+    assert seen[0]["rank_edit"].startswith("RankRefusedError: rank 1 refused this step (TrackerUsageError")
+    assert seen[1]["rank_fail"] == "RuntimeError: injected failure"
+    assert seen[0]["rank_fail"].startswith("RankRefusedError: rank 1 refused this step (RuntimeError: injected failure)")
