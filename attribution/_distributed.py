@@ -171,12 +171,14 @@ def refuse_under_fsdp(*, estimator: str, stream: bool, credit: str, optimizers_,
         )
     for opt in optimizers_:
         cls = optimizers.linearization_class(type(opt))
-        if cls.structure != "elementwise":
+        if cls.structure != "elementwise" and not cls.dtensor_update:
             raise optimizers.UnsupportedOptimizerError(
                 f"{type(opt).__name__} has an operator preconditioner (structure={cls.structure!r}: its J couples the "
-                "entries of a whole matrix), which cannot be applied to one rank's shard of the matrix under "
-                "fully_shard. Value it with DistributedDataParallel (full matrices on every rank), or a single "
-                "process; elementwise rules (SGD, Adam, AdamW, ...) are supported under fully_shard"
+                f"entries of a whole matrix), and {cls.__name__} is not certified on fully_shard's DTensor shards "
+                "(dtensor_update=False: its update_rule was not checked to gather what it couples). Value it with "
+                "DistributedDataParallel (full matrices on every rank) or a single process; elementwise rules (SGD, "
+                "Adam, AdamW, ...) and Muon are supported under fully_shard. A linearization whose update_rule runs "
+                "on DTensors can set dtensor_update = True (docs/extending.md)"
             )
     if engine.fallback_modules:
         raise ValueError(

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import sympy
 import torch
 
-from ._preconditioner import Diagonal, Preconditioner, Scalar
+from ._preconditioner import Diagonal, Preconditioner, Scalar, placed_like
 
 _REGISTRY: dict[type[torch.optim.Optimizer], type[OptimizerLinearization]] = {}
 _HALF = (torch.float16, torch.bfloat16)
@@ -208,6 +208,11 @@ class OptimizerLinearization(abc.ABC):
     #: return it as a tensor). ``"operator"``: Δ couples a parameter's entries (Muon, Adafactor);
     #: J is only applied (VJPs of :meth:`update_rule`), see :meth:`preconditioner`.
     structure: ClassVar[str] = "elementwise"
+    #: Whether :meth:`update_rule` runs on ``fully_shard`` (FSDP2) shards: elementwise rules always
+    #: do (every operation is per coordinate). An operator rule sets it once its DTensor operations
+    #: gather what they couple and its values under FSDP2 were checked against one process (Muon's
+    #: are, in tests/attribution/test_fsdp.py); the tracker refuses the others under FSDP2.
+    dtensor_update: ClassVar[bool] = False
     #: Operator secants: Gauss–Legendre nodes to start with, the most to refine to, and the largest
     #: accepted efficiency gap (``None``: 1e-9 in float64, 1e-4 in float32).
     secant_nodes: ClassVar[int] = 8
@@ -498,7 +503,7 @@ class OptimizerLinearization(abc.ABC):
             >>> opt.step(); torch.allclose(w.detach(), expected)
             True
         """
-        return self.update_rule(*self._inputs(param, grad))
+        return placed_like(self.update_rule(*self._inputs(param, grad)), param)
 
     def zero_update(self, param: torch.Tensor) -> torch.Tensor:
         """Δ(0): the change ``step()`` would make with a zero gradient (what momentum and decay carry).
@@ -520,7 +525,7 @@ class OptimizerLinearization(abc.ABC):
             True
         """
         theta, _, state = self._inputs(param, param.detach())
-        return self.zero_update_rule(theta, state)
+        return placed_like(self.zero_update_rule(theta, state), param)
 
     def chord_shift(self, param: torch.Tensor, J: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
         """Δ(0) + scale · J ⊙ grad: the update at scale·grad along the secant chord (shape of ``param``).

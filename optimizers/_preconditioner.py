@@ -201,11 +201,25 @@ class Operator(Preconditioner):
     def apply(self, v: torch.Tensor) -> torch.Tensor:
         if v.shape != self.shape:
             raise ValueError(f"the operator acts on vectors of shape {tuple(self.shape)}, got {tuple(v.shape)}")
-        out = self._apply(v)
+        out = placed_like(self._apply(v), v)
         return out.to(v.dtype)
 
     def __repr__(self) -> str:
         return f"Operator(shape={tuple(self.shape)})"
+
+
+def placed_like(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``out`` laid out over the ranks as ``ref`` is (FSDP2 ``DTensor`` s); ``out`` itself otherwise.
+
+    An operator rule's DTensor operations may leave a result replicated (a product that gathered
+    the matrix) where the parameter is sharded; the shard-wise sums downstream (the completeness
+    check's ⟨P, grad⟩, the shift of the validation point) need the parameter's own placement.
+    Replicate -> Shard is a local slice, no communication.
+    """
+    placements = getattr(ref, "placements", None)
+    if placements is None or getattr(out, "placements", placements) == placements:
+        return out
+    return out.redistribute(ref.device_mesh, placements)
 
 
 def as_preconditioner(J: Any) -> Preconditioner:

@@ -189,6 +189,10 @@ class MuonLinearization(OptimizerLinearization, optimizer=torch.optim.Muon):
     """
 
     structure = "operator"
+    # Under fully_shard every operation of update_rule is a DTensor operation: the products and
+    # norms of Newton–Schulz gather (or all-reduce) what they couple, so Δ and its VJPs are those
+    # of the whole matrix (float64 values equal one process's to ~1e-17, test_fsdp.py).
+    dtensor_update = True
     #: Muon has no ``foreach``/``fused``/``capturable``/``differentiable`` paths; a group that sets
     #: one of them (by hand) is refused rather than assumed to behave like the single-tensor path.
     refused_flags = ("capturable", "differentiable", "foreach", "fused")

@@ -3,8 +3,10 @@
 ``python -m attribution.experiments.bench_distributed --world-size 2`` spawns W gloo processes on
 the CPU. Every rank shards two identical MLPs with ``fully_shard`` (one per layer, then the root)
 and trains them on the same batches with AdamW, interleaved step by step: the plain one, then
-the tracked one (``InRunShapley``, secant, ``val_point="midpoint"``), so both see the same load
-of the machine. Per rank it reports samples per second of each and their ratio, and the peak
+the tracked one (``InRunShapley``, secant, ``val_point="midpoint"``), then a third tracked with
+``val_point="current", stream=True`` (each parameter contracted in the backward, when
+``fully_shard``'s reduce-scatter has given it its averaged shard), so all see the same load of
+the machine. Per rank it reports samples per second of each and their ratio, and the peak
 resident memory a step adds above the memory before it (sampled every millisecond from
 ``/proc/self/statm``; the allocator returns large blocks to the system, so this follows the
 tensors a step allocates) and that ratio. For reference it also prints the bytes of the
@@ -115,17 +117,22 @@ def _worker(rank: int, init_file: str, out_file: str, cfg: DistributedBenchConfi
         y = torch.randint(0, 10, (len(x),), generator=g)
         val = (x[-cfg.val_size :], y[-cfg.val_size :])
         loss_fn = nn.functional.cross_entropy
-        plain, tracked = _sharded(cfg), _sharded(cfg)
-        plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
-        opt = torch.optim.AdamW(tracked.parameters(), lr=1e-3)
-        tracker = InRunShapley(tracked, opt, loss_fn, val, linearization="secant")
-        seconds = {"plain": 0.0, "tracked": 0.0}
-        peak = {"plain": 0, "tracked": 0}
+        kinds = ("plain", "tracked", "streamed")
+        models = {kind: _sharded(cfg) for kind in kinds}
+        opts = {kind: torch.optim.AdamW(m.parameters(), lr=1e-3) for kind, m in models.items()}
+        trackers = {
+            "tracked": InRunShapley(models["tracked"], opts["tracked"], loss_fn, val, linearization="secant"),
+            "streamed": InRunShapley(
+                models["streamed"], opts["streamed"], loss_fn, val, linearization="secant", val_point="current", stream=True
+            ),
+        }
+        seconds = dict.fromkeys(kinds, 0.0)
+        peak = dict.fromkeys(kinds, 0)
         for step in range(cfg.warmup + cfg.steps):
             start = step * n + rank * cfg.batch_per_rank
             idx = torch.arange(start, start + cfg.batch_per_rank)
-            for kind in ("plain", "tracked"):  # interleaved: both see the same load of the machine
-                model, o = (plain, plain_opt) if kind == "plain" else (tracked, opt)
+            for kind in kinds:  # interleaved: all see the same load of the machine
+                model, o = models[kind], opts[kind]
                 dist.barrier()
                 with _PeakRSS() as mem:
                     t0 = time.perf_counter()
@@ -133,14 +140,16 @@ def _worker(rank: int, init_file: str, out_file: str, cfg: DistributedBenchConfi
                     if kind == "plain":
                         loss_fn(model(x[idx]), y[idx]).backward()
                     else:
-                        with tracker.batch(idx):
+                        with trackers[kind].batch(idx):
                             loss_fn(model(x[idx]), y[idx]).backward()
                     o.step()
                     elapsed = time.perf_counter() - t0
                 if step >= cfg.warmup:
                     seconds[kind] += elapsed
                     peak[kind] = max(peak[kind], mem.added)
-        tracker.values()  # collective: every rank gathers every id (not timed)
+        for tracker in trackers.values():
+            tracker.values()  # collective: every rank gathers every id (not timed)
+        tracked, opt = models["tracked"], opts["tracked"]
         largest = max(p.numel() * p.element_size() for p in tracked.parameters())
         state = _local_bytes(tracked.parameters()) + _local_bytes(p.grad for p in tracked.parameters())
         state += _local_bytes(v for s in opt.state.values() for v in s.values())
@@ -153,6 +162,10 @@ def _worker(rank: int, init_file: str, out_file: str, cfg: DistributedBenchConfi
             "plain_step_peak_mib": peak["plain"] / 2**20,
             "tracked_step_peak_mib": peak["tracked"] / 2**20,
             "memory_ratio": peak["tracked"] / max(peak["plain"], 1),
+            "streamed_samples_per_s": samples / seconds["streamed"],
+            "streamed_throughput_ratio": seconds["plain"] / seconds["streamed"],
+            "streamed_step_peak_mib": peak["streamed"] / 2**20,
+            "streamed_memory_ratio": peak["streamed"] / max(peak["plain"], 1),
             "largest_unsharded_layer_mib": largest / 2**20,
             "sharded_state_mib": state / 2**20,
         }
@@ -184,15 +197,18 @@ def format_rows(rows: list[dict], cfg: DistributedBenchConfig) -> str:
         f"AdamW, {cfg.batch_per_rank} samples per rank, {cfg.steps} timed steps after {cfg.warmup} warm-up, plain and "
         "tracked interleaved"
     )
-    cols = ["rank", "plain samples/s", "tracked samples/s", "throughput ratio", "plain step peak MiB",
+    cols = ["rank", "tracker", "plain samples/s", "tracked samples/s", "throughput ratio", "plain step peak MiB",
             "tracked step peak MiB", "memory ratio", "largest layer MiB", "sharded state MiB"]
     lines = [head, " | ".join(cols)]
     for r in rows:
-        lines.append(
-            f"{r['rank']} | {r['plain_samples_per_s']:.0f} | {r['tracked_samples_per_s']:.0f} | {r['throughput_ratio']:.3f} | "
-            f"{r['plain_step_peak_mib']:.2f} | {r['tracked_step_peak_mib']:.2f} | {r['memory_ratio']:.2f} | "
-            f"{r['largest_unsharded_layer_mib']:.2f} | {r['sharded_state_mib']:.2f}"
-        )
+        for name, key in (("midpoint", ""), ("current, stream=True", "streamed_")):
+            tracked = "tracked_" if not key else key
+            ratio = r[f"{key}throughput_ratio"]
+            lines.append(
+                f"{r['rank']} | {name} | {r['plain_samples_per_s']:.0f} | {r[f'{tracked}samples_per_s']:.0f} | {ratio:.3f} | "
+                f"{r['plain_step_peak_mib']:.2f} | {r[f'{tracked}step_peak_mib']:.2f} | {r[f'{key}memory_ratio']:.2f} | "
+                f"{r['largest_unsharded_layer_mib']:.2f} | {r['sharded_state_mib']:.2f}"
+            )
     return "\n".join(lines)
 
 

@@ -305,3 +305,19 @@ def test_compile_cost_measures_every_stage_in_this_process():
         "import dynamo + inductor", "adam_secant (first call)", "adam_chord_shift (first call)",
     ]
     assert result["base_mb"] > 0 and all(s["seconds"] >= 0 for s in result["stages"])
+
+
+def test_distributed_bench_times_both_trackers_against_plain_fsdp_on_every_rank(tmp_path, capsys):
+    from attribution.experiments import bench_distributed as B
+
+    out = tmp_path / "rows.json"
+    rows = B.main(["--world-size", "2", "--steps", "1", "--warmup", "1", "--width", "16", "--batch-per-rank", "4",
+                   "--val-size", "4", "--json", str(out)])
+    assert [r["rank"] for r in rows] == [0, 1]
+    for r in rows:
+        for key in ("throughput_ratio", "streamed_throughput_ratio"):
+            assert 0 < r[key] < 10
+        assert r["tracked_samples_per_s"] > 0 and r["streamed_samples_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert printed.count("| current, stream=True |") == 2 and printed.count("| midpoint |") == 2
+    assert json.loads(out.read_text())["rows"] == rows
