@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import sympy
 import torch
 
-from ._preconditioner import Diagonal, Preconditioner, Scalar, placed_like
+from ._preconditioner import Diagonal, Preconditioner, Scalar, is_dtensor, local_part, shard_like
 
 _REGISTRY: dict[type[torch.optim.Optimizer], type[OptimizerLinearization]] = {}
 _HALF = (torch.float16, torch.bfloat16)
@@ -463,15 +463,22 @@ class OptimizerLinearization(abc.ABC):
                 "pass a gradient of the parameter's own shape"
             )
 
-    def _inputs(self, param: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ParamState]:
+    def _inputs(
+        self, param: torch.Tensor, grad: torch.Tensor, *, shard: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, ParamState]:
         """θ, g and the state, promoted to float32 when any of them is half precision.
 
         Half-precision slopes would underflow (Adam's ε = 1e-8 is 0 in float16) or lose most
-        digits; the result is then float32, never silently half.
+        digits; the result is then float32, never silently half. ``shard=True``: for an
+        elementwise rule on an FSDP2 parameter, this rank's local shards as plain tensors (the
+        caller wraps its result back with ``shard_like``); every coordinate's update needs only
+        its own coordinate.
         """
         self._check_grad(param, grad)
         state = self._state_of(param)
         theta, grad = param.detach(), grad.detach()
+        if shard and self.structure == "elementwise" and is_dtensor(theta):
+            theta, grad, state = theta.to_local(), local_part(grad), state.map_tensors(local_part)
         tensors = state.tensors()
         if any(t.dtype in _HALF for t in (theta, grad, *tensors.values())):
             theta, grad = theta.float(), grad.float()
@@ -503,7 +510,7 @@ class OptimizerLinearization(abc.ABC):
             >>> opt.step(); torch.allclose(w.detach(), expected)
             True
         """
-        return placed_like(self.update_rule(*self._inputs(param, grad)), param)
+        return shard_like(self.update_rule(*self._inputs(param, grad, shard=True)), param)
 
     def zero_update(self, param: torch.Tensor) -> torch.Tensor:
         """Δ(0): the change ``step()`` would make with a zero gradient (what momentum and decay carry).
@@ -524,8 +531,8 @@ class OptimizerLinearization(abc.ABC):
             >>> torch.equal(lin.zero_update(w), lin.update(w, torch.zeros_like(w)))
             True
         """
-        theta, _, state = self._inputs(param, param.detach())
-        return placed_like(self.zero_update_rule(theta, state), param)
+        theta, _, state = self._inputs(param, param.detach(), shard=True)
+        return shard_like(self.zero_update_rule(theta, state), param)
 
     def chord_shift(self, param: torch.Tensor, J: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
         """Δ(0) + scale · J ⊙ grad: the update at scale·grad along the secant chord (shape of ``param``).
@@ -550,8 +557,9 @@ class OptimizerLinearization(abc.ABC):
             >>> torch.allclose(lin.chord_shift(w, lin.secant(w, g), g, 1.0), lin.update(w, g))
             True
         """
-        zero = self.zero_update(param)
-        return torch.addcmul(zero, J, grad.detach().to(zero.dtype), value=scale)
+        zero = local_part(self.zero_update(param))
+        out = torch.addcmul(zero, local_part(J), local_part(grad.detach()).to(zero.dtype), value=scale)
+        return shard_like(out, param)
 
     @classmethod
     def zero_update_rule(cls, theta: torch.Tensor, state: ParamState) -> torch.Tensor:
@@ -749,7 +757,7 @@ class OptimizerLinearization(abc.ABC):
             True
         """
         self._refuse_operator("tangent")
-        return self.tangent_rule(*self._inputs(param, grad))
+        return shard_like(self.tangent_rule(*self._inputs(param, grad, shard=True)), param)
 
     def secant(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """(Δ(grad) − Δ(0)) ⊘ grad elementwise (shape of ``param``), the tangent where grad is 0.
@@ -774,7 +782,7 @@ class OptimizerLinearization(abc.ABC):
             True
         """
         self._refuse_operator("secant")
-        return self.secant_rule(*self._inputs(param, grad))
+        return shard_like(self.secant_rule(*self._inputs(param, grad, shard=True)), param)
 
     def _refuse_operator(self, kind: str) -> None:
         if self.structure != "elementwise":

@@ -222,6 +222,39 @@ def placed_like(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return out.redistribute(ref.device_mesh, placements)
 
 
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - a build without distributed
+        return None
+    return DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``DTensor`` (an FSDP2 shard, or computed from one)."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def local_part(t: Any) -> Any:
+    """This rank's shard of a ``DTensor`` as a plain tensor; anything else as it is."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shard_like(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of ``ref``'s local shape as a ``DTensor`` laid out as ``ref`` (``out`` itself otherwise).
+
+    Elementwise rules run on the local shards of an FSDP2 parameter (one DTensor dispatch per
+    operation costs more than the operation on a shard); the result is wrapped back, with no
+    communication, so that callers see the parameter's layout.
+    """
+    if not is_dtensor(ref) or is_dtensor(out):
+        return placed_like(out, ref)
+    return _dtensor_class().from_local(
+        out, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape, stride=ref.stride()
+    )
+
+
 def as_preconditioner(J: Any) -> Preconditioner:
     """A preconditioner from what callers used to pass as J: a float (scalar), a tensor (diagonal) or one already.
 
