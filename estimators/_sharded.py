@@ -21,19 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - a build without distributed
-        return None
-    return DTensor
+from optimizers._preconditioner import is_dtensor, local_part
 
 
-def is_sharded(t: Any) -> bool:
-    """Whether ``t`` is a ``DTensor`` (an FSDP2 parameter, its gradient or anything computed from them)."""
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
+# One test for "is this an FSDP2 shard" and one local view, shared with the optimizer rules
+# (which run elementwise updates on the shards): optimizers._preconditioner holds them.
+is_sharded = is_dtensor
+local = local_part
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -46,11 +40,6 @@ def full(t: torch.Tensor) -> torch.Tensor:
         [1.0, 1.0]
     """
     return t.full_tensor() if is_sharded(t) else t
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard as a plain tensor (``t`` itself when it is not a ``DTensor``)."""
-    return t.to_local() if is_sharded(t) else t
 
 
 def original_type(cls: type) -> type:

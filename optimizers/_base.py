@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import sympy
 import torch
 
-from ._preconditioner import Diagonal, Preconditioner, Scalar, is_dtensor, local_part, shard_like
+from ._preconditioner import Diagonal, Preconditioner, Scalar, shard_like, shards_of
 
 _REGISTRY: dict[type[torch.optim.Optimizer], type[OptimizerLinearization]] = {}
 _HALF = (torch.float16, torch.bfloat16)
@@ -477,8 +477,12 @@ class OptimizerLinearization(abc.ABC):
         self._check_grad(param, grad)
         state = self._state_of(param)
         theta, grad = param.detach(), grad.detach()
-        if shard and self.structure == "elementwise" and is_dtensor(theta):
-            theta, grad, state = theta.to_local(), local_part(grad), state.map_tensors(local_part)
+        if shard and self.structure == "elementwise":
+            names = list(state.tensors())
+            shards = shards_of(theta, grad, *state.tensors().values())
+            if shards is not None:
+                theta, grad = shards[:2]
+                state = dataclasses.replace(state, **dict(zip(names, shards[2:])))
         tensors = state.tensors()
         if any(t.dtype in _HALF for t in (theta, grad, *tensors.values())):
             theta, grad = theta.float(), grad.float()
@@ -557,9 +561,10 @@ class OptimizerLinearization(abc.ABC):
             >>> torch.allclose(lin.chord_shift(w, lin.secant(w, g), g, 1.0), lin.update(w, g))
             True
         """
-        zero = local_part(self.zero_update(param))
-        out = torch.addcmul(zero, local_part(J), local_part(grad.detach()).to(zero.dtype), value=scale)
-        return shard_like(out, param)
+        zero = self.zero_update(param)
+        shards = shards_of(zero, J, grad.detach())
+        zero, J, grad = shards if shards is not None else (zero, J, grad.detach())
+        return shard_like(torch.addcmul(zero, J, grad.to(zero.dtype), value=scale), param)
 
     @classmethod
     def zero_update_rule(cls, theta: torch.Tensor, state: ParamState) -> torch.Tensor:

@@ -241,6 +241,18 @@ def local_part(t: Any) -> Any:
     return t.to_local() if is_dtensor(t) else t
 
 
+def shards_of(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """Each tensor's local shard as a plain tensor when every one is a ``DTensor``; else ``None``.
+
+    Only then is an elementwise rule on the shards the rule on the whole: a plain tensor of the
+    parameter's global shape next to a one-row shard would broadcast, not fail. A mix is left
+    to DTensor, which refuses it.
+    """
+    if tensors and all(is_dtensor(t) for t in tensors):
+        return tuple(t.to_local() for t in tensors)
+    return None
+
+
 def shard_like(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """A plain tensor of ``ref``'s local shape as a ``DTensor`` laid out as ``ref`` (``out`` itself otherwise).
 

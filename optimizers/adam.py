@@ -36,7 +36,7 @@ import torch
 
 from ._algebra import root_product_gap, safe_div
 from ._fused import Kernel
-from ._preconditioner import local_part, shard_like
+from ._preconditioner import shard_like, shards_of
 from ._base import (
     OptimizerLinearization,
     ParamState,
@@ -205,9 +205,9 @@ class _AdamFamily(OptimizerLinearization):
             t = st.step + 1
             b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
             c = (st.beta1, st.beta2, b2, st.eps, -(st.lr / b1), -st.lr * st.weight_decay, scale)
+            inputs = (param.detach(), st.exp_avg, st.exp_avg_sq, J, grad.detach())
             # On an FSDP2 parameter, this rank's shards (the kernel is elementwise), wrapped back.
-            shards = [local_part(t) for t in (param.detach(), st.exp_avg, st.exp_avg_sq, J, grad.detach())]
-            fused = _CHORD_SHIFT(*shards, c)
+            fused = _CHORD_SHIFT(*(shards_of(*inputs) or inputs), c)
             if fused is not None:
                 return shard_like(fused, param)
         return super().chord_shift(param, J, grad, scale)

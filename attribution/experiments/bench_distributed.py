@@ -201,13 +201,12 @@ def format_rows(rows: list[dict], cfg: DistributedBenchConfig) -> str:
             "tracked step peak MiB", "memory ratio", "largest layer MiB", "sharded state MiB"]
     lines = [head, " | ".join(cols)]
     for r in rows:
-        for name, key in (("midpoint", ""), ("current, stream=True", "streamed_")):
-            tracked = "tracked_" if not key else key
-            ratio = r[f"{key}throughput_ratio"]
+        # (label, prefix of its samples/s and peak, prefix of its ratios): the row keys of _worker
+        for name, own, ratio in (("midpoint", "tracked_", ""), ("current, stream=True", "streamed_", "streamed_")):
             lines.append(
-                f"{r['rank']} | {name} | {r['plain_samples_per_s']:.0f} | {r[f'{tracked}samples_per_s']:.0f} | {ratio:.3f} | "
-                f"{r['plain_step_peak_mib']:.2f} | {r[f'{tracked}step_peak_mib']:.2f} | {r[f'{key}memory_ratio']:.2f} | "
-                f"{r['largest_unsharded_layer_mib']:.2f} | {r['sharded_state_mib']:.2f}"
+                f"{r['rank']} | {name} | {r['plain_samples_per_s']:.0f} | {r[f'{own}samples_per_s']:.0f} | "
+                f"{r[f'{ratio}throughput_ratio']:.3f} | {r['plain_step_peak_mib']:.2f} | {r[f'{own}step_peak_mib']:.2f} | "
+                f"{r[f'{ratio}memory_ratio']:.2f} | {r['largest_unsharded_layer_mib']:.2f} | {r['sharded_state_mib']:.2f}"
             )
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ run on the concatenated global batches (rtol 1e-9, atol 1e-14; measured: about 2
 ``FSDP_REPORT=1 python -m pytest tests/attribution/test_fsdp.py -k single_process -s`` prints it).
 """
 
+import functools
 import gc
 import os
 
@@ -97,6 +98,15 @@ def _shard(model, kind, engine):
     for m in ([model[0], model[2]] if kind == "mlp" else [model.block]):
         fully_shard(m)
     return fully_shard(model)  # the tied embedding and head stay in the root's group
+
+
+def _attempt(seen, name, fn):
+    """Run ``fn()`` and record in ``seen[name]`` what it raised on this rank (``None``: nothing)."""
+    try:
+        fn()
+        seen[name] = None
+    except Exception as err:  # noqa: BLE001 - the test records what each rank raised
+        seen[name] = f"{type(err).__name__}: {err}"
 
 
 def _spawn(fn, tmp_path, *args):
@@ -314,12 +324,7 @@ def _ddp_stream_refusal_worker(rank, init_file, out_dir):
     seen = {}
     streamed = {"stream": True, "val_point": "current"}
 
-    def attempt(name, fn):
-        try:
-            fn()
-            seen[name] = None
-        except Exception as err:  # noqa: BLE001 - the test records what each rank raised
-            seen[name] = f"{type(err).__name__}: {err}"
+    attempt = functools.partial(_attempt, seen)
 
     def step(tracker, forward):
         """One step whose backward is ``forward()``; records whether the parameters moved."""
@@ -417,12 +422,7 @@ def _fsdp_stream_refusal_worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     seen = {}
 
-    def attempt(name, fn):
-        try:
-            fn()
-            seen[name] = None
-        except Exception as err:  # noqa: BLE001 - the test records what each rank raised
-            seen[name] = f"{type(err).__name__}: {err}"
+    attempt = functools.partial(_attempt, seen)
 
     def moved(before):
         return any(not torch.equal(a, _local(b)) for a, b in zip(before, model.parameters()))
@@ -433,6 +433,13 @@ def _fsdp_stream_refusal_worker(rank, init_file, out_dir):
         mine = torch.arange(rank * PER_RANK, (rank + 1) * PER_RANK)
         model = _shard(_mlp(), "mlp", "fsdp-stream")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        # A plain gradient of the global shape next to a sharded parameter (rank 1 holds one of the
+        # last layer's 3 rows): DTensor refuses the mix; a rule run on the shards would broadcast it.
+        import optimizers
+
+        last = model[2].weight
+        lin = optimizers.linearize(opt, params=[last])
+        attempt("plain_grad", lambda: lin.update(last, torch.ones(last.shape, dtype=last.dtype)))
         tracker = InRunShapley(model, opt, LOSS, val, stream=True, val_point="current")
         engine = tracker._computer.engine
 
@@ -508,6 +515,7 @@ def test_fsdp_stream_refusals_are_the_same_on_every_rank(tmp_path):
     _spawn(_fsdp_stream_refusal_worker, tmp_path)
     seen = [torch.load(tmp_path / f"fsdp_stream_refusal{r}.pt", weights_only=False) for r in range(WORLD)]
     for s in seen:
+        assert s["plain_grad"] is not None and "DTensor" in s["plain_grad"], s["plain_grad"]
         assert s["streamed"] == 4 and s["released"]  # two Linear layers' weights and biases
         assert s["unsynced"].startswith("ValueError: the backward of this tracker.batch() did not reduce-scatter")
         assert s["accumulate"].startswith("GhostEngineError: 2 model calls were captured in one step")
