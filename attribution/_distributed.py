@@ -54,6 +54,8 @@ class DataParallel:
     group: Any = None
     #: the device collectives run on (CPU under gloo)
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    #: the DistributedDataParallel wrapper itself (``None`` otherwise): its join state is read
+    wrapper: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def sharded(self) -> bool:
@@ -107,6 +109,25 @@ class DataParallel:
                 "Fix the cause that rank names"
             )
 
+    def refuse_join(self) -> None:
+        """Refuse a batch under DDP's ``join()`` (uneven inputs), on every rank alike.
+
+        A rank that has run out of batches shadows DDP's own all-reduces with zeros, not the
+        tracker's collectives (ids, values, checks), which would then pair with the wrong
+        all-reduces. ``Join(...)`` sets the configuration on every rank when it is built, so
+        all ranks refuse the first batch together and none waits on another.
+        """
+        config = getattr(self.wrapper, "_join_config", None)
+        if config is not None and config.enable:
+            raise ValueError(
+                "the DistributedDataParallel model is (or was) inside a join() context for uneven inputs: a rank "
+                "that has run out of batches shadows DDP's all-reduces with zeros but not the tracker's collectives "
+                "(ids, values, checks), which would pair with the wrong all-reduces. Give every rank the same number "
+                "of batches (DistributedSampler(..., drop_last=True), or stop at the shortest rank's loader) and "
+                "train without model.join(); DDP keeps the join configuration after the context ends, so wrap a "
+                "new DistributedDataParallel(model.module) to track after one"
+            )
+
     def all_finite(self, grads: list[torch.Tensor | None], check: Callable[[list], bool]) -> bool:
         """Whether every rank's gradients are finite: under FSDP2 each rank sees only its shards."""
         if not self.sharded:
@@ -129,7 +150,7 @@ def data_parallel(model: nn.Module) -> DataParallel:
 
         group = model.process_group
         device = next(model.parameters()).device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        return DataParallel("ddp", model.module, dist.get_world_size(group), group, device)
+        return DataParallel("ddp", model.module, dist.get_world_size(group), group, device, wrapper=model)
     _refuse_fsdp1(model)
     mesh = sharded_mesh(model)
     if mesh is not None:

@@ -346,7 +346,8 @@ class InRunShapley:
         Raises:
             TrackerUsageError: nested contexts, a closed tracker, or samples of an earlier
                 block whose gradients were discarded without a step.
-            ValueError: no ids.
+            ValueError: no ids, or a DistributedDataParallel model under ``join()`` (uneven
+                inputs; refused on every rank alike).
             TypeError: ids of an unsupported type (see ``normalize_ids``).
 
         An exception inside the block discards what the block captured (its ids are not
@@ -360,6 +361,7 @@ class InRunShapley:
         self._ledger.check_ids(ids, pending=self._pending_ids)
         if not ids:
             raise ValueError("tracker.batch(ids) got no ids: give one id per sample of the batch (an empty batch has nothing to value)")
+        self._parallel.refuse_join()
         self._drop_untaken_step()
         self._check_no_missed_step()
         self._awaiting = []

@@ -89,3 +89,37 @@ def test_ddp_totals_equal_a_single_process_run(tmp_path, linearization):
     assert list(ddp_values.index) == list(single.index)
     assert (ddp_values["steps_seen"] == 1).all()
     pd.testing.assert_series_equal(ddp_values["value"], single["value"], rtol=1e-9, atol=1e-14)
+
+
+def _join_worker(rank, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        x, y = _data()
+        model = nn.parallel.DistributedDataParallel(_model())
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        tracker = InRunShapley(model, opt, LOSS, (x[-8:], y[-8:]))
+        seen = "no error"
+        # Uneven inputs: rank 0 has two batches, rank 1 one.
+        with model.join():
+            try:
+                for step in range(2 - rank):
+                    mine = torch.arange(step * 8 + rank * PER_RANK, step * 8 + (rank + 1) * PER_RANK)
+                    opt.zero_grad()
+                    with tracker.batch(mine):
+                        LOSS(model(x[mine]), y[mine]).backward()
+                    opt.step()
+            except ValueError as err:
+                seen = str(err)
+        torch.save(seen, f"{out_file}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_join_is_refused_on_every_rank_at_the_first_batch(tmp_path):
+    """Under join() a finished rank shadows DDP's all-reduces, not the tracker's: refused, no hang."""
+    out = tmp_path / "seen"
+    mp.spawn(_join_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        seen = torch.load(f"{out}.{rank}")
+        assert "join()" in seen and "drop_last=True" in seen, (rank, seen)
