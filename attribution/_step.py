@@ -126,16 +126,22 @@ class StepComputer:
         return estimators.isolated_pass(self.model, train_mode=self.val_train_mode)
 
     def validation_gradients(self, params, shift=None):
-        """∇L_val for each validation batch (K dicts), in an isolated pass; the K losses go to ``val_losses``."""
+        """∇L_val for each validation batch (K dicts), in an isolated pass; the K losses go to ``val_losses``.
+
+        ``shift`` (a dict the caller hands over) is emptied as it is applied: the saved originals
+        and the shifts then take one model's size at a time, not two.
+        """
         self.val_losses: list[float] = []
         if self.sharded:  # FSDP2: a backward of the sharded model; each rank gets its shard of ∇L_val
             with self.isolated():
                 return sharded_validation_gradients(
-                    self.model, self.loss_fn, self.val_batches, params=params, shift=shift, losses=self.val_losses
+                    self.model, self.loss_fn, self.val_batches, params=params, shift=shift, losses=self.val_losses,
+                    release_shift=True,
                 )
         with self.isolated():
             return estimators.validation_gradients(
-                self.model, self.loss_fn, self.val_batches, params=params, shift=shift, losses=self.val_losses
+                self.model, self.loss_fn, self.val_batches, params=params, shift=shift, losses=self.val_losses,
+                release_shift=True,
             )
 
     @contextlib.contextmanager

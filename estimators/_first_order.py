@@ -168,11 +168,17 @@ def val_point_shift(
 
 
 @contextlib.contextmanager
-def shifted_parameters(shift: Mapping[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
+def shifted_parameters(shift: Mapping[torch.Tensor, torch.Tensor] | None, *, release: bool = False) -> Iterator[None]:
     """Temporarily move parameters by ``shift`` in place; restore them bit-exactly on exit.
 
     The originals are saved and copied back (subtracting the shift again would not restore
     θ exactly in floating point).
+
+    Args:
+        shift: parameter -> its shift (the parameter's shape), or ``None`` / empty for none.
+        release: pop each shift out of ``shift`` (a dict) once it is applied, so that a caller
+            that holds no other reference frees it then: the saved originals and the shifts
+            together take one model's size at a time instead of two.
 
     Raises:
         ValueError: a shift's shape differs from its parameter's.
@@ -186,11 +192,12 @@ def shifted_parameters(shift: Mapping[torch.Tensor, torch.Tensor] | None) -> Ite
     for p, s in shift.items():
         if s.shape != p.shape:
             raise ValueError(f"shift of shape {tuple(s.shape)} for a parameter of shape {tuple(p.shape)}; shapes must match")
-    saved = {p: p.detach().clone() for p in shift}
+    saved = {}
     try:
         with torch.no_grad():
-            for p, s in shift.items():
-                p.add_(s.to(p.dtype))
+            for p in list(shift):
+                saved[p] = p.detach().clone()
+                p.add_((shift.pop(p) if release else shift[p]).to(p.dtype))
         yield
     finally:
         with torch.no_grad():
@@ -207,6 +214,7 @@ def validation_gradients(
     params: Iterable[torch.Tensor] | None = None,
     engine: Any = None,
     losses: list[float] | None = None,
+    release_shift: bool = False,
 ) -> list[dict[torch.Tensor, torch.Tensor]]:
     """∇L_val for each of K validation targets, optionally at shifted parameters.
 
@@ -223,6 +231,8 @@ def validation_gradients(
         engine: a :class:`GhostEngine`; when given, each target runs inside
             ``engine.capture_val()`` so the pairwise and factored paths see it.
         losses: a list to which each target's validation loss (a float) is appended.
+        release_shift: empty ``shift`` (a dict the caller no longer needs) as it is applied, so
+            the shifts are freed while the originals are saved (see :func:`shifted_parameters`).
     Returns:
         A list of K dicts parameter -> gradient (zeros for parameters the loss does not use).
     Raises:
@@ -241,7 +251,7 @@ def validation_gradients(
         )
     params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     out: list[dict[torch.Tensor, torch.Tensor]] = []
-    with shifted_parameters(shift):
+    with shifted_parameters(shift, release=release_shift):
         for batch in val_batches:
             ctx = engine.capture_val() if engine is not None else contextlib.nullcontext()
             with ctx, torch.enable_grad():

@@ -114,6 +114,7 @@ def sharded_validation_gradients(
     params: Iterable[torch.Tensor],
     shift=None,
     losses: list[float] | None = None,
+    release_shift: bool = False,
 ) -> list[dict[torch.Tensor, torch.Tensor]]:
     """∇L_val for each of K validation targets on an FSDP2 model: each rank's shard, ``DTensor`` s.
 
@@ -131,6 +132,7 @@ def sharded_validation_gradients(
         params: the parameters whose gradients are returned (sharded ``DTensor`` s).
         shift: parameter -> shift of the validation point (``DTensor`` s), or ``None``.
         losses: a list to which each target's loss is appended.
+        release_shift: empty ``shift`` as it is applied (see ``shifted_parameters``).
     Returns:
         K dicts parameter -> ∇L_val^k (shape of the parameter; zeros where the loss does not reach it).
     """
@@ -141,7 +143,7 @@ def sharded_validation_gradients(
     saved = {p: p.grad for p in every}
     out: list[dict[torch.Tensor, torch.Tensor]] = []
     try:
-        with shifted_parameters(shift):
+        with shifted_parameters(shift, release=release_shift):
             for batch in val_batches:
                 for p in every:
                     p.grad = None

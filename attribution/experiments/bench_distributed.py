@@ -6,12 +6,19 @@ and trains them on the same batches with AdamW, interleaved step by step: the pl
 the tracked one (``InRunShapley``, secant, ``val_point="midpoint"``), then a third tracked with
 ``val_point="current", stream=True`` (each parameter contracted in the backward, when
 ``fully_shard``'s reduce-scatter has given it its averaged shard), so all see the same load of
-the machine. Per rank it reports samples per second of each and their ratio, and the peak
-resident memory a step adds above the memory before it (sampled every millisecond from
-``/proc/self/statm``; the allocator returns large blocks to the system, so this follows the
-tensors a step allocates) and that ratio. For reference it also prints the bytes of the
-largest unsharded layer (the one P the contraction gathers at a time) and of the sharded
-parameters + gradients + AdamW state on the rank.
+the machine. Per rank it reports samples per second of each and their ratio.
+
+Memory is measured in a second spawn of the world, one life per kind from building the sharded
+model to the end of ``memory_steps`` steps: the peak resident size (``VmHWM``, reset before the
+life) above the resident size before it. Those workers start with glibc's mmap threshold fixed
+at 64 KiB, so each tensor above it is its own mapping, returned to the system when freed and
+the resident size follows the live tensors; that slows allocation, hence the separate spawn for
+timing. The peak holds the sharded parameters, gradients and AdamW state, the activations, the
+gathered layers and whatever the tracker keeps. For reference it also prints the bytes of the
+largest unsharded layer (the one P the contraction gathers at a time), of the sharded
+parameters on the rank (the size of each model-sized vector the tracker holds: J, the
+validation point's shift, the saved parameters, ∇L_val) and of parameters + gradients + AdamW
+state on the rank.
 
 The lead wires it into ``python -m attribution bench --world-size 2`` with :func:`run_distributed_bench`.
 """
@@ -20,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import tempfile
-import threading
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -41,42 +49,26 @@ class DistributedBenchConfig:
     width: int = 512
     depth: int = 4
     val_size: int = 64
+    memory_steps: int = 3
     seed: int = 0
 
 
-class _PeakRSS:
-    """Peak resident set size (bytes) while the context is open, sampled by a thread every millisecond."""
+def _life_peak(run) -> int:
+    """Peak resident bytes above the start while ``run()`` runs: a fresh ``VmHWM`` mark, read after.
 
-    _page = os.sysconf("SC_PAGE_SIZE")
+    The workers start with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``,
+    set by :func:`run_distributed_bench`), so every tensor above it is its own mapping, returned
+    to the system when freed: the resident size then follows the live tensors, and an earlier
+    life's freed memory is not resident in the next one.
+    """
+    from attribution.experiments.bench import _proc_status_mb, _reset_peak_rss
 
-    def __init__(self):
-        self.peak = self.start = 0
-
-    @classmethod
-    def now(cls) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * cls._page
-
-    def __enter__(self):
-        self.start = self.peak = self.now()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now())
-
-    @property
-    def added(self) -> int:
-        return max(0, self.peak - self.start)
+    gc.collect()
+    start = _proc_status_mb("VmRSS")
+    if start is None or not _reset_peak_rss():
+        return 0  # no /proc (not Linux): not measured
+    run()
+    return int((_proc_status_mb("VmHWM") - start) * 2**20)
 
 
 def _mlp(cfg: DistributedBenchConfig) -> nn.Sequential:
@@ -103,11 +95,17 @@ def _local_bytes(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _worker(rank: int, init_file: str, out_file: str, cfg: DistributedBenchConfig) -> None:
+def _worker(rank: int, init_file: str, out_file: str, cfg: DistributedBenchConfig, phase: str) -> None:
+    """One rank of the timing run (``phase="time"``) or of the memory run (``"memory"``)."""
     import torch.distributed as dist
 
     from attribution import InRunShapley
 
+    from attribution import PoorLinearizationWarning
+
+    # AdamW's first steps are far from linear (expected, and marked in step_info): this bench
+    # measures cost, not values, so the warning would only bury the table
+    warnings.simplefilter("ignore", PoorLinearizationWarning)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=cfg.world_size)
     try:
@@ -118,76 +116,121 @@ def _worker(rank: int, init_file: str, out_file: str, cfg: DistributedBenchConfi
         val = (x[-cfg.val_size :], y[-cfg.val_size :])
         loss_fn = nn.functional.cross_entropy
         kinds = ("plain", "tracked", "streamed")
-        models = {kind: _sharded(cfg) for kind in kinds}
-        opts = {kind: torch.optim.AdamW(m.parameters(), lr=1e-3) for kind, m in models.items()}
-        trackers = {
-            "tracked": InRunShapley(models["tracked"], opts["tracked"], loss_fn, val, linearization="secant"),
-            "streamed": InRunShapley(
-                models["streamed"], opts["streamed"], loss_fn, val, linearization="secant", val_point="current", stream=True
-            ),
-        }
-        seconds = dict.fromkeys(kinds, 0.0)
-        peak = dict.fromkeys(kinds, 0)
-        for step in range(cfg.warmup + cfg.steps):
+        def build(kind):
+            model = _sharded(cfg)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            tracker = None
+            if kind == "tracked":
+                tracker = InRunShapley(model, opt, loss_fn, val, linearization="secant")
+            elif kind == "streamed":
+                tracker = InRunShapley(model, opt, loss_fn, val, linearization="secant", val_point="current", stream=True)
+            return model, opt, tracker
+
+        def train_step(model, opt, tracker, step):
             start = step * n + rank * cfg.batch_per_rank
             idx = torch.arange(start, start + cfg.batch_per_rank)
-            for kind in kinds:  # interleaved: all see the same load of the machine
-                model, o = models[kind], opts[kind]
-                dist.barrier()
-                with _PeakRSS() as mem:
-                    t0 = time.perf_counter()
-                    o.zero_grad(set_to_none=True)
-                    if kind == "plain":
-                        loss_fn(model(x[idx]), y[idx]).backward()
+            opt.zero_grad(set_to_none=True)
+            if tracker is None:
+                loss_fn(model(x[idx]), y[idx]).backward()
+            else:
+                with tracker.batch(idx):
+                    loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+
+        if phase == "memory":
+            # One fresh life per kind, from building the sharded model to the end of its last
+            # step, so the peak holds the parameters, gradients, optimizer state, activations and
+            # whatever the tracker keeps between steps.
+            # A first, unmeasured life of each kind pays the one-time costs (lazy imports, caches).
+            row: dict = {"rank": rank}
+            for measured in (False, True):
+                for kind in kinds:
+                    dist.barrier()
+
+                    def life(kind=kind):
+                        parts = build(kind)
+                        for step in range(cfg.memory_steps):
+                            train_step(*parts, step)
+
+                    if measured:
+                        row[f"{kind}_peak_mib"] = _life_peak(life) / 2**20
                     else:
-                        with trackers[kind].batch(idx):
-                            loss_fn(model(x[idx]), y[idx]).backward()
-                    o.step()
+                        life()
+            for kind in ("tracked", "streamed"):
+                row[f"{'' if kind == 'tracked' else 'streamed_'}memory_ratio"] = row[f"{kind}_peak_mib"] / max(row["plain_peak_mib"], 1e-9)
+        else:
+            built = {kind: build(kind) for kind in kinds}
+            seconds = dict.fromkeys(kinds, 0.0)
+            for step in range(cfg.warmup + cfg.steps):
+                for kind in kinds:  # interleaved: all see the same load of the machine
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    train_step(*built[kind], step)
                     elapsed = time.perf_counter() - t0
-                if step >= cfg.warmup:
-                    seconds[kind] += elapsed
-                    peak[kind] = max(peak[kind], mem.added)
-        for tracker in trackers.values():
-            tracker.values()  # collective: every rank gathers every id (not timed)
-        tracked, opt = models["tracked"], opts["tracked"]
-        largest = max(p.numel() * p.element_size() for p in tracked.parameters())
-        state = _local_bytes(tracked.parameters()) + _local_bytes(p.grad for p in tracked.parameters())
-        state += _local_bytes(v for s in opt.state.values() for v in s.values())
-        samples = cfg.steps * cfg.batch_per_rank
-        row = {
-            "rank": rank,
-            "plain_samples_per_s": samples / seconds["plain"],
-            "tracked_samples_per_s": samples / seconds["tracked"],
-            "throughput_ratio": seconds["plain"] / seconds["tracked"],
-            "plain_step_peak_mib": peak["plain"] / 2**20,
-            "tracked_step_peak_mib": peak["tracked"] / 2**20,
-            "memory_ratio": peak["tracked"] / max(peak["plain"], 1),
-            "streamed_samples_per_s": samples / seconds["streamed"],
-            "streamed_throughput_ratio": seconds["plain"] / seconds["streamed"],
-            "streamed_step_peak_mib": peak["streamed"] / 2**20,
-            "streamed_memory_ratio": peak["streamed"] / max(peak["plain"], 1),
-            "largest_unsharded_layer_mib": largest / 2**20,
-            "sharded_state_mib": state / 2**20,
-        }
+                    if step >= cfg.warmup:
+                        seconds[kind] += elapsed
+            for _, _, tracker in built.values():
+                if tracker is not None:
+                    tracker.values()  # collective: every rank gathers every id (not timed)
+            tracked, opt, _ = built["tracked"]
+            largest = max(p.numel() * p.element_size() for p in tracked.parameters())
+            state = _local_bytes(tracked.parameters()) + _local_bytes(p.grad for p in tracked.parameters())
+            state += _local_bytes(v for s in opt.state.values() for v in s.values())
+            samples = cfg.steps * cfg.batch_per_rank
+            row = {
+                "rank": rank,
+                "plain_samples_per_s": samples / seconds["plain"],
+                "tracked_samples_per_s": samples / seconds["tracked"],
+                "throughput_ratio": seconds["plain"] / seconds["tracked"],
+                "streamed_samples_per_s": samples / seconds["streamed"],
+                "streamed_throughput_ratio": seconds["plain"] / seconds["streamed"],
+                "largest_unsharded_layer_mib": largest / 2**20,
+                "sharded_params_mib": _local_bytes(tracked.parameters()) / 2**20,
+                "sharded_state_mib": state / 2**20,
+            }
         rows: list = [None] * cfg.world_size
         dist.all_gather_object(rows, row)
         if rank == 0:
             with open(out_file, "w") as f:
                 json.dump(rows, f)
+        # No rank tears gloo down while the other may still hold work in flight (teardown
+        # otherwise aborts now and then: "terminate called without an active exception").
+        built = tracked = opt = None  # the models and trackers, freed before the barrier
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def run_distributed_bench(cfg: DistributedBenchConfig | None = None) -> list[dict]:
-    """Spawn ``cfg.world_size`` gloo ranks on the CPU and return one result row per rank (see the module doc)."""
+    """Spawn ``cfg.world_size`` gloo ranks on the CPU (twice: timing, then memory) and return one row per rank.
+
+    Each row (a dict) holds the rank, ``{plain,tracked,streamed}_samples_per_s``,
+    ``throughput_ratio`` / ``streamed_throughput_ratio`` (plain seconds over tracked seconds),
+    ``{plain,tracked,streamed}_peak_mib``, ``memory_ratio`` / ``streamed_memory_ratio`` (tracked
+    peak over plain peak), ``largest_unsharded_layer_mib``, ``sharded_params_mib`` and
+    ``sharded_state_mib`` (see the module doc).
+    """
     import torch.multiprocessing as mp
 
     cfg = cfg or DistributedBenchConfig()
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rows.json")
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), out, cfg), nprocs=cfg.world_size, join=True)
-        with open(out) as f:
-            return json.load(f)
+        rows = {}
+        for phase in ("time", "memory"):
+            out = os.path.join(tmp, f"{phase}.json")
+            saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+            if phase == "memory":  # read by glibc when each worker starts (see _life_peak); it slows allocation
+                os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+            try:
+                mp.spawn(_worker, args=(os.path.join(tmp, f"{phase}.init"), out, cfg, phase), nprocs=cfg.world_size, join=True)
+            finally:
+                if saved is None:
+                    os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+                else:
+                    os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+            with open(out) as f:
+                rows[phase] = json.load(f)
+    return [{**timed, **memory} for timed, memory in zip(rows["time"], rows["memory"])]
 
 
 def format_rows(rows: list[dict], cfg: DistributedBenchConfig) -> str:
@@ -197,16 +240,19 @@ def format_rows(rows: list[dict], cfg: DistributedBenchConfig) -> str:
         f"AdamW, {cfg.batch_per_rank} samples per rank, {cfg.steps} timed steps after {cfg.warmup} warm-up, plain and "
         "tracked interleaved"
     )
-    cols = ["rank", "tracker", "plain samples/s", "tracked samples/s", "throughput ratio", "plain step peak MiB",
-            "tracked step peak MiB", "memory ratio", "largest layer MiB", "sharded state MiB"]
+    cols = ["rank", "tracker", "plain samples/s", "tracked samples/s", "throughput ratio", "plain peak MiB",
+            "tracked peak MiB", "memory ratio", "extra MiB", "extra / largest layer", "largest layer MiB",
+            "sharded params MiB", "sharded state MiB"]
     lines = [head, " | ".join(cols)]
     for r in rows:
         # (label, prefix of its samples/s and peak, prefix of its ratios): the row keys of _worker
         for name, own, ratio in (("midpoint", "tracked_", ""), ("current, stream=True", "streamed_", "streamed_")):
+            extra = r[f"{own}peak_mib"] - r["plain_peak_mib"]
             lines.append(
                 f"{r['rank']} | {name} | {r['plain_samples_per_s']:.0f} | {r[f'{own}samples_per_s']:.0f} | "
-                f"{r[f'{ratio}throughput_ratio']:.3f} | {r['plain_step_peak_mib']:.2f} | {r[f'{own}step_peak_mib']:.2f} | "
-                f"{r[f'{ratio}memory_ratio']:.2f} | {r['largest_unsharded_layer_mib']:.2f} | {r['sharded_state_mib']:.2f}"
+                f"{r[f'{ratio}throughput_ratio']:.3f} | {r['plain_peak_mib']:.2f} | {r[f'{own}peak_mib']:.2f} | "
+                f"{r[f'{ratio}memory_ratio']:.3f} | {extra:.2f} | {extra / r['largest_unsharded_layer_mib']:.2f} | "
+                f"{r['largest_unsharded_layer_mib']:.2f} | {r['sharded_params_mib']:.2f} | {r['sharded_state_mib']:.2f}"
             )
     return "\n".join(lines)
 

@@ -311,13 +311,20 @@ def test_distributed_bench_times_both_trackers_against_plain_fsdp_on_every_rank(
     from attribution.experiments import bench_distributed as B
 
     out = tmp_path / "rows.json"
-    rows = B.main(["--world-size", "2", "--steps", "1", "--warmup", "1", "--width", "16", "--batch-per-rank", "4",
-                   "--val-size", "4", "--json", str(out)])
+    # width 1024: each layer's shard (2 MiB) is well above the workers' 64 KiB mmap threshold
+    # (resident only while it lives) and above the resident-size noise (~0.3 MiB)
+    rows = B.main(["--world-size", "2", "--steps", "1", "--warmup", "1", "--width", "1024", "--batch-per-rank", "4",
+                   "--val-size", "4", "--memory-steps", "1", "--json", str(out)])
     assert [r["rank"] for r in rows] == [0, 1]
     for r in rows:
         for key in ("throughput_ratio", "streamed_throughput_ratio"):
             assert 0 < r[key] < 10
         assert r["tracked_samples_per_s"] > 0 and r["streamed_samples_per_s"] > 0
+        # a life holds at least the sharded parameters; the midpoint tracker at least two more
+        # model-sized vectors of them (J and ∇L_val) at its peak
+        assert r["plain_peak_mib"] > r["sharded_params_mib"] > 0
+        assert r["tracked_peak_mib"] > r["plain_peak_mib"] + 2 * r["sharded_params_mib"]
+        assert r["memory_ratio"] == r["tracked_peak_mib"] / r["plain_peak_mib"] > 1
     printed = capsys.readouterr().out
     assert printed.count("| current, stream=True |") == 2 and printed.count("| midpoint |") == 2
     assert json.loads(out.read_text())["rows"] == rows
