@@ -160,6 +160,25 @@ def test_shifted_parameters_restores_after_an_exception():
     assert torch.equal(w, before)
 
 
+@given(release=st.booleans(), fail=st.booleans())
+def test_shifted_parameters_with_release_empties_the_shift_and_gives_the_same_point(release, fail):
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(3, 2, dtype=DT)), nn.Parameter(torch.randn(4, dtype=DT))
+    before = {p: p.detach().clone() for p in (a, b)}
+    shift = {a: torch.randn(3, 2, dtype=DT) * 1e-3, b: torch.randn(4, dtype=DT) * 1e-3}
+    expected = {p: before[p] + s for p, s in shift.items()}
+    try:
+        with E.shifted_parameters(shift, release=release):
+            # the shifted point is the same whether the shifts are kept or released
+            assert all(torch.equal(p, expected[p]) for p in (a, b))
+            assert (len(shift) == 0) == release
+            if fail:
+                raise RuntimeError("boom")
+    except RuntimeError:
+        assert fail
+    assert all(torch.equal(p, before[p]) for p in (a, b))  # restored bit-exactly either way
+
+
 @given(case=CASES["mlp"], n=st.integers(1, 4), reduction=st.sampled_from(["mean", "sum"]))
 def test_per_sample_grads_match_a_loop_of_single_sample_backwards(case, n, reduction):
     g = torch.Generator().manual_seed(n)
