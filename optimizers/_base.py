@@ -694,7 +694,7 @@ class OptimizerLinearization(abc.ABC):
         index = slice(None, None, stride)
         return self._rule_at(param, grads.reshape(len(grads), -1)[:, index], index)
 
-    def _rule_at(self, param: torch.Tensor, grads: torch.Tensor, index: slice) -> torch.Tensor:
+    def _rule_at(self, param: torch.Tensor, grads: torch.Tensor, index: slice, *, shard: bool = False) -> torch.Tensor:
         """An elementwise rule at the flat coordinates ``index`` of ``param``: ``grads`` ``[m, d]`` -> ``[m, d]``.
 
         The m gradients are laid side by side on m copies of the coordinates and the rule is
@@ -702,7 +702,7 @@ class OptimizerLinearization(abc.ABC):
         rule on each of them, and this avoids vmap, whose overhead exceeded the arithmetic for
         the few thousand coordinates of a diagnostic.
         """
-        theta, _, state = self._inputs(param, param.detach())
+        theta, _, state = self._inputs(param, param.detach(), shard=shard)
         m = len(grads)
         if grads.numel() > _TILE_ELEMENTS:  # large blocks (the exact route): vmap over views, no m copies of the state
             pick = lambda t: t.reshape(-1)[index]  # noqa: E731
@@ -713,7 +713,9 @@ class OptimizerLinearization(abc.ABC):
         g = grads.detach().to(theta.dtype).reshape(-1)
         return type(self).update_rule(pick(theta), g, state).reshape(m, -1)
 
-    def update_coordinates(self, param: torch.Tensor, grads: torch.Tensor, start: int, stop: int, step: int = 1) -> torch.Tensor:
+    def update_coordinates(
+        self, param: torch.Tensor, grads: torch.Tensor, start: int, stop: int, step: int = 1, *, shard: bool = False
+    ) -> torch.Tensor:
         """Δ(g) of m gradients at the flat coordinates ``range(start, stop, step)`` of an elementwise rule.
 
         An elementwise rule on a block of coordinates is the rule on those coordinates, so the
@@ -723,6 +725,8 @@ class OptimizerLinearization(abc.ABC):
             param: a covered parameter with an elementwise rule.
             grads: ``[m, d]``, the gradients at those d = len(range(start, stop, step)) coordinates.
             step: every step-th coordinate (a strided sample for diagnostics).
+            shard: for an FSDP2 parameter, the coordinates are those of this rank's local shard
+                (flattened) and ``grads`` is plain: no communication.
         Returns:
             ``[m, d]``.
         Raises:
@@ -736,7 +740,7 @@ class OptimizerLinearization(abc.ABC):
         """
         if self.structure != "elementwise":
             raise TypeError(f"{type(self).__name__} is not elementwise: its update couples coordinates; use update_batch")
-        return self._rule_at(param, grads, slice(start, stop, step))
+        return self._rule_at(param, grads, slice(start, stop, step), shard=shard)
 
     def tangent(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """J = ∂Δ/∂g at ``grad``, elementwise (shape of ``param``); finite for finite input.

@@ -104,8 +104,10 @@ class LinearizationGroup:
     def update_batch(self, param: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         return self.owner(param).update_batch(param, grads)
 
-    def update_coordinates(self, param: torch.Tensor, grads: torch.Tensor, start: int, stop: int, step: int = 1) -> torch.Tensor:
-        return self.owner(param).update_coordinates(param, grads, start, stop, step)
+    def update_coordinates(
+        self, param: torch.Tensor, grads: torch.Tensor, start: int, stop: int, step: int = 1, *, shard: bool = False
+    ) -> torch.Tensor:
+        return self.owner(param).update_coordinates(param, grads, start, stop, step, shard=shard)
 
     def structure_of(self, param: torch.Tensor) -> str:
         return self.owner(param).structure

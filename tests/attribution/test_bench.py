@@ -328,3 +328,21 @@ def test_distributed_bench_times_both_trackers_against_plain_fsdp_on_every_rank(
     printed = capsys.readouterr().out
     assert printed.count("| current, stream=True |") == 2 and printed.count("| midpoint |") == 2
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_fsdp_memory_phases_shows_the_model_sized_vectors_each_phase_holds(capsys):
+    from attribution.experiments import fsdp_memory_phases as M
+
+    rows = M.main(["--width", "1024", "--depth", "3", "--steps", "2"])
+    assert [r["rank"] for r in rows] == [0, 1]
+    for r in rows:
+        S, mid, streamed = r["sharded_params_mib"], r["midpoint"], r["current, stream=True"]
+        assert S > 1.0
+        # the midpoint's validation pass starts holding the gradients, J and the shift (3 S) and adds ∇L_val
+        start, peak = mid["validation pass"]
+        assert start > 2.5 * S and peak > start + 0.9 * S
+        assert mid["whole valuation"][1] >= peak  # an outer phase's peak includes its inner phases'
+        # streaming holds ∇L_val from the validation pass (before the forward) on
+        assert streamed["contraction + check"][0] > 1.5 * S
+    printed = capsys.readouterr().out
+    assert printed.count("| midpoint | validation pass |") == 2

@@ -450,6 +450,15 @@ def _fsdp_stream_refusal_worker(rank, init_file, out_dir):
         seen["streamed"] = len(engine.streamed_params)
         seen["released"] = all(c.streamed for pas in engine._train for c in pas.calls)
         opt.step()
+        # The rule at strided coordinates of this rank's shard (what ν samples under FSDP2, with
+        # no communication) is the whole update's value there.
+        first = model[0].weight
+        lin0 = optimizers.linearize(opt, params=[first])
+        flat = _local(first.grad).reshape(-1)
+        G = torch.stack([0.5 * flat[::3], flat[::3]])
+        sampled = lin0.update_coordinates(first, G, 0, flat.numel(), 3, shard=True)
+        whole = [_local(lin0.update(first, s * first.grad)).reshape(-1)[::3] for s in (0.5, 1.0)]
+        seen["sampled_shard"] = (tuple(sampled.shape), float(max((a - b).abs().max() for a, b in zip(sampled, whole))))
 
         def unsynced():  # FSDP2's no_sync: the reduce-scatter (and with it every hook) is skipped
             model.set_requires_gradient_sync(False)
@@ -517,6 +526,8 @@ def test_fsdp_stream_refusals_are_the_same_on_every_rank(tmp_path):
     for s in seen:
         assert s["plain_grad"] is not None and "DTensor" in s["plain_grad"], s["plain_grad"]
         assert s["streamed"] == 4 and s["released"]  # two Linear layers' weights and biases
+        shape, gap = s["sampled_shard"]
+        assert shape[0] == 2 and shape[1] > 1 and gap <= 1e-15, s["sampled_shard"]
         assert s["unsynced"].startswith("ValueError: the backward of this tracker.batch() did not reduce-scatter")
         assert s["accumulate"].startswith("GhostEngineError: 2 model calls were captured in one step")
         assert not s["accumulate_moved"] and not s["rank_edit_moved"] and not s["rank_fail_moved"]
