@@ -223,7 +223,7 @@ def sharded_update_nonlinearity(lin, batch_grads, val_grads, all_reduce, *, per_
     same ν. Evaluating every coordinate of the shard instead cost three updates of the whole
     shard per step: a fifth of the tracked step in ``bench --world-size 2``.
     """
-    from estimators._exact import _elementwise
+    from estimators._exact import _elementwise, _nonlinearity_sums, _sampled_nonlinearity_sums
 
     keys, rows = [], []
     for p, g in batch_grads.items():
@@ -233,24 +233,15 @@ def sharded_update_nonlinearity(lin, batch_grads, val_grads, all_reduce, *, per_
         if not gs:
             continue
         if _elementwise(lin, p) and is_sharded(g) and all(is_sharded(G) for G in gs):
-            flat = local(g.detach()).reshape(-1)
-            stride = max(1, -(-flat.numel() // max_coordinates))
-            sampled = flat[::stride]
-            if sampled.numel():
-                u0, uh, u1 = lin.update_coordinates(
-                    p, torch.stack([torch.zeros_like(sampled), 0.5 * sampled, sampled]), 0, flat.numel(), stride, shard=True
-                )
-                w = sum(local(G.detach()).reshape(-1)[::stride].abs() for G in gs).to(u0.dtype)
-                num, den = (w * (uh - 0.5 * (u0 + u1)).abs()).sum() * stride, (w * (0.5 * (u1 - u0)).abs()).sum() * stride
+            if local(g).numel():
+                num, den, stride = _sampled_nonlinearity_sums(lin, p, g, gs, max_coordinates, shard=True)
             else:  # an empty shard (fewer rows than ranks): nothing on this rank, but the row is summed
-                num = den = torch.zeros((), dtype=torch.float64)
+                num, den, stride = torch.zeros(()), torch.zeros(()), 1
         else:  # an operator rule (Muon): its DTensor operations gather what they couple; results laid out as p
-            w = local(sum(G.detach().abs() for G in gs))
-            u0, uh, u1 = (local(lin.update(p, s * g).detach()) for s in (0.0, 0.5, 1.0))
-            w = w.to(u0.dtype)
-            num, den = (w * (uh - 0.5 * (u0 + u1)).abs()).sum(), (w * (0.5 * (u1 - u0)).abs()).sum()
+            upd = torch.stack([local(lin.update(p, s * g).detach()).reshape(-1) for s in (0.0, 0.5, 1.0)])
+            (num, den), stride = _nonlinearity_sums(upd, local(sum(G.detach().abs() for G in gs)).reshape(-1)), 1
         keys.append(p)
-        rows.append(torch.stack([num, den]).to(torch.float64).cpu())
+        rows.append(torch.stack([num.to(torch.float64), den.to(torch.float64)]).cpu() * stride)
     total = all_reduce(torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64))
     parts = {p: (float(a), float(b)) for p, (a, b) in zip(keys, total.tolist())}
     if per_parameter:

@@ -237,6 +237,33 @@ def _chunks(m: int, size: int):
         yield slice(start, min(start + size, m))
 
 
+def _nonlinearity_sums(upd: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ν's two sums from the updates ``upd`` ``[3, d]`` at 0, ½ g, g and the weights ``w`` ``[d]`` (0-d tensors)."""
+    w = w.to(upd.dtype)
+    return (w * (upd[1] - 0.5 * (upd[0] + upd[2])).abs()).sum(), (w * (0.5 * (upd[2] - upd[0])).abs()).sum()
+
+
+def _sampled_nonlinearity_sums(lin, p: torch.Tensor, g: torch.Tensor, val_grads_of_p, max_coordinates: int, *, shard: bool = False):
+    """``(num, den, stride)`` of ν for an elementwise rule, at every ``stride``-th coordinate (at most ``max_coordinates``).
+
+    The three gradients and the weights are taken only at the sampled coordinates (no [3, *S]
+    stack of the whole parameter); ``num`` and ``den`` (0-d tensors) are the sums over those
+    coordinates, to be scaled up by ``stride``. ``shard=True``: ``g`` and ``val_grads_of_p`` are
+    FSDP2 ``DTensor`` s and the coordinates are this rank's local shard (no communication).
+    """
+    from ._sharded import local
+
+    view = local if shard else (lambda t: t)
+    flat = view(g.detach()).reshape(-1)
+    stride = max(1, -(-flat.numel() // max_coordinates))
+    gs = flat[::stride]
+    on_shard = {"shard": True} if shard else {}  # a duck-typed linearization need not know the keyword
+    upd = lin.update_coordinates(p, torch.stack([torch.zeros_like(gs), 0.5 * gs, gs]), 0, flat.numel(), stride, **on_shard)
+    w = sum(view(v.detach()).reshape(-1)[::stride].abs() for v in val_grads_of_p)
+    num, den = _nonlinearity_sums(upd, w)
+    return num, den, stride
+
+
 def update_nonlinearity(
     lin,
     batch_grads: Mapping[torch.Tensor, torch.Tensor],
@@ -279,19 +306,13 @@ def update_nonlinearity(
             continue
         if not any(p in val_grads[k] for k in range(len(val_grads))):
             continue
+        vs = [val_grads[k][p] for k in range(len(val_grads)) if p in val_grads[k]]
         if _elementwise(lin, p):
-            # The three gradients only at the sampled coordinates (no [3, *S] stack of the whole parameter).
-            stride = max(1, -(-p.numel() // max_coordinates))
-            gs = g.detach().reshape(-1)[::stride]
-            upd = lin.update_coordinates(p, torch.stack([torch.zeros_like(gs), 0.5 * gs, gs]), 0, p.numel(), stride)
+            num, den, stride = _sampled_nonlinearity_sums(lin, p, g, vs, max_coordinates)
         else:
             upd, stride = lin.update_sampled(p, torch.stack([torch.zeros_like(g), 0.5 * g, g]), max_coordinates), 1
-        # The weights at the sampled coordinates only (not |∇L_val| over the whole parameter).
-        w = sum(val_grads[k][p].detach().reshape(-1)[::stride].abs() for k in range(len(val_grads)) if p in val_grads[k])
-        w = w.to(upd.dtype)
-        num = float((w * (upd[1] - 0.5 * (upd[0] + upd[2])).abs()).sum()) * stride
-        den = float((w * (0.5 * (upd[2] - upd[0])).abs()).sum()) * stride
-        parts[p] = (num, den)
+            num, den = _nonlinearity_sums(upd, sum(v.detach().reshape(-1).abs() for v in vs))
+        parts[p] = (float(num) * stride, float(den) * stride)
     if per_parameter:
         return parts
     num, den = sum(a for a, _ in parts.values()), sum(b for _, b in parts.values())

@@ -53,22 +53,23 @@ class DistributedBenchConfig:
     seed: int = 0
 
 
-def _life_peak(run) -> int:
+def _life_peak(run) -> float:
     """Peak resident bytes above the start while ``run()`` runs: a fresh ``VmHWM`` mark, read after.
 
-    The workers start with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``,
-    set by :func:`run_distributed_bench`), so every tensor above it is its own mapping, returned
-    to the system when freed: the resident size then follows the live tensors, and an earlier
-    life's freed memory is not resident in the next one.
+    The workers start with glibc's mmap threshold fixed at 64 KiB (:func:`spawn_ranks`,
+    ``lean_malloc=True``), so every tensor above it is its own mapping, returned to the system
+    when freed: the resident size then follows the live tensors, and an earlier life's freed
+    memory is not resident in the next one.
     """
     from attribution.experiments.bench import _proc_status_mb, _reset_peak_rss
 
     gc.collect()
     start = _proc_status_mb("VmRSS")
     if start is None or not _reset_peak_rss():
-        return 0  # no /proc (not Linux): not measured
+        run()
+        return float("nan")  # no /proc (not Linux): not measured, and printed as such
     run()
-    return int((_proc_status_mb("VmHWM") - start) * 2**20)
+    return (_proc_status_mb("VmHWM") - start) * 2**20
 
 
 def _mlp(cfg: DistributedBenchConfig) -> nn.Sequential:
@@ -91,6 +92,46 @@ def _sharded(cfg: DistributedBenchConfig) -> nn.Sequential:
     return fully_shard(model)
 
 
+def _data(cfg: DistributedBenchConfig, steps: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """``(x [N, 32], y [N], validation batch)``: ``steps`` global batches, then ``cfg.val_size`` validation samples."""
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    x = torch.randn(steps * cfg.batch_per_rank * cfg.world_size + cfg.val_size, 32, generator=g)
+    y = torch.randint(0, 10, (len(x),), generator=g)
+    return x, y, (x[-cfg.val_size :], y[-cfg.val_size :])
+
+
+def _batch(cfg: DistributedBenchConfig, rank: int, step: int) -> torch.Tensor:
+    """Indices of rank ``rank``'s samples at ``step`` (the global batch is the ranks' slices in order)."""
+    start = (step * cfg.world_size + rank) * cfg.batch_per_rank
+    return torch.arange(start, start + cfg.batch_per_rank)
+
+
+def spawn_ranks(worker, args: tuple, world_size: int, *, lean_malloc: bool = False):
+    """Run ``worker(rank, init_file, out_file, *args)`` on ``world_size`` spawned processes; return what rank 0 wrote to ``out_file`` (JSON).
+
+    ``lean_malloc``: the workers start with glibc's mmap threshold fixed at 64 KiB
+    (``MALLOC_MMAP_THRESHOLD_``, read when each process starts), so that every tensor above it is
+    its own mapping, returned to the system when freed: the resident size follows the live
+    tensors. It slows allocation; time nothing under it.
+    """
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.json")
+        saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        if lean_malloc:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        try:
+            mp.spawn(worker, args=(os.path.join(tmp, "init"), out, *args), nprocs=world_size, join=True)
+        finally:
+            if saved is None:
+                os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+            else:
+                os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+        with open(out) as f:
+            return json.load(f)
+
+
 def _local_bytes(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors if isinstance(t, torch.Tensor))
 
@@ -99,9 +140,7 @@ def _worker(rank: int, init_file: str, out_file: str, cfg: DistributedBenchConfi
     """One rank of the timing run (``phase="time"``) or of the memory run (``"memory"``)."""
     import torch.distributed as dist
 
-    from attribution import InRunShapley
-
-    from attribution import PoorLinearizationWarning
+    from attribution import InRunShapley, PoorLinearizationWarning
 
     # AdamW's first steps are far from linear (expected, and marked in step_info): this bench
     # measures cost, not values, so the warning would only bury the table
@@ -109,11 +148,7 @@ def _worker(rank: int, init_file: str, out_file: str, cfg: DistributedBenchConfi
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=cfg.world_size)
     try:
-        g = torch.Generator().manual_seed(cfg.seed + 1)
-        n = cfg.batch_per_rank * cfg.world_size
-        x = torch.randn((cfg.steps + cfg.warmup) * n + cfg.val_size, 32, generator=g)
-        y = torch.randint(0, 10, (len(x),), generator=g)
-        val = (x[-cfg.val_size :], y[-cfg.val_size :])
+        x, y, val = _data(cfg, max(cfg.steps + cfg.warmup, cfg.memory_steps))
         loss_fn = nn.functional.cross_entropy
         kinds = ("plain", "tracked", "streamed")
         def build(kind):
@@ -127,8 +162,7 @@ def _worker(rank: int, init_file: str, out_file: str, cfg: DistributedBenchConfi
             return model, opt, tracker
 
         def train_step(model, opt, tracker, step):
-            start = step * n + rank * cfg.batch_per_rank
-            idx = torch.arange(start, start + cfg.batch_per_rank)
+            idx = _batch(cfg, rank, step)
             opt.zero_grad(set_to_none=True)
             if tracker is None:
                 loss_fn(model(x[idx]), y[idx]).backward()
@@ -211,26 +245,10 @@ def run_distributed_bench(cfg: DistributedBenchConfig | None = None) -> list[dic
     peak over plain peak), ``largest_unsharded_layer_mib``, ``sharded_params_mib`` and
     ``sharded_state_mib`` (see the module doc).
     """
-    import torch.multiprocessing as mp
-
     cfg = cfg or DistributedBenchConfig()
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = {}
-        for phase in ("time", "memory"):
-            out = os.path.join(tmp, f"{phase}.json")
-            saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-            if phase == "memory":  # read by glibc when each worker starts (see _life_peak); it slows allocation
-                os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-            try:
-                mp.spawn(_worker, args=(os.path.join(tmp, f"{phase}.init"), out, cfg, phase), nprocs=cfg.world_size, join=True)
-            finally:
-                if saved is None:
-                    os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-                else:
-                    os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
-            with open(out) as f:
-                rows[phase] = json.load(f)
-    return [{**timed, **memory} for timed, memory in zip(rows["time"], rows["memory"])]
+    timed = spawn_ranks(_worker, (cfg, "time"), cfg.world_size)
+    memory = spawn_ranks(_worker, (cfg, "memory"), cfg.world_size, lean_malloc=True)  # see _life_peak
+    return [{**t, **m} for t, m in zip(timed, memory)]
 
 
 def format_rows(rows: list[dict], cfg: DistributedBenchConfig) -> str:

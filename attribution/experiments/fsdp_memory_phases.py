@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import warnings
 
 import torch
@@ -57,7 +55,8 @@ class _Recorder:
     def enter(self, label: str) -> None:
         from attribution.experiments.bench import _reset_peak_rss
 
-        _reset_peak_rss()
+        if not _reset_peak_rss():  # without a fresh mark every peak would be the process's whole-life peak
+            raise RuntimeError("fsdp_memory_phases needs Linux's /proc/self/clear_refs and VmHWM to reset the peak mark")
         self._open.append([label, _rss_mib() - self.base, float("-inf")])
 
     def exit(self) -> None:
@@ -90,18 +89,14 @@ def _worker(rank: int, init_file: str, out_file: str, world_size: int, width: in
     import torch.distributed as dist
 
     from attribution import InRunShapley, PoorLinearizationWarning
-    from attribution.experiments.bench_distributed import DistributedBenchConfig, _local_bytes, _sharded
+    from attribution.experiments.bench_distributed import DistributedBenchConfig, _batch, _data, _local_bytes, _sharded
 
     warnings.simplefilter("ignore", PoorLinearizationWarning)  # AdamW's first steps: expected, not the subject
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         cfg = DistributedBenchConfig(world_size=world_size, width=width, depth=depth)
-        g = torch.Generator().manual_seed(cfg.seed + 1)
-        n = cfg.batch_per_rank * world_size
-        x = torch.randn(steps * n + cfg.val_size, 32, generator=g)
-        y = torch.randint(0, 10, (len(x),), generator=g)
-        val = (x[-cfg.val_size :], y[-cfg.val_size :])
+        x, y, val = _data(cfg, steps)
         loss_fn = nn.functional.cross_entropy
         row: dict = {"rank": rank}
         for name, options in (("midpoint", {}), ("current, stream=True", {"val_point": "current", "stream": True})):
@@ -112,8 +107,7 @@ def _worker(rank: int, init_file: str, out_file: str, world_size: int, width: in
             for label, method in _PHASES:
                 rec.watch(tracker._computer, method, label)
             for step in range(steps):
-                start = step * n + rank * cfg.batch_per_rank
-                idx = torch.arange(start, start + cfg.batch_per_rank)
+                idx = _batch(cfg, rank, step)
                 opt.zero_grad(set_to_none=True)
                 gc.collect()
                 dist.barrier()
@@ -142,21 +136,9 @@ def _worker(rank: int, init_file: str, out_file: str, world_size: int, width: in
 
 def run_memory_phases(world_size: int = 2, width: int = 2048, depth: int = 4, steps: int = 3) -> list[dict]:
     """Spawn the ranks and return one row per rank: ``{tracker: {phase: (start MiB, peak MiB)}}``, plus S and L in MiB."""
-    import torch.multiprocessing as mp
+    from attribution.experiments.bench_distributed import spawn_ranks
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "phases.json")
-        saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc when each worker starts
-        try:
-            mp.spawn(_worker, args=(os.path.join(tmp, "init"), out, world_size, width, depth, steps), nprocs=world_size, join=True)
-        finally:
-            if saved is None:
-                os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-            else:
-                os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
-        with open(out) as f:
-            return json.load(f)
+    return spawn_ranks(_worker, (world_size, width, depth, steps), world_size, lean_malloc=True)
 
 
 def format_rows(rows: list[dict]) -> str:
