@@ -97,7 +97,13 @@ class ParamState:
             >>> SGDState(lr=0.1, momentum_buffer=torch.zeros(3)).tensors()
             {'momentum_buffer': tensor([0., 0., 0.])}
         """
-        return {f.name: v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+        # Read several times per parameter per step (staleness checks, dtype promotion, tiling):
+        # scanned once per (frozen) state and kept beside its fields, outside eq and repr.
+        found = self.__dict__.get("_tensor_fields")
+        if found is None:
+            found = {f.name: v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+            object.__setattr__(self, "_tensor_fields", found)
+        return dict(found)
 
     def map_tensors(self, fn) -> ParamState:
         """This state with ``fn`` applied to every tensor field (a subset of coordinates, a dtype).
@@ -157,6 +163,36 @@ class MomentumCarry:
 #: Up to this many entries (m gradients × coordinates) an elementwise rule is evaluated on tiled
 #: coordinates in one call; above, vmap over views (copying the state m times would cost more).
 _TILE_ELEMENTS = 1 << 16
+
+
+def _state_signature(state: ParamState, theta: torch.Tensor) -> tuple:
+    """What must agree for two parameters' coordinates to share one call of an elementwise rule."""
+    fields = []
+    for f in dataclasses.fields(state):
+        v = getattr(state, f.name)
+        if isinstance(v, torch.Tensor):
+            fields.append((f.name, "tensor", v.dtype))
+        else:
+            try:
+                hash(v)
+            except TypeError:
+                v = ("unhashable", id(v))  # never shared: an unhashable field is compared by identity
+            fields.append((f.name, v))
+    return (type(state), theta.dtype, theta.device, tuple(fields))
+
+
+def _bounded(members: list, limit: int) -> Iterator[list]:
+    """``members`` in runs whose coordinates (sum of d, d = ``len(grads[0])``) stay under ``limit`` (at least one each)."""
+    run, size = [], 0
+    for item in members:
+        d = item[3].shape[1]
+        if run and size + d > limit:
+            yield run
+            run, size = [], 0
+        run.append(item)
+        size += d
+    if run:
+        yield run
 
 
 class OptimizerLinearization(abc.ABC):
@@ -741,6 +777,62 @@ class OptimizerLinearization(abc.ABC):
         if self.structure != "elementwise":
             raise TypeError(f"{type(self).__name__} is not elementwise: its update couples coordinates; use update_batch")
         return self._rule_at(param, grads, slice(start, stop, step), shard=shard)
+
+    def update_coordinates_many(
+        self, items: Sequence[tuple[torch.Tensor, torch.Tensor, int]]
+    ) -> list[torch.Tensor]:
+        """:meth:`update_coordinates` of several parameters at every ``step``-th coordinate, in few rule calls.
+
+        Parameters whose states agree in every scalar field (learning rate, betas, step, flags,
+        which buffers exist; one dtype and device) are laid side by side and the elementwise rule
+        runs once on all of them: an elementwise rule on a list of coordinates is the rule on
+        each. The per-step diagnostics (:func:`estimators.update_nonlinearity`) evaluate a few
+        thousand coordinates of every parameter, where one call per parameter cost more in
+        dispatch than in arithmetic.
+
+        Args:
+            items: ``(param, grads, step)`` triples; ``grads`` is ``[m, d]`` with
+                d = len(range(0, param.numel(), step)), the same m for all. ``step`` may also be
+                an ``int64`` tensor of d flat coordinates (contiguous blocks gather faster than a
+                stride: one cache line per sampled coordinate is what a strided sample costs).
+        Returns:
+            One ``[m, d]`` tensor per item, in order: the same values as
+            ``update_coordinates(param, grads, 0, param.numel(), step)``.
+        Raises:
+            TypeError: the rule is not elementwise.
+            ValueError: the items disagree in m.
+        Example:
+            >>> w, b = torch.nn.Parameter(torch.randn(6, 4, dtype=torch.float64)), torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+            >>> opt = torch.optim.Adam([w, b], lr=0.1); w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+            >>> lin = linearize(opt); Gw, Gb = torch.randn(3, 12, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+            >>> uw, ub = lin.update_coordinates_many([(w, Gw, 2), (b, Gb, 1)])
+            >>> torch.equal(uw, lin.update_coordinates(w, Gw, 0, 24, 2)), torch.equal(ub, lin.update_coordinates(b, Gb, 0, 4))
+            (True, True)
+        """
+        if self.structure != "elementwise":
+            raise TypeError(f"{type(self).__name__} is not elementwise: its update couples coordinates; use update_batch")
+        if len({len(g) for _, g, _ in items}) > 1:
+            raise ValueError("every item needs the same number m of gradients (rows of grads)")
+        out: list[torch.Tensor | None] = [None] * len(items)
+        groups: dict[tuple, list] = {}
+        for i, (param, grads, step) in enumerate(items):
+            theta, _, state = self._inputs(param, param.detach())
+            groups.setdefault(_state_signature(state, theta), []).append((i, theta, state, grads, step))
+        for members in groups.values():
+            m = len(members[0][3])
+            for part in _bounded(members, _TILE_ELEMENTS * 16 // max(m, 1)):
+                pick = lambda t, step: t.reshape(-1)[::step] if isinstance(step, int) else t.reshape(-1).index_select(0, step)  # noqa: E731
+                cat = lambda ts: torch.cat(ts) if len(ts) > 1 else ts[0]  # noqa: E731
+                theta = cat([pick(th, st) for _, th, _, _, st in part]).repeat(m)
+                names = list(part[0][2].tensors())
+                state = dataclasses.replace(
+                    part[0][2], **{n: cat([pick(getattr(s_, n), st) for _, _, s_, _, st in part]).repeat(m) for n in names}
+                )
+                g = torch.cat([G.detach().to(theta.dtype) for _, _, _, G, _ in part], dim=1) if len(part) > 1 else part[0][3].detach().to(theta.dtype)
+                upd = type(self).update_rule(theta, g.reshape(-1), state).reshape(m, -1)
+                for (i, *_), piece in zip(part, upd.split([G.shape[1] for _, _, _, G, _ in part], dim=1)):
+                    out[i] = piece
+        return out  # type: ignore[return-value]
 
     def tangent(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """J = ∂Δ/∂g at ``grad``, elementwise (shape of ``param``); finite for finite input.

@@ -2,7 +2,7 @@
 
 Every tracked step evaluates a few elementwise formulas over every parameter: the secant slope J
 and the validation point's shift Δ(0) + s·J ⊙ g_B. In eager mode each operation of a formula is a
-pass over memory (AdamW's secant is 16 passes, its shift 9); compiled, the formula is one pass.
+pass over memory (AdamW's secant is 15 passes, its shift 7); compiled, the formula is one pass.
 A :class:`Kernel` is a plain function of tensors whose hyper-parameters travel in one float64
 tensor, so that a new step count is new data, not a recompilation; it is compiled once per dtype
 and device with dynamic shapes, on first use with a large enough tensor.

@@ -109,6 +109,18 @@ class LinearizationGroup:
     ) -> torch.Tensor:
         return self.owner(param).update_coordinates(param, grads, start, stop, step, shard=shard)
 
+    def update_coordinates_many(self, items: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """:meth:`OptimizerLinearization.update_coordinates_many`, each item evaluated by its owner."""
+        out: list[torch.Tensor | None] = [None] * len(items)
+        by_owner: dict[int, tuple[OptimizerLinearization, list[int]]] = {}
+        for i, (param, _, _) in enumerate(items):
+            owner = self.owner(param)
+            by_owner.setdefault(id(owner), (owner, []))[1].append(i)
+        for owner, idx in by_owner.values():
+            for i, upd in zip(idx, owner.update_coordinates_many([items[i] for i in idx])):
+                out[i] = upd
+        return out  # type: ignore[return-value]
+
     def structure_of(self, param: torch.Tensor) -> str:
         return self.owner(param).structure
 

@@ -51,13 +51,12 @@ from ._base import (
 def adam_secant(b, m, v, c):
     """The secant from zero (:meth:`_AdamFamily._secant_from_zero`) in one pass; ``c`` = [β1, β2, b2, ε, −η/b1]."""
     beta1, beta2, b2, eps, scale = c.unbind()
-    va = v * beta2
-    da = (va / b2).sqrt()
-    db = ((va + (1 - beta2) * b * b) / b2).sqrt()
-    n = (da * db * b2 + va) * (1 - beta1) - (1 - beta2) * beta1 * m * b
-    den = (da + db) * b2
-    bracket = torch.where(den == 0, 0.0, n / den) + (1 - beta1) * eps
-    return bracket / ((da + eps) * (db + eps)) * scale
+    u = v * (beta2 / b2)
+    da = u.sqrt()
+    db = (u + (1 - beta2) / b2 * b * b).sqrt()
+    s = da + db
+    frac = torch.where(s == 0, 0.0, m * b / s) / (da + eps)
+    return ((1 - beta1) - (1 - beta2) * beta1 / b2 * frac) / (db + eps) * scale
 
 
 def adam_chord_shift(theta, m, v, J, g, c):
@@ -65,6 +64,15 @@ def adam_chord_shift(theta, m, v, J, g, c):
     beta1, beta2, b2, eps, scale, decay, s = c.unbind()
     zero = beta1 * m / ((beta2 * v / b2).sqrt() + eps) * scale + decay * theta
     return zero + s * J * g
+
+
+def _eager_chord_shift(theta, m, v, J, g, c):
+    """:func:`adam_chord_shift` in eager torch: seven passes (``zero_update`` and an ``addcmul`` take ten)."""
+    beta1, beta2, b2, eps, scale, decay, s = c
+    out = torch.div(m, torch.mul(v, beta2 / b2).sqrt_().add_(eps)).mul_(beta1 * scale)
+    if decay != 0:
+        out.add_(theta, alpha=decay)
+    return out.addcmul_(J, g, value=s)
 
 
 _SECANT = Kernel(adam_secant)
@@ -207,7 +215,10 @@ class _AdamFamily(OptimizerLinearization):
             c = (st.beta1, st.beta2, b2, st.eps, -(st.lr / b1), -st.lr * st.weight_decay, scale)
             inputs = (param.detach(), st.exp_avg, st.exp_avg_sq, J, grad.detach())
             # On an FSDP2 parameter, this rank's shards (the kernel is elementwise), wrapped back.
-            fused = _CHORD_SHIFT(*(shards_of(*inputs) or inputs), c)
+            local = shards_of(*inputs) or inputs
+            fused = _CHORD_SHIFT(*local, c)
+            if fused is None and len({t.dtype for t in local}) == 1 and local[0].dtype in (torch.float32, torch.float64):
+                fused = _eager_chord_shift(*local, c)  # (half precision: the promoting path below)
             if fused is not None:
                 return shard_like(fused, param)
         return super().chord_shift(param, J, grad, scale)
@@ -273,13 +284,13 @@ class _AdamFamily(OptimizerLinearization):
     def _secant_from_zero(grad, st: AdamState):
         """The secant when g̃ at g = 0 is 0 (no L2 term) and without AMSGrad: the common case, fast.
 
-        With a = 0 the root-product gap is √(β2 v) √(v'(b)) = b2 D0 Dg, so
+        With a = 0, u = β2 v / b2, D0 = √u and Dg = √(u + (1 − β2) b² / b2), the chord is
 
-            N = (1 − β1) β2 v − (1 − β2) β1 m b + (1 − β1) b2 D0 Dg,
+            (Δ(b) − Δ(0)) / b = −(η/b1) · [ (1 − β1) − (1 − β2) β1 m b / (b2 (D0 + Dg) (D0 + ε)) ] / (Dg + ε),
 
-        no subtraction of nearly equal terms remains, and at b = 0 the chord equals the tangent
-        exactly (D0 = Dg), so no separate tangent is needed where g = 0. About a third of the
-        general path's elementwise passes (this runs once per parameter per tracked step).
+        since (Dg − D0) / b = (1 − β2) b / (b2 (D0 + Dg)): no subtraction of nearly equal terms
+        remains, and at b = 0 it is the tangent exactly. Fifteen elementwise passes, no mask
+        (this runs once per parameter per tracked step).
         """
         # In-place arithmetic on fresh buffers (never on the inputs): these passes are memory-bound.
         b = -grad if st.maximize else grad
@@ -291,15 +302,17 @@ class _AdamFamily(OptimizerLinearization):
             if fused is not None:
                 return fused
         m = zeros_or(st.exp_avg, b)
-        va = zeros_or(st.exp_avg_sq, b) * st.beta2
-        da = (va / b2).sqrt_()
-        db = torch.addcmul(va, b, b, value=1 - st.beta2).div_(b2).sqrt_()
-        n = torch.mul(da, db).mul_(b2).add_(va).mul_(1 - st.beta1)
-        n.addcmul_(m, b, value=-(1 - st.beta2) * st.beta1)
-        den = torch.add(da, db).mul_(b2)
-        # safe_div: where D0 = Dg = 0 (v = 0 and g = 0) N is 0 too, and the limit is 0.
-        bracket = n.div_(den).masked_fill_(den == 0, 0.0).add_((1 - st.beta1) * st.eps)
-        return bracket.div_(torch.mul(da.add_(st.eps), db.add_(st.eps))).mul_(-(st.lr / b1) * sign)
+        u = torch.mul(zeros_or(st.exp_avg_sq, b), st.beta2 / b2)
+        da = torch.sqrt(u)
+        db = u.addcmul_(b, b, value=(1 - st.beta2) / b2).sqrt_()
+        # m b / (D0 + Dg) is 0/0 only where v = 0 and g = 0, whose limit is 0. Adding the smallest
+        # normal number leaves every nonzero sum unchanged (it is at least the root of the smallest
+        # subnormal, whose ulp exceeds that number) and turns 0/0 into 0/tiny = 0: on a CPU a
+        # comparison and masked_fill over the tensor cost more than the rest of the formula.
+        s = torch.add(da, db).add_(torch.finfo(da.dtype).tiny)
+        frac = torch.mul(m, b).div_(s).div_(da.add_(st.eps))
+        bracket = frac.mul_(-(1 - st.beta2) * st.beta1 / b2).add_(1 - st.beta1)
+        return bracket.div_(db.add_(st.eps)).mul_(-(st.lr / b1) * sign)
 
     @classmethod
     def symbolic_update(cls, g, theta, st: AdamState) -> sympy.Expr:

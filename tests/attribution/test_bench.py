@@ -346,3 +346,17 @@ def test_fsdp_memory_phases_shows_the_model_sized_vectors_each_phase_holds(capsy
         assert streamed["contraction + check"][0] > 1.5 * S
     printed = capsys.readouterr().out
     assert printed.count("| midpoint | validation pass |") == 2
+
+
+def test_step_cost_times_every_phase_and_both_kernels(capsys):
+    """The smoke version of ``python -m attribution.experiments.step_cost``."""
+    from attribution.experiments import step_cost
+
+    out = step_cost.main(["--quick"])
+    phases = out["phases"]
+    assert set(phases) == {"plain step", "tracked step", *step_cost.PHASES.values()}
+    assert all(len(ts) == 2 and all(t >= 0 for t in ts) for ts in phases.values())
+    # the phases ran (timed above zero) and lie inside the tracked step
+    assert all(t > 0 for t in phases["J (slopes)"]) and all(t > 0 for t in phases["validation pass"])
+    assert sum(min(ts) for k, ts in phases.items() if k in step_cost.PHASES.values()) < max(phases["tracked step"])
+    assert len(out["kernels"]) == 4 and "| nonlinearity ν |" in capsys.readouterr().out
