@@ -329,3 +329,16 @@ def test_linearize_refuses_params_outside_the_optimizer():
     w, other = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
     with pytest.raises(ValueError, match=r"shape \(2,\) are not in any param group"):
         linearize(torch.optim.SGD([w], lr=0.1), params=[w, other])
+
+
+def test_adam_secant_where_the_squared_gradient_underflows_in_float32_matches_float64():
+    """v = 0 and g² below float32's range: D0 + Dg rounds to 0 while m·g is a nonzero subnormal."""
+    from optimizers.adam import AdamLinearization, AdamState
+
+    m, v, g = [1e-22, 0.0, 1e-3], [0.0, 0.0, 1e-6], [1e-23, 0.0, 1e-3]
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        st = AdamState(lr=1e-3, step=3, exp_avg=torch.tensor(m, dtype=dtype), exp_avg_sq=torch.tensor(v, dtype=dtype))
+        out[dtype] = AdamLinearization._secant_from_zero(torch.tensor(g, dtype=dtype), st)
+    assert torch.isfinite(out[torch.float32]).all()
+    torch.testing.assert_close(out[torch.float32].double(), out[torch.float64], rtol=1e-5, atol=0.0)
