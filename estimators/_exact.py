@@ -261,10 +261,19 @@ def _chunks(m: int, size: int):
         yield slice(start, min(start + size, m))
 
 
+def _nonlinearity_terms(upd: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """ν's two terms per coordinate ``[d, 2]``: w |Δ(½ g) − ½ (Δ(0) + Δ(g))| and w |½ (Δ(g) − Δ(0))|.
+
+    ``upd`` ``[3, d]`` holds the updates at 0, ½ g, g; ``w`` ``[d]`` the validation weights.
+    """
+    w = w.to(upd.dtype)
+    return torch.stack([w * (upd[1] - 0.5 * (upd[0] + upd[2])).abs(), w * (0.5 * (upd[2] - upd[0])).abs()], dim=1)
+
+
 def _nonlinearity_sums(upd: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ν's two sums from the updates ``upd`` ``[3, d]`` at 0, ½ g, g and the weights ``w`` ``[d]`` (0-d tensors)."""
-    w = w.to(upd.dtype)
-    return (w * (upd[1] - 0.5 * (upd[0] + upd[2])).abs()).sum(), (w * (0.5 * (upd[2] - upd[0])).abs()).sum()
+    num, den = _nonlinearity_terms(upd, w).sum(0)
+    return num, den
 
 
 def _sampled_nonlinearity_sums(lin, p: torch.Tensor, g: torch.Tensor, val_grads_of_p, max_coordinates: int, *, shard: bool = False):
@@ -322,8 +331,7 @@ def _batched_nonlinearity_sums(lin, items, max_coordinates: int) -> dict[torch.T
     G3 = torch.stack([torch.zeros_like(G), 0.5 * G, G])  # [3, Σd]: Δ at 0, ½ g, g
     pieces = G3.split(sizes, dim=1)
     upd = torch.cat(lin.update_coordinates_many([(p, piece, pk) for (p, _, _), piece, pk in zip(items, pieces, picks)]), dim=1)
-    w = torch.cat([x.to(upd.dtype) for x in ws])
-    terms = torch.stack([w * (upd[1] - 0.5 * (upd[0] + upd[2])).abs(), w * (0.5 * (upd[2] - upd[0])).abs()], dim=1)  # [Σd, 2]
+    terms = _nonlinearity_terms(upd, torch.cat([x.to(upd.dtype) for x in ws]))  # [Σd, 2]
     segment = torch.repeat_interleave(torch.arange(len(items), device=terms.device), torch.tensor(sizes, device=terms.device))
     sums = torch.zeros(len(items), 2, dtype=torch.float64, device=terms.device).index_add_(0, segment, terms.to(torch.float64))
     return {p: (a * st, b * st) for (p, _, _), st, (a, b) in zip(items, strides, sums.tolist())}

@@ -99,6 +99,11 @@ class RMSNormForm:
 _NORM_TEMPLATES = {
     "def _norm(self, x):\n    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)": ("rsqrt", "eps"),
     "def _norm(self, x):\n    m = x.pow(2).mean(-1, keepdim=True) + self.eps\n    return x * torch.pow(m, -0.5)": ("pow", "eps"),
+    # the same two, eps named variance_epsilon (Llama4 text, Gemma3n from transformers 5.2x)
+    "def _norm(self, x):\n    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)": ("rsqrt", "variance_epsilon"),
+    "def _norm(self, x):\n    m = x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon\n    return x * torch.pow(m, -0.5)": (
+        "pow", "variance_epsilon"
+    ),
 }
 
 #: ``forward`` sources -> form; ``None`` as eps/norm: taken from the ``_norm`` the forward calls.
