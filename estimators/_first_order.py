@@ -169,10 +169,14 @@ def val_point_shift(
 
 @contextlib.contextmanager
 def shifted_parameters(shift: Mapping[torch.Tensor, torch.Tensor] | None, *, release: bool = False) -> Iterator[None]:
-    """Temporarily move parameters by ``shift`` in place; restore them bit-exactly on exit.
+    """Temporarily move parameters by ``shift``; restore them bit-exactly on exit.
 
-    The originals are saved and copied back (subtracting the shift again would not restore
-    θ exactly in floating point).
+    Subtracting the shift again would not restore θ exactly in floating point. Each plain
+    parameter is pointed at a new tensor θ + shift (``param.data``) and back at its own
+    untouched storage on exit: one pass over the parameter, where saving a copy, adding in place
+    and copying back take three. Parameters that share storage (two ``Parameter`` objects
+    viewing one buffer, which the optimizer moves by both updates) and sharded ``DTensor`` s
+    are moved in place and copied back.
 
     Args:
         shift: parameter -> its shift (the parameter's shape), or ``None`` / empty for none.
@@ -192,17 +196,39 @@ def shifted_parameters(shift: Mapping[torch.Tensor, torch.Tensor] | None, *, rel
     for p, s in shift.items():
         if s.shape != p.shape:
             raise ValueError(f"shift of shape {tuple(s.shape)} for a parameter of shape {tuple(p.shape)}; shapes must match")
-    saved = {}
+    swap = _storage_swappable(list(shift))
+    saved, swapped = {}, {}
     try:
         with torch.no_grad():
             for p in list(shift):
-                saved[p] = p.detach().clone()
-                p.add_((shift.pop(p) if release else shift[p]).to(p.dtype))
+                s = (shift.pop(p) if release else shift[p]).to(p.dtype)
+                if swap:
+                    # The same bits as p.add_(s), into a tensor of p's layout; p's own storage is kept.
+                    moved = torch.add(p.detach(), s, out=torch.empty_like(p.detach()))
+                    swapped[p], p.data = p.data, moved
+                else:
+                    saved[p] = p.detach().clone()
+                    p.add_(s)
+                del s
         yield
     finally:
         with torch.no_grad():
-            for p, original in saved.items():
+            for p, original in swapped.items():
+                p.data = original
+            # Last moved, first restored: a copy saved after an overlapping view was moved holds
+            # that move, which the earlier view's restore then undoes.
+            for p, original in reversed(saved.items()):
                 p.copy_(original)
+
+
+def _storage_swappable(params: list[torch.Tensor]) -> bool:
+    """Whether every parameter is a plain dense tensor with storage of its own (see :func:`shifted_parameters`)."""
+    storages = set()
+    for p in params:
+        if type(p.data) is not torch.Tensor or p.layout is not torch.strided:
+            return False  # a DTensor shard, a sparse or other subclass tensor
+        storages.add(p.untyped_storage().data_ptr())
+    return len(storages) == len(params)
 
 
 def validation_gradients(

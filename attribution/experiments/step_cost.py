@@ -1,6 +1,6 @@
 """Where a tracked step's time goes, phase by phase, and the cost of the step's inner kernels.
 
-``python -m attribution.experiments.step_cost [--model mlp|gpt] [--quick] [--repeats R]``
+``python -m attribution.experiments.step_cost [--model mlp|gpt|minilm] [--quick] [--repeats R]``
 
 1. **Phases.** Trains the benchmark's model (``attribution.experiments.bench``, AdamW, the
    tracker's defaults) past its exact-update start, then times R rounds of steps, with each
@@ -44,7 +44,11 @@ PHASES = {  # (object path, method) -> label
 def _config(model: str, quick: bool) -> BenchConfig:
     sizes = {k: v for k, v in DEFAULTS[model].items() if k in BenchConfig.__dataclass_fields__}
     if quick:
-        sizes.update({"mlp": dict(width=64, d_in=32, batch=32, val_batch=8), "gpt": dict(width=32, depth=1, heads=2, seq_len=16, batch=4, val_batch=2, vocab=64)}[model])
+        sizes.update({
+            "mlp": dict(width=64, d_in=32, batch=32, val_batch=8),
+            "gpt": dict(width=32, depth=1, heads=2, seq_len=16, batch=4, val_batch=2, vocab=64),
+            "minilm": dict(seq_len=16, batch=4, val_batch=2),
+        }[model])
     return BenchConfig(model=model, threads=1, modes=("ghost",), **sizes)
 
 
@@ -125,9 +129,9 @@ def kernels(cfg: BenchConfig, repeats: int) -> dict[str, list[float]]:
     w.opt.zero_grad()
     w.loss_fn(w.model(x), y).backward()
     lin = optimizers.linearize(w.opt)
-    grads = {p: p.grad for p in w.model.parameters()}
+    grads = {p: p.grad for p in w.model.parameters() if p.grad is not None}  # (MiniLM's pooler gets none)
     gen = torch.Generator().manual_seed(0)
-    val = [{p: torch.randn(p.shape, generator=gen) for p in w.model.parameters()}]
+    val = [{p: torch.randn(p.shape, generator=gen) for p in grads}]
 
     def per_parameter():
         for p, g in grads.items():
@@ -156,7 +160,7 @@ def report(rows: dict[str, list[float]], title: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m attribution.experiments.step_cost", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("mlp", "gpt"), default="mlp", help="the bench model (default: mlp)")
+    parser.add_argument("--model", choices=("mlp", "gpt", "minilm"), default="mlp", help="the bench model (default: mlp)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default: 5)")
     parser.add_argument("--steps", type=int, default=10, help="steps per round (default: 10)")
     parser.add_argument("--warmup", type=int, default=15, help="untimed steps first, past the exact-update start (default: 15)")

@@ -179,6 +179,33 @@ def test_shifted_parameters_with_release_empties_the_shift_and_gives_the_same_po
     assert all(torch.equal(p, before[p]) for p in (a, b))  # restored bit-exactly either way
 
 
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16, DT]), channels_last=st.booleans(), seed=st.integers(0, 2**16))
+def test_shifted_parameters_swap_keeps_each_parameters_storage_and_gives_in_place_bits(dtype, channels_last, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = nn.Parameter(torch.randn(2, 3, 4, 5, generator=g, dtype=DT).to(dtype))
+    if channels_last:
+        w.data = w.data.to(memory_format=torch.channels_last)
+    b = nn.Parameter(torch.randn(7, generator=g, dtype=DT).to(dtype))
+    shift = {w: torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float32) * 1e-2, b: torch.randn(7, generator=g) * 1e-2}
+    expected = {p: p.detach().clone().add_(s.to(p.dtype)) for p, s in shift.items()}  # what in place gives
+    storage = {p: (p.data_ptr(), p.stride()) for p in (w, b)}
+    before = {p: p.detach().clone() for p in (w, b)}
+    with E.shifted_parameters(shift):
+        assert all(torch.equal(p, expected[p]) and p.stride() == storage[p][1] for p in (w, b))
+    assert all(torch.equal(p, before[p]) and (p.data_ptr(), p.stride()) == storage[p] for p in (w, b))
+
+
+def test_shifted_parameters_moving_two_views_of_one_buffer_adds_both_shifts_like_the_optimizer():
+    # Two Parameter objects viewing one storage: the optimizer's in-place steps move the shared
+    # entries by both updates, and so must the validation point.
+    flat = torch.zeros(6, dtype=DT)
+    a, b = nn.Parameter(flat[:4]), nn.Parameter(flat[2:])
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    with E.shifted_parameters({a: torch.ones(4, dtype=DT), b: torch.full((4,), 2.0, dtype=DT)}):
+        assert flat.tolist() == [1.0, 1.0, 3.0, 3.0, 2.0, 2.0]
+    assert flat.tolist() == [0.0] * 6
+
+
 @given(case=CASES["mlp"], n=st.integers(1, 4), reduction=st.sampled_from(["mean", "sum"]))
 def test_per_sample_grads_match_a_loop_of_single_sample_backwards(case, n, reduction):
     g = torch.Generator().manual_seed(n)
