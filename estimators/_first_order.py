@@ -9,6 +9,7 @@ reference path) or from the ghost engine.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -203,8 +204,14 @@ def shifted_parameters(shift: Mapping[torch.Tensor, torch.Tensor] | None, *, rel
             for p in list(shift):
                 s = (shift.pop(p) if release else shift[p]).to(p.dtype)
                 if swap:
-                    # The same bits as p.add_(s), into a tensor of p's layout; p's own storage is kept.
-                    moved = torch.add(p.detach(), s, out=torch.empty_like(p.detach()))
+                    # The same bits as p.add_(s) (IEEE addition commutes), into a tensor of p's
+                    # layout; p's own storage is kept. A handed-over shift nothing else sees
+                    # takes the sum itself: no fresh allocation (a large one is mapped anew and
+                    # page-faulted on every step).
+                    if release and _sole_owner(s, p):
+                        moved = s.add_(p.detach())
+                    else:
+                        moved = torch.add(p.detach(), s, out=torch.empty_like(p.detach()))
                     swapped[p], p.data = p.data, moved
                 else:
                     saved[p] = p.detach().clone()
@@ -219,6 +226,29 @@ def shifted_parameters(shift: Mapping[torch.Tensor, torch.Tensor] | None, *, rel
             # that move, which the earlier view's restore then undoes.
             for p, original in reversed(saved.items()):
                 p.copy_(original)
+
+
+def _sole_owner(s: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether ``s`` may be overwritten and become ``p``'s data: p's layout, and no other reference to it or its memory.
+
+    No other Python name for the tensor (the caller's variable, this argument and
+    ``getrefcount``'s own make three) and no other tensor on its storage (a view, a detached
+    alias: the storage's use count is this tensor's and the temporary storage object's).
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return (
+        use_count is not None
+        and type(s) is torch.Tensor
+        and not s.requires_grad
+        and not s._is_view()
+        and s.storage_offset() == 0
+        and s.shape == p.shape
+        and s.stride() == p.stride()
+        and s.dtype == p.dtype
+        and s.device == p.device
+        and sys.getrefcount(s) <= 3
+        and use_count(s.untyped_storage()._cdata) == 2
+    )
 
 
 def _storage_swappable(params: list[torch.Tensor]) -> bool:

@@ -195,6 +195,43 @@ def test_shifted_parameters_swap_keeps_each_parameters_storage_and_gives_in_plac
     assert all(torch.equal(p, before[p]) and (p.data_ptr(), p.stride()) == storage[p] for p in (w, b))
 
 
+@given(keep=st.sampled_from(["none", "name", "view", "alias"]), seed=st.integers(0, 2**16))
+def test_a_handed_over_shift_becomes_the_shifted_parameter_only_when_nothing_else_sees_it(keep, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = nn.Parameter(torch.randn(5, 3, generator=g, dtype=torch.float32))
+    before = w.detach().clone()
+    buffer = torch.randn(16, generator=g) * 1e-2
+    s = buffer[:15].view(5, 3) if keep == "view" else torch.randn(5, 3, generator=g) * 1e-2
+    expected = before + s
+    held = {"name": s, "alias": s.detach()}.get(keep)
+    snapshot = s.clone()
+    shift, ptr = {w: s}, s.data_ptr()
+    if keep != "name":
+        del s
+    with E.shifted_parameters(shift, release=True):
+        assert torch.equal(w, expected)
+        # overwritten in place (no allocation) exactly when no name, view or alias can see it
+        assert (w.data_ptr() == ptr) == (keep == "none")
+    assert torch.equal(w, before)
+    if held is not None:
+        assert torch.equal(held, snapshot)  # what the caller still holds is untouched
+    if keep == "view":
+        assert torch.equal(buffer[:15].view(5, 3), snapshot)
+
+
+def test_the_tracker_validation_pass_moves_parameters_into_the_handed_over_shifts():
+    # StepComputer hands val_point_shift's dict over (release_shift=True): each parameter's
+    # shifted point is written into its shift's own memory, with no allocation per step.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    shift = {p: torch.randn_like(p) * 1e-3 for p in model.parameters()}
+    ptrs = {p: s.data_ptr() for p, s in shift.items()}
+    seen = {}
+    model.register_forward_pre_hook(lambda m, a: seen.update({p: p.data_ptr() for p in m.parameters()}))
+    E.validation_gradients(model, F.mse_loss, [(torch.randn(2, 4), torch.randn(2, 1))], shift=shift, release_shift=True)
+    assert seen == ptrs and not shift
+
+
 def test_shifted_parameters_moving_two_views_of_one_buffer_adds_both_shifts_like_the_optimizer():
     # Two Parameter objects viewing one storage: the optimizer's in-place steps move the shared
     # entries by both updates, and so must the validation point.
