@@ -8,7 +8,9 @@
    the validation pass, the contraction with its completeness check (``engine.values``), the
    nonlinearity diagnostic ν and the exact-update part (steps whose route is ``mixed``). Prints
    per phase the median milliseconds per step and the min–max over rounds, beside a plain
-   AdamW step of the same model timed in the same rounds.
+   AdamW step of the same model timed in the same rounds, and the minor page faults per plain
+   and per tracked step and phase (a tensor above glibc's 32 MB mmap threshold is mapped anew, and each
+   of its pages faulted, at every allocation).
 2. **Kernels.** Times, on the same model's state, (a) ν with one rule call per parameter
    against the batched call (``estimators.update_nonlinearity``), and (b) the exact route's
    coalition prefix sums as a loop (``estimators._exact._prefix_sums``) against the
@@ -53,19 +55,21 @@ def _config(model: str, quick: bool) -> BenchConfig:
 
 
 @contextlib.contextmanager
-def _timed(step_cls, estimators_mod, totals):
-    """Wrap each phase of ``step_cls.step_values`` in a timer adding to ``totals[label]``."""
+def _timed(step_cls, estimators_mod, totals, faults=None):
+    """Wrap each phase of ``step_cls.step_values`` in a timer adding to ``totals[label]`` (and its page faults to ``faults[label]``)."""
     undo = []
+    faults = collections.defaultdict(float) if faults is None else faults
 
     def wrap(owner, name, label):
         inner = getattr(owner, name)
 
         def timed(*a, **kw):
-            t = time.perf_counter()
+            t, f = time.perf_counter(), _minor_faults()
             try:
                 return inner(*a, **kw)
             finally:
                 totals[label] += time.perf_counter() - t
+                faults[label] += _minor_faults() - f
 
         setattr(owner, name, timed)
         undo.append((owner, name, inner))
@@ -79,8 +83,13 @@ def _timed(step_cls, estimators_mod, totals):
             setattr(owner, name, inner)
 
 
-def phases(cfg: BenchConfig, repeats: int, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Milliseconds per step, one entry per round: ``"plain step"``, ``"tracked step"`` and each phase."""
+def phases(cfg: BenchConfig, repeats: int, steps: int, warmup: int, faults: dict | None = None) -> dict[str, list[float]]:
+    """Milliseconds per step, one entry per round: ``"plain step"``, ``"tracked step"`` and each phase.
+
+    ``faults``: a dict that receives the minor page faults per plain step, per tracked step and
+    per phase, per round.
+    """
+    faults = collections.defaultdict(list) if faults is None else faults
     import attribution._step as step_mod
 
     plain, tracked = Workload(cfg, "plain"), Workload(cfg, "ghost")
@@ -89,20 +98,31 @@ def phases(cfg: BenchConfig, repeats: int, steps: int, warmup: int) -> dict[str,
         tracked.train_step()
     out: dict[str, list[float]] = collections.defaultdict(list)
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, f = time.perf_counter(), _minor_faults()
         for _ in range(steps):
             plain.train_step()
         out["plain step"].append((time.perf_counter() - t) / steps * 1e3)
+        faults["plain step"].append((_minor_faults() - f) / steps)
         totals: dict[str, float] = collections.defaultdict(float)
-        with _timed(step_mod.StepComputer, step_mod.estimators, totals):
-            t = time.perf_counter()
+        phase_faults: dict[str, float] = collections.defaultdict(float)
+        with _timed(step_mod.StepComputer, step_mod.estimators, totals, phase_faults):
+            t, f = time.perf_counter(), _minor_faults()
             for _ in range(steps):
                 tracked.train_step()
             out["tracked step"].append((time.perf_counter() - t) / steps * 1e3)
+            faults["tracked step"].append((_minor_faults() - f) / steps)
         for label in PHASES.values():
             out[label].append(totals[label] / steps * 1e3)
+            faults[label].append(phase_faults[label] / steps)
     tracked.tracker.close()
     return dict(out)
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (first touches of freshly mapped memory)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _repeat(fn, repeats: int, inner: int) -> list[float]:
@@ -151,8 +171,8 @@ def kernels(cfg: BenchConfig, repeats: int) -> dict[str, list[float]]:
     }
 
 
-def report(rows: dict[str, list[float]], title: str) -> str:
-    lines = [f"\n{title}\n", "| | median ms | min–max ms |", "|---|---|---|"]
+def report(rows: dict[str, list[float]], title: str, unit: str = "ms") -> str:
+    lines = [f"\n{title}\n", f"| | median {unit} | min–max {unit} |", "|---|---|---|"]
     for label, ts in rows.items():
         lines.append(f"| {label} | {statistics.median(ts):.2f} | {min(ts):.2f}–{max(ts):.2f} |")
     return "\n".join(lines)
@@ -171,8 +191,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.repeats, args.steps, args.warmup = min(args.repeats, 2), 2, 3
     with warnings.catch_warnings(), _settings(cfg):
         warnings.simplefilter("ignore")  # the start's poor-linearization warnings are expected here
-        out = {"phases": phases(cfg, args.repeats, args.steps, args.warmup), "kernels": kernels(cfg, args.repeats)}
+        faults = collections.defaultdict(list)
+        out = {"phases": phases(cfg, args.repeats, args.steps, args.warmup, faults), "kernels": kernels(cfg, args.repeats)}
+        out["page_faults"] = dict(faults)
     print(report(out["phases"], f"Phases of a tracked step ({cfg.model}, AdamW, tracker defaults), ms per step over {args.repeats} rounds"))
+    print(report(out["page_faults"], "Minor page faults per step (first touches of freshly mapped memory)", unit="faults"))
     print(report(out["kernels"], "Inner kernels on the same model, ms per call"))
     return out
 

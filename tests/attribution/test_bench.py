@@ -360,3 +360,5 @@ def test_step_cost_times_every_phase_and_both_kernels(capsys):
     assert all(t > 0 for t in phases["J (slopes)"]) and all(t > 0 for t in phases["validation pass"])
     assert sum(min(ts) for k, ts in phases.items() if k in step_cost.PHASES.values()) < max(phases["tracked step"])
     assert len(out["kernels"]) == 4 and "| nonlinearity ν |" in capsys.readouterr().out
+    faults = out["page_faults"]
+    assert set(faults) == set(phases) and all(len(fs) == 2 and min(fs) >= 0 for fs in faults.values())
