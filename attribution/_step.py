@@ -285,7 +285,7 @@ class StepComputer:
         self.last_lin, self.last_val_grads, self.last_moved = lin, val_grads, moved
         if watch:
             parts = self._update_nonlinearity(
-                lin, {p: batch_grads[p] for p in moved if p not in exact}, val_grads, per_parameter=True
+                lin, {p: batch_grads[p] for p in moved if p not in exact}, val_grads, per_parameter=True, rows=supports
             )
             num, den = sum(a for a, _ in parts.values()), sum(b for _, b in parts.values())
             self.last_nonlinearity = num / den if den > 0 else 0.0
@@ -355,10 +355,13 @@ class StepComputer:
         finally:
             self.val_losses = losses
 
-    def _update_nonlinearity(self, lin, batch_grads, val_grads, *, per_parameter: bool = False):
-        """:func:`estimators.update_nonlinearity`; under FSDP2 on each rank's shards, summed over ranks."""
+    def _update_nonlinearity(self, lin, batch_grads, val_grads, *, per_parameter: bool = False, rows=None):
+        """:func:`estimators.update_nonlinearity`; under FSDP2 on each rank's shards, summed over ranks.
+
+        ``rows``: the row supports of :meth:`_row_supports` (ν of a table sampled on its touched rows).
+        """
         if not self.sharded:
-            return estimators.update_nonlinearity(lin, batch_grads, val_grads, per_parameter=per_parameter)
+            return estimators.update_nonlinearity(lin, batch_grads, val_grads, per_parameter=per_parameter, rows=rows)
         from ._distributed import sharded_update_nonlinearity
 
         return sharded_update_nonlinearity(lin, batch_grads, val_grads, self.all_reduce, per_parameter=per_parameter)

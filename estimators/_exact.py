@@ -29,8 +29,6 @@ import torch
 # Coalition gradients evaluated in one vmapped update call, in tensor elements (16 MiB in float32 each:
 # the rule's temporaries are a few times that, the peak the exact route adds to training).
 _CHUNK_ELEMENTS = 2**22
-#: Contiguous coordinates per block of ν's sample (64 float32 = 4 cache lines).
-_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,32 +295,48 @@ def _sampled_nonlinearity_sums(lin, p: torch.Tensor, g: torch.Tensor, val_grads_
     return num, den, stride
 
 
-def _batched_nonlinearity_sums(lin, items, max_coordinates: int) -> dict[torch.Tensor, tuple[float, float]]:
+def _row_coordinates(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Flat coordinates ``[len(rows) · row size]`` of dim-0 rows ``rows`` of ``p`` (row-major)."""
+    width = p[0].numel() if p.dim() else 1
+    return (rows.to(torch.long)[:, None] * width + torch.arange(width, device=rows.device)).reshape(-1)
+
+
+def _batched_nonlinearity_sums(lin, items, max_coordinates: int, rows=None) -> dict[torch.Tensor, tuple[float, float]]:
     """``{param: (num, den)}`` of ν (scaled up by the sampled share) for elementwise parameters ``(param, g, [v_k])``.
 
-    At most ``max_coordinates`` coordinates of each parameter, in evenly spread contiguous
-    blocks (:func:`_sampled_nonlinearity_sums` takes a stride, as FSDP2 shards do), and every parameter's
-    updates come from one ``lin.update_coordinates_many`` call and the sums from one segmented
-    reduction: a constant number of tensor operations per step instead of about thirty per
-    parameter (``python -m attribution.experiments.step_cost`` times both).
+    At most ``max_coordinates`` coordinates of each parameter, every stride-th (the sample of
+    :func:`_sampled_nonlinearity_sums`), and every parameter's updates come from one
+    ``lin.update_coordinates_many`` call and the sums from one segmented reduction: a constant
+    number of tensor operations per step instead of about thirty per parameter
+    (``python -m attribution.experiments.step_cost`` times both).
     """
     strides, picks, gs, ws = [], [], [], []
+    rows = rows or {}
     for p, g, vs in items:
         flat = g.detach().reshape(-1)
         D = flat.numel()
-        if D <= max_coordinates:
+        if p in rows:
+            # Every nonzero of g lies on these rows; an elementwise update does not move with g
+            # where g is 0, so both of ν's terms vanish elsewhere: the sample is taken on the rows
+            # (all of them, or every stride-th of their coordinates), scaled up by their share.
+            on_rows = _row_coordinates(p, rows[p])
+            step = max(1, -(-len(on_rows) // max_coordinates))
+            pick = on_rows[::step]
+            scale = len(on_rows) / max(1, len(pick))
+            gs.append(flat.index_select(0, pick))
+            ws.append(sum(v.detach().reshape(-1).index_select(0, pick).abs() for v in vs))
+        elif D <= max_coordinates:
             pick, scale = 1, 1.0
             gs.append(flat)
             ws.append(sum(v.detach().reshape(-1).abs() for v in vs))
         else:
-            # Evenly spread blocks of _BLOCK contiguous coordinates: a strided sample of a large
-            # tensor reads one cache line per coordinate, a block reads its lines whole.
-            blocks = max(1, max_coordinates // _BLOCK)
-            starts = torch.arange(blocks, device=flat.device) * (D // blocks)
-            pick = (starts[:, None] + torch.arange(min(_BLOCK, D // blocks), device=flat.device)).reshape(-1)
-            scale = D / len(pick)
-            gs.append(flat.index_select(0, pick))
-            ws.append(sum(v.detach().reshape(-1).index_select(0, pick).abs() for v in vs))
+            # Every stride-th coordinate, as _sampled_nonlinearity_sums takes. Not contiguous
+            # blocks, which gather faster: an embedding table's ν lives on the rows the step
+            # touches, and 64 blocks saw one row in 16 (the bench decoder's table read 1.2-1.5
+            # where the whole table's ν was 0.66-0.78, and took the exact route for nothing).
+            pick = scale = -(-D // max_coordinates)
+            gs.append(flat[::pick])
+            ws.append(sum(v.detach().reshape(-1)[::pick].abs() for v in vs))
         picks.append(pick)
         strides.append(scale)
     sizes = [len(x) for x in gs]
@@ -344,6 +358,7 @@ def update_nonlinearity(
     *,
     per_parameter: bool = False,
     max_coordinates: int = 4096,
+    rows: Mapping[torch.Tensor, torch.Tensor] | None = None,
 ):
     """How far the update is from linear along the batch gradient, weighted by the validation gradient.
 
@@ -361,6 +376,10 @@ def update_nonlinearity(
         val_grads: K dicts param -> validation gradient.
         per_parameter: return ``{param: (numerator, denominator)}`` instead of ν.
         max_coordinates: coordinates per parameter an elementwise rule is evaluated at.
+        rows: optional param -> ``int64`` dim-0 rows holding every nonzero of its g_B (an
+            embedding's rows the step touched, ``GhostEngine.row_supports``): an elementwise
+            rule with ``update_coordinates_many`` is sampled on those rows only, where all of
+            the parameter's ν lies.
     Returns:
         ν ≥ 0 (a float; 0.0 when the step moves nothing the validation loss sees), or the
         per-parameter sums.
@@ -391,7 +410,7 @@ def update_nonlinearity(
             num, den = _nonlinearity_sums(upd, sum(v.detach().reshape(-1).abs() for v in vs))
         parts[p] = (float(num) * stride, float(den) * stride)
     if batched:
-        parts.update(_batched_nonlinearity_sums(lin, batched, max_coordinates))
+        parts.update(_batched_nonlinearity_sums(lin, batched, max_coordinates, rows))
         parts = {p: parts[p] for p in batch_grads if p in parts}  # in the order of batch_grads
     if per_parameter:
         return parts
