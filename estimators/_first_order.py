@@ -175,9 +175,9 @@ def shifted_parameters(shift: Mapping[torch.Tensor, torch.Tensor] | None, *, rel
     Subtracting the shift again would not restore θ exactly in floating point. Each plain
     parameter is pointed at a new tensor θ + shift (``param.data``) and back at its own
     untouched storage on exit: one pass over the parameter, where saving a copy, adding in place
-    and copying back take three. Parameters that share storage (two ``Parameter`` objects
-    viewing one buffer, which the optimizer moves by both updates) and sharded ``DTensor`` s
-    are moved in place and copied back.
+    and copying back take three. When any parameter shares its storage (two ``Parameter``
+    objects viewing one buffer, which the optimizer moves by both updates, or a view of it
+    that a module keeps) or is a sharded ``DTensor``, all are moved in place and copied back.
 
     Args:
         shift: parameter -> its shift (the parameter's shape), or ``None`` / empty for none.
@@ -252,13 +252,21 @@ def _sole_owner(s: torch.Tensor, p: torch.Tensor) -> bool:
 
 
 def _storage_swappable(params: list[torch.Tensor]) -> bool:
-    """Whether every parameter is a plain dense tensor with storage of its own (see :func:`shifted_parameters`)."""
-    storages = set()
+    """Whether every parameter is a plain dense tensor alone on its storage (see :func:`shifted_parameters`).
+
+    Alone: no other parameter and no other tensor views its memory (a view a module cached,
+    a flat buffer the parameters are carved from). Such a view would keep reading θ after
+    ``param.data`` points elsewhere; moved in place, it reads the shifted point as training would.
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return False
     for p in params:
         if type(p.data) is not torch.Tensor or p.layout is not torch.strided:
             return False  # a DTensor shard, a sparse or other subclass tensor
-        storages.add(p.untyped_storage().data_ptr())
-    return len(storages) == len(params)
+        if use_count(p.untyped_storage()._cdata) != 2:  # p's own and the temporary storage object's
+            return False
+    return True
 
 
 def validation_gradients(

@@ -232,6 +232,24 @@ def test_the_tracker_validation_pass_moves_parameters_into_the_handed_over_shift
     assert seen == ptrs and not shift
 
 
+def test_a_parameter_a_module_keeps_a_view_of_is_moved_in_place_so_the_view_sees_the_shift():
+    class CachedTranspose(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 4, dtype=DT))
+            self.weight_t = self.weight.detach().t()  # a view of the parameter's memory, used in forward
+
+        def forward(self, x):
+            return x @ self.weight_t
+
+    m = CachedTranspose()
+    x, before = torch.randn(2, 4, dtype=DT), m.weight.detach().clone()
+    shift = {m.weight: torch.full((3, 4), 0.5, dtype=DT)}
+    with E.shifted_parameters(shift):
+        assert torch.equal(m(x), x @ (before + 0.5).t())  # the forward reads the shifted point
+    assert torch.equal(m.weight, before) and torch.equal(m(x), x @ before.t())
+
+
 def test_shifted_parameters_moving_two_views_of_one_buffer_adds_both_shifts_like_the_optimizer():
     # Two Parameter objects viewing one storage: the optimizer's in-place steps move the shared
     # entries by both updates, and so must the validation point.
