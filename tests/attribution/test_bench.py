@@ -362,3 +362,15 @@ def test_step_cost_times_every_phase_and_both_kernels(capsys):
     assert len(out["kernels"]) == 4 and "| nonlinearity ν |" in capsys.readouterr().out
     faults = out["page_faults"]
     assert set(faults) == set(phases) and all(len(fs) == 2 and min(fs) >= 0 for fs in faults.values())
+
+
+def test_nonlinearity_sample_compares_the_trackers_sample_with_the_whole_parameter(capsys):
+    """The smoke version of ``python -m attribution.experiments.nonlinearity_sample``."""
+    from attribution.experiments import nonlinearity_sample
+
+    rows = nonlinearity_sample.main(["--quick", "--model", "mlp"])
+    # step 0 of Adam is sign-like (ν = 1 everywhere): every parameter is listed, on both sides
+    first = [r for r in rows if r["step"] == 0]
+    assert first and all(r["whole"] == pytest.approx(1.0, abs=1e-3) and r["agree"] for r in first)
+    assert all(0.0 <= r["sampled"] and 0.0 <= r["whole"] for r in rows)
+    assert "rows disagree on the route" in capsys.readouterr().out

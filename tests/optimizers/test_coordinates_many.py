@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import estimators
-from estimators._exact import _sampled_nonlinearity_sums
+from estimators._exact import _row_width, _sample_stride, _sampled_nonlinearity_sums
 from optimizers import linearize
 from tests._helpers import assert_close, one_torch_thread  # noqa: F401  (autouse fixture)
 from tests.optimizers.test_elementwise_more import OPTIMIZERS as MORE
@@ -87,7 +87,7 @@ def _reference_sums(lin, p, val, max_coordinates):
     upd = lin.update_batch(p, torch.stack([torch.zeros_like(g), 0.5 * g, g])).reshape(3, -1)
     w = sum(v[p].reshape(-1).abs() for v in val)
     D = p.numel()
-    stride = -(-D // max_coordinates)  # every stride-th coordinate (all of them when D fits)
+    stride = _sample_stride(D, max_coordinates, _row_width(p))  # all coordinates when D fits
     pick, scale = torch.arange(0, D, stride), float(stride)
     u, w = upd[:, pick], w[pick]
     return float((w * (u[1] - 0.5 * (u[0] + u[2])).abs()).sum()) * scale, float((w * (0.5 * (u[2] - u[0])).abs()).sum()) * scale
@@ -191,3 +191,13 @@ def test_nonlinearity_on_a_tables_touched_rows_is_the_whole_tables(name, tokens)
         assert num == pytest.approx(fn, rel=1e-9, abs=1e-300) and den == pytest.approx(fd, rel=1e-9, abs=1e-300)
     else:
         assert num / den == pytest.approx(fn / fd, rel=0.05)
+
+
+@pytest.mark.parametrize("shape", [(512, 128), (64, 48, 3), (4096 * 3 + 7,)])
+def test_the_sample_stride_walks_every_column_of_a_weight(shape):
+    """A stride sharing a factor with the row width would see the same few columns in every row."""
+    p = torch.empty(shape)
+    stride = _sample_stride(p.numel(), 4096, _row_width(p))
+    picked = torch.arange(0, p.numel(), stride)
+    assert len(picked) <= 4096 and stride >= -(-p.numel() // 4096)
+    assert len(torch.unique(picked % _row_width(p))) == min(_row_width(p), len(picked))
