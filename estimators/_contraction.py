@@ -9,11 +9,12 @@ and contracts every term by the cheaper of the dense and the ghost dot-product o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
-from optimizers._preconditioner import Preconditioner
+from optimizers._preconditioner import Preconditioner, RowDiagonal
 
 from ._config import Factorization, GhostPath
 from ._factorize import factored_error, rank_one
@@ -98,20 +99,83 @@ class StepContraction:
         return sigma * sum(scaled.pairwise_values(v) for v in vs)
 
 
-def contract(terms: Sequence[Term], P: torch.Tensor) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class RowSparse:
+    """A preconditioned validation gradient that is zero outside a few dim-0 rows (J a :class:`RowDiagonal`).
+
+    An embedding table's P is needed only where its tokens' contributions lie; it is kept on
+    those rows, never as a table-sized tensor.
+
+    Attributes:
+        rows: sorted ``int64`` row indices ``[r]``.
+        values: P on them, ``[r, *shape[1:]]``.
+        shape: the parameter's shape.
+    Example:
+        >>> P = RowSparse(torch.tensor([1]), torch.tensor([[2.0, 3.0]]), torch.Size([3, 2]))
+        >>> P.dense().tolist(), P.on_rows(torch.ones(3, 2)).tolist()
+        ([[0.0, 0.0], [2.0, 3.0], [0.0, 0.0]], [[1.0, 1.0]])
+    """
+
+    rows: torch.Tensor
+    values: torch.Tensor
+    shape: torch.Size
+
+    def dense(self) -> torch.Tensor:
+        """P at the parameter's shape (zeros off the rows)."""
+        out = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
+        return out.index_copy_(0, self.rows, self.values)
+
+    def on_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (the parameter's shape) on :attr:`rows`: ``[r, *shape[1:]]``."""
+        return t.index_select(0, self.rows)
+
+
+PLike = torch.Tensor | RowSparse
+
+
+def dense_of(P: PLike) -> torch.Tensor:
+    """P at the parameter's shape (a :class:`RowSparse` P expanded)."""
+    return P.dense() if isinstance(P, RowSparse) else P
+
+
+def check_operands(P: PLike, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, grad)`` restricted to where P can be nonzero, for ⟨P, grad⟩ (the same dot product)."""
+    if isinstance(P, RowSparse):
+        return P.values, P.on_rows(grad.to_dense() if grad.is_sparse else grad)
+    return P, grad
+
+
+def contract(terms: Sequence[Term], P: PLike) -> torch.Tensor:
     """Σ_terms ⟨P, c_z⟩ for every sample: ``[n]`` (the dense order, exact for any preconditioner).
 
     Under FSDP2 ``P`` is this rank's shard (a ``DTensor``) and the terms are this rank's samples
     at full width: the layer's whole P is gathered here, used and dropped (one layer at a time).
+    A :class:`RowSparse` P is contracted on its rows (an embedding's tokens index them).
     """
+    if isinstance(P, RowSparse):
+        return sum(_contract_on_rows(t, P) for t in terms)
     P = full(P)
     return sum(t.dense_values(P) for t in terms)
 
 
-def _precondition(J: Preconditioner, g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """P = Jᵀ g, the preconditioned validation gradient (shape ``shape``)."""
+def _contract_on_rows(t: Term, P: RowSparse) -> torch.Tensor:
+    """⟨P, c_z⟩ of one term with its one-hot row index mapped onto P's rows (the whole P otherwise)."""
+    r = P.rows.numel()
+    if r and isinstance(t, Bilinear) and isinstance(t.rows, OneHotFactor) and t.rows.size == P.shape[0]:
+        index = t.rows.index
+        pos = torch.searchsorted(P.rows, index).clamp_(max=r - 1)
+        if bool((P.rows[pos] == index).all()):  # every token's row is one of P's (so it is by construction)
+            compact = Bilinear(OneHotFactor(pos, r, t.rows.weight), t.cols)
+            return compact.dense_values(P.values.reshape(r, -1))
+    return t.dense_values(P.dense())
+
+
+def _precondition(J: Preconditioner, g: torch.Tensor, shape: torch.Size) -> PLike:
+    """P = Jᵀ g, the preconditioned validation gradient (shape ``shape``; :class:`RowSparse` for a :class:`RowDiagonal` J)."""
     if g.shape != shape:
         raise ValueError(f"a validation gradient has shape {tuple(g.shape)} but its parameter has shape {tuple(shape)}")
+    if isinstance(J, RowDiagonal):
+        return RowSparse(J.rows, J.apply_rows(g), torch.Size(shape))
     return J.apply(g)
 
 

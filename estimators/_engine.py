@@ -47,7 +47,16 @@ from ._capture import (
 from ._completeness import CompletenessCheck, IncompleteGradientError
 from ._completeness import tolerance as _TOLERANCE_OF
 from ._config import Factorization, GhostPath, parse_enum
-from ._contraction import StepContraction, _coarsest_dtype, _precondition, _term_magnitude, contract
+from ._contraction import (
+    RowSparse,
+    StepContraction,
+    _coarsest_dtype,
+    _precondition,
+    _term_magnitude,
+    check_operands,
+    contract,
+    dense_of,
+)
 from ._errors import GhostEngineError, ParameterUseError, UncoveredParameterError
 from ._factors import Bilinear, OneHotFactor, PerSample, Term
 from ._fallback import _broadcast_index_hooks, _fallback_grads
@@ -524,7 +533,7 @@ class GhostEngine:
                         if sharded:
                             full(P)  # the other ranks gather this layer's P now: take part in the collective
                             s.gathers += 1
-                        s.check.add_grad(name, k, P, grad, keep=False)
+                        s.check.add_grad(name, k, *check_operands(P, grad), keep=False)
                 if p not in s.fingerprints:
                     s.fingerprints[p] = _fingerprint(grad)
             if terms:
@@ -561,7 +570,7 @@ class GhostEngine:
                     # the check runs in values()).
                     if p not in s.fingerprints:
                         s.fingerprints[p] = _fingerprint(grad)
-                    s.check.add_grad(name, k, P, grad, keep=False, grad_norm=s.fingerprints[p][1])
+                    s.check.add_grad(name, k, *check_operands(P, grad), keep=False, grad_norm=s.fingerprints[p][1])
                     self.check_seconds += time.perf_counter() - t0
                 self.paths_taken[name] = "factored" if factored else "dense"
                 if p not in s.fingerprints:
@@ -1137,7 +1146,7 @@ class GhostEngine:
                         c = materialized.get(p)
                         if c is None:
                             c = materialized[p] = sum(t.materialize(p.shape) for t in ts)
-                        v = c.reshape(n, -1) @ P[k][p].reshape(-1)
+                        v = c.reshape(n, -1) @ dense_of(P[k][p]).reshape(-1)
                     else:
                         vs = [v.to(dtype) for v in val_terms[k].get(p, [])]
                         if not vs:
@@ -1168,6 +1177,8 @@ class GhostEngine:
                     if not vs:
                         return 0.0
                     Pk = self._ptilde(contraction, p, k, paths[p], Js[p], val_grads, vs)
+                if isinstance(Pk, RowSparse):
+                    Pk = Pk.values  # its rows: P is zero elsewhere
                 return float(torch.linalg.vector_norm(Pk, dtype=torch.float64)) * sum(_term_magnitude(t) for t in ts)
 
             if all_reduce is not None:
@@ -1228,7 +1239,7 @@ class GhostEngine:
                     else:
                         G = sum((t.total(p.shape) for t in val_terms[k].get(p, [])), torch.zeros_like(p, dtype=dtype))
                     Pk = _precondition(Jp, G, p.shape)
-                check.add_grad(name, k, Pk, g)
+                check.add_grad(name, k, *check_operands(Pk, g))
 
     def _ptilde(self, contraction: StepContraction, p, k, path, Jp, val_grads, vs) -> torch.Tensor:
         """P̃ of weight ``p`` for target ``k`` on the pairwise/factored path (``[R, C]``), built once per step."""

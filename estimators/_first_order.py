@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from optimizers._preconditioner import Preconditioner, as_preconditioner
+from optimizers._preconditioner import Preconditioner, RowDiagonal, as_preconditioner
 
 from ._config import LinearizationKind, PerSampleMethod, Reduction, ValPoint, parse_enum
 from persample import PerSampleGrads, check_samples_independent, sample_contributions
@@ -144,8 +144,13 @@ def val_point_shift(
                 f"parameter of shape {tuple(p.shape)} has no batch gradient; pass it in batch_grads "
                 "or run backward() first, or leave it out of params"
             )
-        diagonal = None if secant is None or p not in secant else as_preconditioner(secant[p]).diagonal
+        J = None if secant is None or p not in secant else as_preconditioner(secant[p])
         scale = 0.5 if val_point is ValPoint.MIDPOINT else 1.0
+        if isinstance(J, RowDiagonal) and zero_updates is None and hasattr(lin, "chord_shift_on_rows"):
+            # J is zero off the touched rows (so is g_B): Δ(0), with the chord added on the rows only
+            shift[p] = lin.chord_shift_on_rows(p, J, g, scale).detach()
+            continue
+        diagonal = None if J is None else J.diagonal
         if diagonal is not None and zero_updates is None and isinstance(diagonal, torch.Tensor) and hasattr(lin, "chord_shift"):
             # Δ(0) + s·(J_sec ⊙ g_B) in the rule's own (possibly fused, one-pass) form: nobody needs Δ(0) alone
             step, zero = lin.chord_shift(p, diagonal, g, scale), None

@@ -29,6 +29,7 @@ from ._base import (
 from ._group import LinearizationGroup, as_optimizer_list
 from ._preconditioner import (
     Diagonal,
+    RowDiagonal,
     Operator,
     Preconditioner,
     Scalar,
@@ -62,6 +63,7 @@ __all__ = [
     "AdamaxLinearization",
     "AdamaxState",
     "Diagonal",
+    "RowDiagonal",
     "LinearizationGroup",
     "MuonLinearization",
     "MuonState",

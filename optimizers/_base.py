@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import sympy
 import torch
 
-from ._preconditioner import Diagonal, Preconditioner, Scalar, shard_like, shards_of
+from ._preconditioner import Diagonal, Preconditioner, RowDiagonal, Scalar, shard_like, shards_of
 
 _REGISTRY: dict[type[torch.optim.Optimizer], type[OptimizerLinearization]] = {}
 _HALF = (torch.float16, torch.bfloat16)
@@ -964,14 +964,16 @@ class OptimizerLinearization(abc.ABC):
             kind: ``"tangent"``, ``"secant"`` or ``"sgd"``.
             rows: ``int64`` row indices, shape ``[r]``.
         Returns:
-            A :class:`Preconditioner` (a :class:`Diagonal` with zeros outside ``rows``).
+            A :class:`Preconditioner`: a :class:`RowDiagonal` (J on ``rows``, zero elsewhere, no
+            table-sized tensor) where the rule was restricted, else :meth:`preconditioner`'s.
         Example:
             >>> w = torch.nn.Parameter(torch.randn(5, 2, dtype=torch.float64))
             >>> opt = torch.optim.Adam([w], lr=0.1); w.grad = torch.randn_like(w)
             >>> lin = linearize(opt); rows = torch.tensor([1, 3])
-            >>> J = lin.preconditioner_on_rows(w, w.grad, "secant", rows).diagonal
-            >>> torch.equal(J[rows], lin.secant(w, w.grad)[rows]), bool((J[[0, 2, 4]] == 0).all())
-            (True, True)
+            >>> P = lin.preconditioner_on_rows(w, w.grad, "secant", rows)
+            >>> J = P.diagonal                                            # the whole table's form
+            >>> torch.equal(J[rows], lin.secant(w, w.grad)[rows]), bool((J[[0, 2, 4]] == 0).all()), P.values.shape
+            (True, True, torch.Size([2, 2]))
         """
         name = str(getattr(kind, "value", kind))
         if (
@@ -986,7 +988,41 @@ class OptimizerLinearization(abc.ABC):
         state = state.map_tensors(pick)
         rule = type(self).tangent_rule if name == "tangent" else type(self).secant_rule
         part = rule(pick(theta), pick(g), state)
-        return Diagonal(torch.zeros(theta.shape, dtype=part.dtype, device=part.device).index_copy_(0, rows, part))
+        return RowDiagonal(rows, part, theta.shape)
+
+    def chord_shift_on_rows(self, param: torch.Tensor, J: RowDiagonal, grad: torch.Tensor, scale: float) -> torch.Tensor:
+        """:meth:`chord_shift` for a slope that is zero outside ``J.rows``: Δ(0), plus scale · J ⊙ grad on the rows.
+
+        Δ(0) still moves every row (momentum and decay carry the whole table); the chord term
+        is added on the touched rows only, so no table-sized J is needed. A rule may compute Δ(0)
+        in one fused pass (Adam and AdamW do).
+
+        Args:
+            param: a covered parameter, shape ``[R, *rest]``.
+            J: its secant slopes on ``J.rows`` (``J.values``: ``[r, *rest]``).
+            grad: the point g, shape ``[R, *rest]``.
+            scale: s.
+        Returns:
+            Tensor of shape ``[R, *rest]``, equal to ``chord_shift(param, J.diagonal, grad, scale)`` up to rounding.
+        Example:
+            >>> w = torch.nn.Parameter(torch.randn(4, 2, dtype=torch.float64))
+            >>> opt = torch.optim.AdamW([w], lr=0.1); w.grad = torch.randn_like(w); opt.step()
+            >>> lin = linearize(opt); g = torch.zeros_like(w); g[[0, 2]] = 1.0
+            >>> J = lin.preconditioner_on_rows(w, g, "secant", torch.tensor([0, 2]))
+            >>> torch.allclose(lin.chord_shift_on_rows(w, J, g, 0.5), lin.chord_shift(w, J.diagonal, g, 0.5))
+            True
+        """
+        return self._add_chord_on_rows(self.zero_update(param), J, grad, scale)
+
+    @staticmethod
+    def _add_chord_on_rows(zero: torch.Tensor, J: RowDiagonal, grad: torch.Tensor, scale: float) -> torch.Tensor:
+        """``zero`` (Δ(0), overwritten where nothing else holds its memory) plus scale · J ⊙ grad on ``J.rows``."""
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+        if use_count is None or zero._is_view() or use_count(zero.untyped_storage()._cdata) != 2:
+            zero = zero.clone()  # a rule's Δ(0) that aliases its state or a view: never written into
+        rows = J.rows
+        chord = J.values.to(zero.dtype) * grad.detach().index_select(0, rows).to(zero.dtype)
+        return zero.index_add_(0, rows, chord, alpha=scale)
 
     @classmethod
     def path_breakpoints(cls, theta: torch.Tensor, grad: torch.Tensor, state: ParamState) -> list[float]:

@@ -101,6 +101,9 @@ class LinearizationGroup:
     def chord_shift(self, param: torch.Tensor, J: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
         return self.owner(param).chord_shift(param, J, grad, scale)
 
+    def chord_shift_on_rows(self, param: torch.Tensor, J: Any, grad: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.owner(param).chord_shift_on_rows(param, J, grad, scale)
+
     def update_batch(self, param: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         return self.owner(param).update_batch(param, grads)
 

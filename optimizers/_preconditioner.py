@@ -10,6 +10,8 @@ Three kinds, each a small class:
   pairwise ghost dot-product included.
 * :class:`Diagonal` -- J = diag(d) (the Adam family, RMSprop, Adagrad, ...). The dense path is
   exact; the factored path approximates d by a rank-one matrix.
+* :class:`RowDiagonal` -- a diagonal J that is zero outside a few dim-0 rows (an embedding
+  table's slope on the rows a step's tokens hit), kept for those rows only.
 * :class:`Operator` -- J is a linear map given by its action v ↦ Jᵀ v (Muon's orthogonalised
   momentum, Adafactor's factored second moment). The dense path is exact; pairwise and factored
   need a scalar or diagonal J and are not taken.
@@ -173,6 +175,72 @@ class Diagonal(Preconditioner):
 
     def __repr__(self) -> str:
         return f"Diagonal(shape={tuple(self.values.shape)}, dtype={self.values.dtype})"
+
+
+class RowDiagonal(Preconditioner):
+    """J = diag(d) with d zero outside the dim-0 rows ``rows``: the slope on the rows a step touches.
+
+    An embedding table's per-sample contributions, and its batch gradient, lie on the rows its
+    tokens hit; J is needed there only (``OptimizerLinearization.preconditioner_on_rows``). The
+    slopes are kept for those rows, never as a table-sized tensor: :meth:`apply_rows` gives P on
+    the rows (what the contraction and the completeness check read), :meth:`apply` and
+    :attr:`diagonal` the whole-table forms for callers that need them (built on demand).
+
+    Args:
+        rows: sorted ``int64`` dim-0 indices, shape ``[r]``, no repeats.
+        values: d on those rows, shape ``[r, *S[1:]]``.
+        shape: ``S``, the parameter's shape.
+    Example:
+        >>> J = RowDiagonal(torch.tensor([0, 2]), torch.tensor([[2.0], [3.0]]), (3, 1))
+        >>> J.apply(torch.ones(3, 1)).tolist(), J.apply_rows(torch.ones(3, 1)).tolist()
+        ([[2.0], [0.0], [3.0]], [[2.0], [3.0]])
+    """
+
+    kind = "diagonal"
+
+    def __init__(self, rows: torch.Tensor, values: torch.Tensor, shape: Sequence[int]):
+        super().__init__()
+        self.shape = torch.Size(shape)
+        if rows.dim() != 1 or values.shape != (rows.shape[0], *self.shape[1:]):
+            raise ValueError(
+                f"RowDiagonal needs rows [r] and values [r, *{tuple(self.shape[1:])}], got rows of shape "
+                f"{tuple(rows.shape)} and values of shape {tuple(values.shape)}"
+            )
+        self.rows = rows
+        self.values = values.detach()
+        self._dense: torch.Tensor | None = None
+        self._zero: bool | None = None
+
+    def apply_rows(self, v: torch.Tensor) -> torch.Tensor:
+        """(Jᵀ v) on :attr:`rows`: shape ``[r, *S[1:]]`` (Jᵀ v is zero on every other row)."""
+        return self.values.to(v.dtype) * v.index_select(0, self.rows)
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(v).index_copy_(0, self.rows, self.apply_rows(v))
+
+    @property
+    def scalar(self) -> float | None:
+        return 0.0 if self.is_zero else None  # zero off the rows, so one number only if zero on them too
+
+    @property
+    def diagonal(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device).index_copy_(
+                0, self.rows, self.values
+            )
+        return self._dense
+
+    @property
+    def is_zero(self) -> bool:
+        if self._zero is None:
+            self._zero = not bool(self.values.any())
+        return self._zero
+
+    def to(self, dtype: torch.dtype) -> RowDiagonal:
+        return self if self.values.dtype == dtype else RowDiagonal(self.rows, self.values.to(dtype), self.shape)
+
+    def __repr__(self) -> str:
+        return f"RowDiagonal(rows={self.rows.numel()} of {self.shape[0]}, shape={tuple(self.shape)}, dtype={self.values.dtype})"
 
 
 class Operator(Preconditioner):

@@ -61,9 +61,13 @@ def adam_secant(b, m, v, c):
 
 def adam_chord_shift(theta, m, v, J, g, c):
     """Δ(0) + s·J ⊙ g in one pass (AdamW or Adam without L2); ``c`` = [β1, β2, b2, ε, −η/b1, −ηλ, s]."""
-    beta1, beta2, b2, eps, scale, decay, s = c.unbind()
-    zero = beta1 * m / ((beta2 * v / b2).sqrt() + eps) * scale + decay * theta
-    return zero + s * J * g
+    return adam_zero_shift(theta, m, v, c[:6]) + c[6] * J * g
+
+
+def adam_zero_shift(theta, m, v, c):
+    """Δ(0) in one pass (AdamW or Adam without L2); ``c`` = [β1, β2, b2, ε, −η/b1, −ηλ]."""
+    beta1, beta2, b2, eps, scale, decay = c.unbind()
+    return beta1 * m / ((beta2 * v / b2).sqrt() + eps) * scale + decay * theta
 
 
 def _eager_chord_shift(theta, m, v, J, g, c):
@@ -75,8 +79,16 @@ def _eager_chord_shift(theta, m, v, J, g, c):
     return out.addcmul_(J, g, value=s)
 
 
+def _eager_zero_shift(theta, m, v, c):
+    """:func:`adam_zero_shift` in eager torch (four passes, two fresh buffers)."""
+    beta1, beta2, b2, eps, scale, decay = c
+    out = torch.div(m, torch.mul(v, beta2 / b2).sqrt_().add_(eps)).mul_(beta1 * scale)
+    return out.add_(theta, alpha=decay) if decay != 0 else out
+
+
 _SECANT = Kernel(adam_secant)
 _CHORD_SHIFT = Kernel(adam_chord_shift)
+_ZERO_SHIFT = Kernel(adam_zero_shift)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +234,21 @@ class _AdamFamily(OptimizerLinearization):
             if fused is not None:
                 return shard_like(fused, param)
         return super().chord_shift(param, J, grad, scale)
+
+    def chord_shift_on_rows(self, param, J, grad, scale):
+        st = self._state_of(param)
+        plain = type(param.data) is torch.Tensor  # (not an FSDP2 shard: rows are global indices)
+        if plain and self._zero_is_momentum(st) and st.exp_avg is not None and st.exp_avg_sq is not None:
+            t = st.step + 1
+            b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
+            c = (st.beta1, st.beta2, b2, st.eps, -(st.lr / b1), -st.lr * st.weight_decay)
+            inputs = (param.detach(), st.exp_avg, st.exp_avg_sq)
+            zero = _ZERO_SHIFT(*inputs, c)
+            if zero is None and len({t.dtype for t in inputs}) == 1 and inputs[0].dtype in (torch.float32, torch.float64):
+                zero = _eager_zero_shift(*inputs, c)
+            if zero is not None:
+                return self._add_chord_on_rows(zero, J, grad, scale)
+        return super().chord_shift_on_rows(param, J, grad, scale)
 
     @classmethod
     def tangent_rule(cls, theta, grad, st: AdamState):

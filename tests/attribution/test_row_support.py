@@ -106,3 +106,27 @@ def test_a_gradient_outside_the_rows_is_refused_as_with_dense_slopes():
     with pytest.raises(Exception, match="'emb.weight' is not the sum of the per-sample contributions") as err:
         opt.step()
     assert isinstance(err.value.__cause__, IncompleteGradientError)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_no_table_sized_slope_or_preconditioned_gradient_is_built(stream, monkeypatch):
+    """The table's J stays on its rows (a RowDiagonal), and so do P, the shift's chord and the check's dot product."""
+    from estimators._contraction import RowSparse
+
+    built = []
+    monkeypatch.setattr(optimizers.RowDiagonal, "apply", lambda self, v: built.append("J.apply"))
+    monkeypatch.setattr(optimizers.RowDiagonal, "diagonal", property(lambda self: built.append("J.diagonal")))
+    monkeypatch.setattr(RowSparse, "dense", lambda self: built.append("P.dense"))
+    seen = []
+    original = optimizers.OptimizerLinearization.preconditioner_on_rows
+
+    def spy(self, param, grad, kind, rows):
+        out = original(self, param, grad, kind, rows)
+        seen.append(type(out).__name__)
+        return out
+
+    monkeypatch.setattr(optimizers.OptimizerLinearization, "preconditioner_on_rows", spy)
+    tracker, _ = _run(True, route="linear", stream=stream)  # default val_point (midpoint) unless streamed
+    assert seen and set(seen) == {"RowDiagonal"}
+    assert not built, f"a table-sized form was built: {sorted(set(built))}"
+    assert len(tracker.history()) == 4 * 6

@@ -179,3 +179,35 @@ def test_tracker_values_with_and_without_compile_agree_and_training_is_untouched
             assert torch.equal(p, q)
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(opt.state[p][key], plain_opt.state[q][key])
+
+
+@given(
+    kind=st.sampled_from(["adam", "adamw"]),
+    steps=st.integers(0, 3),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    amsgrad=st.booleans(),
+    scale=st.sampled_from([0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_shift_on_rows_equals_the_shift_with_the_whole_tables_slope(kind, steps, weight_decay, amsgrad, scale, seed):
+    """Δ(0) + s J ⊙ g from J on a few rows (fused Δ(0), eager, and the base class's form) = the dense chord shift."""
+    w, opt, g = _stepped(kind, steps, seed, lr=1e-2, weight_decay=weight_decay, amsgrad=amsgrad)
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(SHAPE[0], generator=gen)[: SHAPE[0] // 5].sort().values
+    g_rows = torch.zeros_like(g).index_copy_(0, rows, g.index_select(0, rows))  # a gradient on those rows only
+    w.grad = g_rows.clone()
+    lin = optimizers.linearize(opt)
+    J = lin.preconditioner_on_rows(w, g_rows, "secant", rows)
+    assert isinstance(J, optimizers.RowDiagonal) and J.values.shape == (len(rows), SHAPE[1])
+    dense = lin.chord_shift(w, J.diagonal, g_rows, scale)
+    with fused_kernels(False):
+        eager = lin.chord_shift_on_rows(w, J, g_rows, scale)
+    with fused_kernels():
+        fused = lin.chord_shift_on_rows(w, J, g_rows, scale)
+    base = optimizers.OptimizerLinearization.chord_shift_on_rows(lin, w, J, g_rows, scale)
+    for out in (eager, fused, base):
+        assert out.shape == SHAPE and _rel(out, dense) < 1e-12
+    if steps and not amsgrad and (weight_decay == 0 or kind == "adamw"):
+        assert adam._ZERO_SHIFT._compiled is not None and adam._ZERO_SHIFT.broken is None  # the fused Δ(0) ran
+    if scale == 1.0:
+        assert _rel(fused, lin.update(w, g_rows)) < 1e-10  # the chord's end is the real update
