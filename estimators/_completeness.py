@@ -162,33 +162,37 @@ class CompletenessCheck:
 
     def _settle(self) -> None:
         """Reduce every pending tensor in a few batched operations and one transfer to Python."""
-        pending = [(key, e) for key, e in self.entries.items() if e.samples or e.dots or e.roundings]
+        pending = [e for e in self.entries.values() if e.samples or e.dots or e.roundings]
         if not pending:
             return
-        # Every pending [n] block and 0-d sum goes into one vector; segment sums give each
-        # entry's Σ_z ⟨P, c_z⟩, Σ_z |⟨P, c_z⟩|, ⟨P, grad⟩ and rounding with a handful of operations.
-        blocks, seg, scalars, which = [], [], [], []
-        for i, (_, e) in enumerate(pending):
-            for s in e.samples:
-                blocks.append(s.reshape(-1))
-                seg.append(torch.full((s.numel(),), i, dtype=torch.long, device=s.device))
-            scalars += [d.reshape(()) for d in e.dots] + [r.reshape(()) for r in e.roundings]
-            which += [2 * i] * len(e.dots) + [2 * i + 1] * len(e.roundings)
-        m = len(pending)
-        out = torch.zeros(4 * m, dtype=torch.float64)
+        # Every pending [n] block is summed (and its absolute values) and every 0-d sum taken in
+        # one vector, moved to Python at once; the entries then add their parts there. The number of
+        # tensor operations does not grow with the entries (each costs microseconds of dispatch: on
+        # a small model a per-entry form was half of the whole check).
+        blocks, owner, scalars, which = [], [], [], []
+        for e in pending:
+            blocks += [x.reshape(-1) for x in e.samples]
+            owner += [e] * len(e.samples)
+            scalars += e.dots + e.roundings
+            which += [(e, "used")] * len(e.dots) + [(e, "rounding")] * len(e.roundings)
+        parts = []
         if blocks:
-            v = torch.cat([b.to(torch.float64).cpu() for b in blocks])
-            idx = torch.cat(seg).cpu()
-            out[:m].index_add_(0, idx, v)
-            out[m : 2 * m].index_add_(0, idx, v.abs())
+            if len({(x.numel(), x.device, x.dtype) for x in blocks}) == 1:
+                x = torch.stack(blocks).to(torch.float64).cpu()  # [B, n]: every block holds the step's n samples
+                parts += [x.sum(1), x.abs().sum(1)]
+            else:
+                parts += [torch.stack([b.sum(dtype=torch.float64) for b in blocks]).cpu(),
+                          torch.stack([b.abs().sum(dtype=torch.float64) for b in blocks]).cpu()]
         if scalars:
-            out[2 * m :].index_add_(0, torch.tensor(which), torch.stack([s.to(torch.float64).cpu() for s in scalars]))
-        values = out.tolist()
-        for i, (_, e) in enumerate(pending):
-            e.captured += values[i]
-            e.spread += values[m + i]
-            e.used += values[2 * m + 2 * i]
-            e.rounding += values[2 * m + 2 * i + 1]
+            parts.append(_gathered([x if x.dim() == 0 else x.reshape(()) for x in scalars]))
+        values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
+        B = len(blocks)
+        for b, e in enumerate(owner):
+            e.captured += values[b]
+            e.spread += values[B + b]
+        for j, (e, side) in enumerate(which):
+            setattr(e, side, getattr(e, side) + values[2 * B + j])
+        for e in pending:
             e.samples, e.dots, e.roundings = [], [], []
 
     def _rounding(self, e: _Entry) -> None:
@@ -295,3 +299,10 @@ class CompletenessCheck:
                 f"valued. {_CAUSES}"
             )
         return c
+
+
+def _gathered(parts: list[torch.Tensor]) -> torch.Tensor:
+    """0-d tensors as one float64 vector on the CPU (one stack where they share a device and dtype)."""
+    if len({(x.device, x.dtype) for x in parts}) > 1:
+        parts = [x.to(torch.float64).cpu() for x in parts]
+    return torch.stack(parts).to(torch.float64).cpu()
