@@ -37,7 +37,8 @@ class AttributionConfig:
             the SGD proxy ``"sgd"``, J = −lr), or ``"exact"`` / ``"exact-loo"`` (no slope: the
             exact-update game, see :func:`step_values`).
         val_point: where the validation gradient is taken (``"current"``, ``"lookahead"``,
-            ``"midpoint"``).
+            ``"midpoint"``, or ``"predicted"``: the midpoint with the batch gradient replaced by the
+            optimizer's prediction of it, Adam family only, which can stream).
         estimator: ``"ghost"``, ``"ghost-factored"`` or ``"materialized"``.
 
     Raises:
@@ -49,7 +50,7 @@ class AttributionConfig:
         >>> AttributionConfig(val_point="after")
         Traceback (most recent call last):
         ...
-        ValueError: val_point='after' is not accepted; use one of 'current', 'lookahead', 'midpoint'
+        ValueError: val_point='after' is not accepted; use one of 'current', 'lookahead', 'midpoint', 'predicted'
     """
 
     linearization: LinearizationKind | str = LinearizationKind.SECANT

@@ -179,18 +179,20 @@ class StepComputer:
         """Prepare the coming step's in-backward contraction (``val_point="current"`` only).
 
         Before the training forward, θ_t and the optimizer's state are those of the step, so
-        ∇L_val(θ_t) is taken now and J of each parameter is evaluated by the engine's
+        ∇L_val(θ_t) (or at the predicted midpoint, ``val_point="predicted"``) is taken now and J of each parameter is evaluated by the engine's
         post-accumulate-grad hook at the parameter's final gradient (see ``GhostEngine.stream``).
         ``own_hooks=False`` (DistributedDataParallel): the tracker's communication hook hands
         the engine each bucket's averaged gradients instead (``GhostEngine.contract_streamed``).
         """
-        if self.config.val_point is not ValPoint.CURRENT:
-            raise ValueError(f"streaming needs val_point='current', not {self.config.val_point.value!r}")
+        if self.config.val_point not in _STREAMABLE_POINTS:
+            raise ValueError(f"streaming needs val_point='current' or 'predicted', not {self.config.val_point.value!r}")
         stepped = _stepped(optimizer)
         params = [p for p in self.params() if p in stepped]
         lin = optimizers.linearize(optimizer, params=params)
         kind = self.config.linearization
-        val_grads = self.validation_gradients(params)
+        # The predicted point needs the optimizer's state only, which is the step's until step()
+        shift = estimators.val_point_shift(lin, params, None, self.config.val_point)
+        val_grads = self.validation_gradients(params, shift)
 
         def slope(p: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | float:
             # Trainable parameters outside the optimizer do not move: J = 0 (the engine then
@@ -467,6 +469,9 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+#: Validation points known before the backward pass (so the contraction can stream).
+_STREAMABLE_POINTS = (ValPoint.CURRENT, ValPoint.PREDICTED)
+
 #: Parameters with fewer rows keep their whole J (a restriction would save little).
 _MIN_ROWS = 1024
 
@@ -524,8 +529,9 @@ def step_values(
     """Per-sample values of ``batch`` for the step ``optimizer`` is about to take.
 
         φ_z = −⟨J ⊙ ∇L_val(θ*), c_z⟩,   J = tangent, secant or −lr of the update under the
-        optimizer's current state, θ* = θ_t (current), θ_t + Δ(g_B) (lookahead) or
-        θ_t + ½(Δ(g_B) + Δ(0)) (midpoint), c_z = sample z's share of ∇loss_fn on ``batch``.
+        optimizer's current state, θ* = θ_t (current), θ_t + Δ(g_B) (lookahead),
+        θ_t + ½(Δ(g_B) + Δ(0)) (midpoint) or θ_t + ½(Δ(ĝ) + Δ(0)) (predicted), c_z = sample z's
+        share of ∇loss_fn on ``batch``.
 
     The model's parameters, their ``.grad`` and the optimizer's state are left exactly as found.
 
@@ -541,7 +547,8 @@ def step_values(
             leave-one-out marginals of the exact-update game Ū(S) = −⟨∇L_val(θ*), Δ(g_S)⟩, the
             optimizer's real update under its frozen state for each coalition (for steps no
             single J fits: Adam's first steps, Muon's first step; cost n + 1 updates per order).
-        val_point: ``"current"``, ``"lookahead"`` or ``"midpoint"``.
+        val_point: ``"current"``, ``"lookahead"``, ``"midpoint"`` or ``"predicted"`` (θ_t + ½(Δ(ĝ) + Δ(0)),
+            ĝ the optimizer's prediction of the batch gradient: the Adam family's bias-corrected first moment).
         estimator: ``"ghost"``, ``"ghost-factored"`` or ``"materialized"``.
         permutations, seed: sampled orders of ``"exact"`` and the seed of their own generator
             (the global RNG is not used).

@@ -96,8 +96,8 @@ class InRunShapley:
         record_steps: keep every step's per-sample values (``history()``).
         stream: contract each layer during the backward pass, as soon as its gradient is final,
             and release its captured activations there: peak memory as in plain training. The
-            values are the same as without it. Needs ``val_point="current"`` (∇L_val(θ_t) is
-            taken when ``batch()`` is entered, before the forward), one ``batch`` context per
+            values are the same as without it. Needs ``val_point="current"`` or ``"predicted"``
+            (∇L_val is taken when ``batch()`` is entered, before the forward), one ``batch`` context per
             step (no gradient accumulation), no change of the gradient after the backward (no
             clipping that clips, no loss-scale unscaling), a single process,
             DistributedDataParallel (each bucket is contracted in a DDP communication hook at
@@ -257,10 +257,10 @@ class InRunShapley:
         if val_mode not in ("eval", "train"):
             raise ValueError(f"val_mode={val_mode!r} is not accepted; use 'eval' (default) or 'train'")
         self.val_mode = val_mode
-        if self.stream and self.config.val_point is not ValPoint.CURRENT:
+        if self.stream and self.config.val_point not in (ValPoint.CURRENT, ValPoint.PREDICTED):
             raise ValueError(
                 f"stream=True contracts during the backward pass, before the step's update is known, so it needs "
-                f"val_point='current' (got {self.config.val_point.value!r}); pass val_point='current' or stream=False"
+                f"val_point='current' or 'predicted' (got {self.config.val_point.value!r}); pass one of them or stream=False"
             )
         if self.stream and self.config.estimator is EstimatorKind.MATERIALIZED:
             raise ValueError("stream=True needs estimator='ghost' or 'ghost-factored'; 'materialized' builds per-sample gradients after the backward")

@@ -51,16 +51,21 @@ class ValPoint(str, enum.Enum):
 
     * ``CURRENT`` -- ∇L_val(θ_t), the first-order form;
     * ``LOOKAHEAD`` -- ∇L_val(θ_t + Δ(g_B)), pairs with the tangent;
-    * ``MIDPOINT`` -- ∇L_val(θ_t + ½(Δ(g_B) + Δ(0))), pairs with the secant.
+    * ``MIDPOINT`` -- ∇L_val(θ_t + ½(Δ(g_B) + Δ(0))), pairs with the secant;
+    * ``PREDICTED`` -- ∇L_val(θ_t + ½(Δ(ĝ) + Δ(0))), the midpoint with the batch gradient replaced
+      by the optimizer's own prediction of it from its state (Adam's bias-corrected first moment,
+      ``OptimizerLinearization.predicted_gradient``): known before the backward pass, so a
+      second-order validation point that can stream.
 
     Example:
         >>> [v.value for v in ValPoint]
-        ['current', 'lookahead', 'midpoint']
+        ['current', 'lookahead', 'midpoint', 'predicted']
     """
 
     CURRENT = "current"
     LOOKAHEAD = "lookahead"
     MIDPOINT = "midpoint"
+    PREDICTED = "predicted"
 
 
 class GhostPath(str, enum.Enum):

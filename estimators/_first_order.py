@@ -105,7 +105,8 @@ def val_point_shift(
 ) -> dict[torch.Tensor, torch.Tensor] | None:
     """The parameter shift at which the validation gradient is taken (DESIGN section 2).
 
-    * current: no shift (``None``);  * lookahead: Δ(g_B);  * midpoint: ½(Δ(g_B) + Δ(0)).
+    * current: no shift (``None``);  * lookahead: Δ(g_B);  * midpoint: ½(Δ(g_B) + Δ(0));
+    * predicted: ½(Δ(ĝ) + Δ(0)), ĝ = ``lin.predicted_gradient(p)`` (``batch_grads`` unused).
 
     When the step's secant slopes are already known, Δ(g_B) − Δ(0) = J_sec ⊙ g_B by definition,
     so the shift is Δ(0) + J_sec ⊙ g_B (lookahead) or Δ(0) + ½ J_sec ⊙ g_B (midpoint): one
@@ -137,6 +138,8 @@ def val_point_shift(
         """Δ(0), by the rule's shortcut where the linearization has one (a duck-typed one may not)."""
         return lin.zero_update(q) if hasattr(lin, "zero_update") else lin.update(q, torch.zeros_like(g))
 
+    if val_point is ValPoint.PREDICTED:
+        return _predicted_shift(lin, params, zero_updates)
     for p in params:
         g = p.grad if batch_grads is None else batch_grads.get(p)
         if g is None:
@@ -170,6 +173,31 @@ def val_point_shift(
         if zero_updates is not None and zero is not None:
             zero_updates[p] = zero.detach()
         shift[p] = step.detach()
+    return shift
+
+
+def _predicted_shift(lin: Any, params: Iterable[torch.Tensor], zero_updates: dict | None) -> dict[torch.Tensor, torch.Tensor]:
+    """½(Δ(ĝ) + Δ(0)) per parameter, ĝ = ``lin.predicted_gradient(p)``: no batch gradient needed.
+
+    Raises:
+        ValueError: the optimizer of some parameter keeps no prediction of its gradient.
+    """
+    shift = {}
+    for p in params:
+        predict = getattr(lin, "predicted_gradient", None)
+        g_hat = predict(p) if predict is not None else None
+        if g_hat is None:
+            owner = lin.owner(p) if hasattr(lin, "owner") else lin
+            name = getattr(getattr(owner, "optimizer_class", None), "__name__", type(owner).__name__)
+            raise ValueError(
+                f"val_point='predicted' needs the optimizer's prediction of the coming gradient (its first moment), "
+                f"which {name} does not keep for a parameter of shape {tuple(p.shape)}; use val_point='midpoint' "
+                "(stream=False) or 'current', or an optimizer of the Adam family"
+            )
+        zero = lin.zero_update(p) if hasattr(lin, "zero_update") else lin.update(p, torch.zeros_like(g_hat))
+        if zero_updates is not None:
+            zero_updates[p] = zero.detach()
+        shift[p] = torch.add(lin.update(p, g_hat), zero).mul_(0.5).detach()
     return shift
 
 

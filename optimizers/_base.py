@@ -552,6 +552,26 @@ class OptimizerLinearization(abc.ABC):
         """
         return shard_like(self.update_rule(*self._inputs(param, grad, shard=True)), param)
 
+    def predicted_gradient(self, param: torch.Tensor) -> torch.Tensor | None:
+        """ĝ: the optimizer's own prediction of the coming batch gradient from its state, or ``None`` if it keeps none.
+
+        The ``"predicted"`` validation point θ_t + ½(Δ(ĝ) + Δ(0)) uses it in place of g_B, so that
+        it is known before the backward pass. The default has no prediction (``None``: the point
+        is refused for this optimizer); the Adam family gives its bias-corrected first moment
+        m / (1 − β1^t), zero before the first step.
+
+        Args:
+            param: a covered parameter, shape ``S``.
+        Returns:
+            Tensor of shape ``S`` (the parameter's dtype), or ``None``.
+        Example:
+            >>> w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+            >>> opt = torch.optim.Adam([w], lr=0.1); w.grad = torch.tensor([1.0, -2.0], dtype=torch.float64); opt.step()
+            >>> linearize(opt).predicted_gradient(w).tolist()      # one step: m / (1 − β1) = the last gradient
+            [1.0, -2.0]
+        """
+        return None
+
     def zero_update(self, param: torch.Tensor) -> torch.Tensor:
         """Δ(0): the change ``step()`` would make with a zero gradient (what momentum and decay carry).
 

@@ -101,6 +101,9 @@ class LinearizationGroup:
     def chord_shift(self, param: torch.Tensor, J: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
         return self.owner(param).chord_shift(param, J, grad, scale)
 
+    def predicted_gradient(self, param: torch.Tensor) -> torch.Tensor | None:
+        return self.owner(param).predicted_gradient(param)
+
     def chord_shift_on_rows(self, param: torch.Tensor, J: Any, grad: torch.Tensor, scale: float) -> torch.Tensor:
         return self.owner(param).chord_shift_on_rows(param, J, grad, scale)
 

@@ -219,6 +219,17 @@ class _AdamFamily(OptimizerLinearization):
             delta = delta - st.lr * st.weight_decay * theta
         return delta
 
+    def predicted_gradient(self, param):
+        st = self._state_of(param)
+        if st.exp_avg is None or st.step == 0:
+            return torch.zeros_like(param.detach())  # no history yet: no prediction beyond zero
+        # m_t = Σ_k (1 − β1) β1^(t−k) g̃_k: an average of the past effective gradients g̃ = ±g + λθ
+        # (λ the L2 term, − when maximizing) whose weights sum to 1 − β1^t
+        effective = st.exp_avg / (1 - st.beta1**st.step)
+        if st.weight_decay != 0 and not st.decoupled_weight_decay:
+            effective = effective - st.weight_decay * param.detach().to(effective.dtype)
+        return shard_like(-effective if st.maximize else effective, param).to(param.dtype)
+
     def chord_shift(self, param, J, grad, scale):
         st = self._state_of(param)
         if self._zero_is_momentum(st) and st.exp_avg is not None and st.exp_avg_sq is not None and J.shape == param.shape:

@@ -57,7 +57,9 @@ MODES = ("plain", "ghost-factored", "ghost", "materialized", "ghost-factored-str
 #: at every step (``audit_every=1``, ``audit_samples=8``), the audit's cost at its most frequent;
 #: ``ghost-eager`` / ``ghost-compiled`` are ``ghost`` with ``compile=False`` / ``True`` (the optimizer's
 #: formulas unfused or fused, whatever ``compile="auto"`` picks for the model: what fusing saves and costs).
-EXTRA_MODES = ("ghost-audit", "ghost-eager", "ghost-compiled", "opacus-ghost")
+#: ``ghost-predicted-streamed`` streams with the second-order ``val_point="predicted"`` (the midpoint
+#: with the batch gradient replaced by AdamW's bias-corrected first moment).
+EXTRA_MODES = ("ghost-audit", "ghost-eager", "ghost-compiled", "ghost-predicted-streamed", "opacus-ghost")
 #: A peer timed in the same interleaved run (``--peers``, when Opacus is installed): Opacus's ghost
 #: clipping (per-sample gradient norms from the same kind of layer hooks, max_grad_norm 1, no noise).
 PEER_MODES = ("opacus-ghost",)
@@ -66,6 +68,7 @@ EAGER = "-eager"
 COMPILED = "-compiled"
 BASELINE = "plain"
 STREAMED = "-streamed"
+PREDICTED = "-predicted"
 #: (min throughput ratio, max memory ratio) targets per model kind and mode (the performance issues:
 #: the default mode and its streamed variant; memory ≤ 1.05 of plain training for both).
 TARGETS = {
@@ -198,12 +201,13 @@ class Workload:
             self._opacus(cfg)
         elif mode != BASELINE:
             stream = mode.endswith(STREAMED)
-            kw = dict(val_point="current", stream=True) if stream else {}
+            point = "predicted" if mode.removesuffix(STREAMED).endswith(PREDICTED) else "current"
+            kw = dict(val_point=point, stream=True) if stream else {}
             if mode.endswith(AUDIT):
                 kw = dict(audit_every=1, audit_samples=8, audit_threshold=-1.0)  # cost only: no warning
             if mode.endswith((EAGER, COMPILED)):
                 kw = dict(compile=mode.endswith(COMPILED))
-            estimator = mode.removesuffix(STREAMED).removesuffix(AUDIT).removesuffix(EAGER).removesuffix(COMPILED)
+            estimator = mode.removesuffix(STREAMED).removesuffix(PREDICTED).removesuffix(AUDIT).removesuffix(EAGER).removesuffix(COMPILED)
             self.tracker = InRunShapley(self.model, self.opt, self.loss_fn, val if len(val) > 1 else val[0], estimator=estimator, **kw)
         self.step = 0
         self.losses: list[float] = []

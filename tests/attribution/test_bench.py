@@ -374,3 +374,27 @@ def test_nonlinearity_sample_compares_the_trackers_sample_with_the_whole_paramet
     assert first and all(r["whole"] == pytest.approx(1.0, abs=1e-3) and r["agree"] for r in first)
     assert all(0.0 <= r["sampled"] and 0.0 <= r["whole"] for r in rows)
     assert "rows disagree on the route" in capsys.readouterr().out
+
+
+def test_the_predicted_point_streams_in_the_bench_and_trains_as_plain():
+    """``ghost-predicted-streamed``: a tracker with val_point='predicted' and stream=True, the same training as plain."""
+    cfg = bench.BenchConfig(model="mlp", d_in=6, width=8, batch=5, val_batch=3, rounds=1, steps=2, warmup=1,
+                            modes=("ghost-predicted-streamed",), device="cpu", threads=1)
+    w = bench.Workload(cfg, "ghost-predicted-streamed")
+    assert w.tracker.stream and w.tracker.config.val_point.value == "predicted"
+    result = bench.run(cfg, memory=False, progress=False)
+    _check(result, ("plain", "ghost-predicted-streamed"), steps=3)
+
+
+def test_predicted_point_experiment_quick():
+    """The fidelity experiment's rows: the midpoint against itself, and each point's batch total against the game."""
+    from attribution.experiments import predicted_point
+
+    rows = predicted_point.main(["--quick", "--steps", "4", "--skip", "1"])
+    assert {r["val_point"] for r in rows} == set(predicted_point.POINTS) and len(rows) == 4 * 3
+    mid = [r for r in rows if r["val_point"] == "midpoint"]
+    assert all(r["pearson_vs_midpoint"] == 1.0 and r["rel_l2_vs_midpoint"] == 0.0 for r in mid)
+    # Second order: the midpoint's Σ_z φ_z is the batch's game U(B) − U(∅) to well under 5 % (the slope alone, at θ_t, is not)
+    assert all(r["total_rel_error"] is None or r["total_rel_error"] < 0.05 for r in mid[1:])
+    assert any(r["total_rel_error"] is not None for r in mid[1:])
+    assert all(math.isfinite(r["rel_l2_vs_midpoint"]) and r["rel_l2_vs_midpoint"] > 0 for r in rows if r["val_point"] != "midpoint")

@@ -126,7 +126,7 @@ def test_batch_of_one():
     "kwargs,match",
     [
         ({"linearization": "newton"}, r"linearization='newton' is not accepted; use one of 'tangent', 'secant', 'sgd'"),
-        ({"val_point": "end"}, r"val_point='end' is not accepted; use one of 'current', 'lookahead', 'midpoint'"),
+        ({"val_point": "end"}, r"val_point='end' is not accepted; use one of 'current', 'lookahead', 'midpoint', 'predicted'"),
         ({"estimator": "exact"}, r"estimator='exact' is not accepted; use one of 'ghost', 'ghost-factored', 'materialized'"),
     ],
 )

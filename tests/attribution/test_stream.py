@@ -30,7 +30,8 @@ def _streamed():
 def _train(model, opt, loss_fn, batches, val, *, stream, **kw):
     # The slope route on both sides: a streamed step cannot switch to the exact-update route.
     kw.setdefault("route", "linear")
-    with InRunShapley(model, opt, loss_fn, val, val_point="current", stream=stream, record_steps=True, **kw) as tracker:
+    kw.setdefault("val_point", "current")
+    with InRunShapley(model, opt, loss_fn, val, stream=stream, record_steps=True, **kw) as tracker:
         for ids, (x, y) in batches:
             opt.zero_grad()
             with tracker.batch(ids):
@@ -121,10 +122,41 @@ def test_half_precision_parameters_stream_in_float32():
     assert_close(torch.tensor(streamed["value"].to_numpy()), torch.tensor(after["value"].to_numpy()), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("weight_decay, decoupled", [(0.1, True), (0.1, False), (0.0, False)])
+def test_the_predicted_point_streams_with_the_unstreamed_values(weight_decay, decoupled):
+    """val_point='predicted' (θ_t + ½(Δ(m̂) + Δ(0))) is known before the backward: streamed = after the step, to 1e-10."""
+    torch.manual_seed(0)
+    model = TinyLM(vocab=40, width=16, depth=2, heads=2, max_len=8, tied=True).double()
+    opt = (torch.optim.AdamW if decoupled else torch.optim.Adam)(model.parameters(), lr=1e-2, weight_decay=weight_decay)
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    first_model, first_opt = copy.deepcopy((model, opt))
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 40, (25, 9), generator=g)
+    batches = [(list(range(5 * s, 5 * s + 5)), (tokens[5 * s:5 * s + 5, :-1], tokens[5 * s:5 * s + 5, 1:])) for s in range(4)]
+    val = (tokens[20:, :-1], tokens[20:, 1:])
+    streamed = _train(model, opt, _lm_loss, batches, val, stream=True, val_point="predicted")
+    after = _train(twin_model, twin_opt, _lm_loss, batches, val, stream=False, val_point="predicted")
+    current = _train(first_model, first_opt, _lm_loss, batches, val, stream=False, val_point="current")
+    a, b, c = (torch.tensor(h["value"].to_numpy()) for h in (streamed, after, current))
+    assert_close(a, b, rtol=1e-10, atol=1e-14)
+    assert float((b - c).abs().max()) > 1e-3 * float(c.abs().max())  # the point moved after the first step
+    for p, q, r in zip(model.parameters(), twin_model.parameters(), first_model.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r)  # training untouched
+
+
+def test_the_predicted_point_is_refused_for_an_optimizer_without_a_first_moment():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    tracker = InRunShapley(model, opt, LOSS, VAL, val_point="predicted", stream=True)
+    with pytest.raises(ValueError, match=r"val_point='predicted' needs the optimizer's prediction.*SGD does not keep.*'midpoint'"):
+        with tracker.batch(list(range(len(Y)))):
+            LOSS(model(X), Y).backward()
+
+
 # ------------------------------------------------------------------------------ refused uses
 @pytest.mark.parametrize("kw,match", [
-    (dict(val_point="midpoint"), "val_point='current'"),
-    (dict(val_point="lookahead"), "val_point='current'"),
+    (dict(val_point="midpoint"), "val_point='current' or 'predicted'"),
+    (dict(val_point="lookahead"), "val_point='current' or 'predicted'"),
     (dict(val_point="current", estimator="materialized"), "materialized"),
 ])
 def test_stream_refuses_settings_it_cannot_honour(kw, match):

@@ -50,7 +50,7 @@ def _captured(model, path="auto", **kw):
     "call, accepted",
     [
         (lambda: E.preconditioning(FakeLin(), torch.ones(1), torch.ones(1), "newton"), "'tangent', 'secant', 'sgd'"),
-        (lambda: E.val_point_shift(FakeLin(), [], None, "after"), "'current', 'lookahead', 'midpoint'"),
+        (lambda: E.val_point_shift(FakeLin(), [], None, "after"), "'current', 'lookahead', 'midpoint', 'predicted'"),
         (lambda: E.GhostEngine(_mlp(), path="fast"), "'auto', 'dense', 'pairwise', 'factored', 'materialized'"),
         (lambda: E.GhostEngine(_mlp(), factorization="qr"), "'geometric', 'adafactor', 'svd'"),
         (lambda: E.per_sample_grads(_mlp(), F.mse_loss, _xy(), reduction="avg"), "'mean', 'sum'"),

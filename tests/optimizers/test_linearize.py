@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -342,3 +342,47 @@ def test_adam_secant_where_the_squared_gradient_underflows_in_float32_matches_fl
         out[dtype] = AdamLinearization._secant_from_zero(torch.tensor(g, dtype=dtype), st)
     assert torch.isfinite(out[torch.float32]).all()
     torch.testing.assert_close(out[torch.float32].double(), out[torch.float64], rtol=1e-5, atol=0.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["adam", "adamw"]), steps=st.integers(0, 4), beta1=st.sampled_from([0.0, 0.5, 0.9]),
+    weight_decay=st.sampled_from([0.0, 0.1]), maximize=st.booleans(), amsgrad=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_adams_predicted_gradient_is_the_bias_corrected_average_of_past_gradients(kind, steps, beta1, weight_decay, maximize, amsgrad, seed):
+    """ĝ = Σ_k (1 − β1) β1^(t−k) g_k / (1 − β1^t) (effective gradients ±g + λθ with the L2 term taken off), 0 before any step."""
+    import estimators
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.randn(5, dtype=torch.float64, generator=gen))
+    opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind](
+        [w], lr=1e-2, betas=(beta1, 0.99), weight_decay=weight_decay, maximize=maximize, amsgrad=amsgrad
+    )
+    l2 = weight_decay if kind == "adam" else 0.0
+    m = torch.zeros(5, dtype=torch.float64)
+    for _ in range(steps):
+        w.grad = torch.randn(5, dtype=torch.float64, generator=gen)
+        effective = (-w.grad if maximize else w.grad) + l2 * w.detach()
+        m = beta1 * m + (1 - beta1) * effective
+        opt.step()
+    w.grad = torch.randn(5, dtype=torch.float64, generator=gen)  # the coming gradient (ĝ must not read it)
+    lin = optimizers.linearize(opt)
+    want = torch.zeros(5, dtype=torch.float64) if steps == 0 else m / (1 - beta1**steps) - l2 * w.detach()
+    want = -want if maximize and steps else want
+    got = lin.predicted_gradient(w)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+    shift = estimators.val_point_shift(lin, [w], None, "predicted")[w]
+    assert torch.allclose(shift, 0.5 * (lin.update(w, got) + lin.zero_update(w)), rtol=1e-12, atol=1e-15)
+
+
+def test_a_constant_gradient_is_predicted_exactly_and_sgd_has_no_prediction():
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = torch.optim.AdamW([w], lr=1e-2)
+    g = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    for _ in range(3):
+        w.grad = g.clone()
+        opt.step()
+    assert torch.allclose(optimizers.linearize(opt).predicted_gradient(w), g, rtol=1e-14)
+    sgd = torch.optim.SGD([w], lr=1e-2, momentum=0.9)
+    sgd.step()
+    assert optimizers.linearize(sgd).predicted_gradient(w) is None
