@@ -155,7 +155,7 @@ class InRunShapleyCallback(TrainerCallback):
         resume_from: a saved ledger to continue (default: the one in the checkpoint the Trainer
             resumes from).
         stream, val_mode: as for :class:`InRunShapley` (``stream=True`` needs
-            ``val_point="current"``, ``gradient_accumulation_steps=1`` and a ``max_grad_norm`` that
+            ``val_point="current"`` or ``"predicted"``, ``gradient_accumulation_steps=1`` and a ``max_grad_norm`` that
             does not clip, e.g. 0: a clipped step is refused).
         route, nonlinearity_threshold, exact_permutations, seed, credit, momentum_window: as for
             :class:`InRunShapley` (the exact-update route of sign-like first steps; momentum credit).
