@@ -142,7 +142,7 @@ def _values_worker(rank, init_file, out_dir, engine, kind, linearization):
         batches = _global_batches(STEPS)
         model = _shard(_model(kind), kind, engine)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        stream = engine.endswith("-stream")
+        stream = "-stream" in engine
         tracker = InRunShapley(model, opt, loss_fn, val, linearization=linearization, record_steps=True, **_stream_options(engine))
         _train(rank, model, opt, tracker, x, y, loss_fn, batches[:2])
         path = f"{out_dir}/run.ledger"
@@ -175,12 +175,17 @@ def _values_worker(rank, init_file, out_dir, engine, kind, linearization):
 
 
 def _stream_options(engine):
-    """``ddp-stream`` / ``fsdp-stream``: the contraction streamed in the backward (it needs val_point='current').
+    """``ddp-stream`` / ``fsdp-stream``: the contraction streamed in the backward (at val_point='current' or 'predicted').
 
     Under DDP each bucket is contracted in the tracker's communication hook; under FSDP2 each
     parameter in its post-accumulate-grad hook, which ``fully_shard`` calls after the reduce-scatter.
     """
-    return {"stream": True, "val_point": "current"} if engine.endswith("-stream") else {}
+    return {"stream": True, "val_point": _point(engine)} if "-stream" in engine else {}
+
+
+def _point(engine):
+    """``…-stream-predicted``: streamed at the second-order predicted point (Adam's first moment as ĝ)."""
+    return "predicted" if engine.endswith("-predicted") else "current"
 
 
 def _single_process(kind, linearization, engine):
@@ -191,7 +196,7 @@ def _single_process(kind, linearization, engine):
     # Multi-process runs cannot take the exact-update route (each rank holds its own samples only):
     # the reference is the slope route, with ν computed (an infinite threshold never switches).
     # The streamed DDP run is compared with stream=False at the same validation point.
-    options = {"val_point": "current"} if engine.endswith("-stream") else {}
+    options = {"val_point": _point(engine)} if "-stream" in engine else {}
     tracker = InRunShapley(
         model, opt, loss_fn, val, linearization=linearization, record_steps=True, nonlinearity_threshold=float("inf"),
         **options,
@@ -205,6 +210,7 @@ def _single_process(kind, linearization, engine):
     [
         ("fsdp", "mlp", "secant"), ("fsdp", "mlp", "tangent"), ("fsdp", "lm", "secant"), ("ddp", "mlp", "secant"),
         ("ddp-stream", "lm", "secant"), ("fsdp-stream", "mlp", "secant"), ("fsdp-stream", "lm", "tangent"),
+        ("ddp-stream-predicted", "lm", "secant"), ("fsdp-stream-predicted", "mlp", "secant"),
     ],
 )
 def test_values_history_and_resume_equal_a_single_process_run(tmp_path, engine, kind, linearization):
