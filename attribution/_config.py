@@ -38,7 +38,7 @@ class AttributionConfig:
             exact-update game, see :func:`step_values`).
         val_point: where the validation gradient is taken (``"current"``, ``"lookahead"``,
             ``"midpoint"``, or ``"predicted"``: the midpoint with the batch gradient replaced by the
-            optimizer's prediction of it, Adam family only, which can stream).
+            optimizer's prediction of it, for Adam, AdamW, NAdam, RAdam and Adamax, which can stream).
         estimator: ``"ghost"``, ``"ghost-factored"`` or ``"materialized"``.
 
     Raises:

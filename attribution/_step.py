@@ -548,7 +548,7 @@ def step_values(
             optimizer's real update under its frozen state for each coalition (for steps no
             single J fits: Adam's first steps, Muon's first step; cost n + 1 updates per order).
         val_point: ``"current"``, ``"lookahead"``, ``"midpoint"`` or ``"predicted"`` (θ_t + ½(Δ(ĝ) + Δ(0)),
-            ĝ the optimizer's prediction of the batch gradient: the Adam family's bias-corrected first moment).
+            ĝ the optimizer's prediction of the batch gradient: the bias-corrected first moment of Adam, AdamW, NAdam, RAdam, Adamax).
         estimator: ``"ghost"``, ``"ghost-factored"`` or ``"materialized"``.
         permutations, seed: sampled orders of ``"exact"`` and the seed of their own generator
             (the global RNG is not used).

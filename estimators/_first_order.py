@@ -192,7 +192,7 @@ def _predicted_shift(lin: Any, params: Iterable[torch.Tensor], zero_updates: dic
             raise ValueError(
                 f"val_point='predicted' needs the optimizer's prediction of the coming gradient (its first moment), "
                 f"which {name} does not keep for a parameter of shape {tuple(p.shape)}; use val_point='midpoint' "
-                "(stream=False) or 'current', or an optimizer of the Adam family"
+                "(stream=False) or 'current', or an optimizer that keeps one (Adam, AdamW, NAdam, RAdam, Adamax)"
             )
         zero = lin.zero_update(p) if hasattr(lin, "zero_update") else lin.update(p, torch.zeros_like(g_hat))
         if zero_updates is not None:

@@ -557,8 +557,9 @@ class OptimizerLinearization(abc.ABC):
 
         The ``"predicted"`` validation point θ_t + ½(Δ(ĝ) + Δ(0)) uses it in place of g_B, so that
         it is known before the backward pass. The default has no prediction (``None``: the point
-        is refused for this optimizer); the Adam family gives its bias-corrected first moment
-        m / (1 − β1^t), zero before the first step.
+        is refused for this optimizer); the Adam family, NAdam, RAdam and Adamax give their
+        bias-corrected first moment m / (1 − β1^t), zero before the first step
+        (:func:`first_moment_prediction`).
 
         Args:
             param: a covered parameter, shape ``S``.
@@ -1110,6 +1111,29 @@ class OptimizerLinearization(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} parameters)"
+
+
+def first_moment_prediction(param: torch.Tensor, state: ParamState) -> torch.Tensor:
+    """ĝ from an Adam-style first moment m ← β1 m + (1 − β1) g̃: m / (1 − β1^t), L2 term off, sign of ``maximize``.
+
+    For the rules that keep such an ``exp_avg`` (Adam, AdamW, NAdam, RAdam, Adamax):
+    m_t = Σ_k (1 − β1) β1^(t−k) g̃_k averages the past effective gradients g̃ = ±g + λθ (λ the L2
+    term, − when maximizing) with weights summing to 1 − β1^t. Zero before the first step.
+
+    Args:
+        param: the parameter, shape ``S``.
+        state: its frozen state, with fields ``exp_avg``, ``beta1``, ``step``, ``weight_decay``,
+            ``maximize`` (and ``decoupled_weight_decay``, False if absent: L2 decay).
+    Returns:
+        Tensor of shape ``S`` in the parameter's dtype.
+    """
+    m, step = state.exp_avg, state.step
+    if m is None or step == 0:
+        return torch.zeros_like(param.detach())  # no history yet: no prediction beyond zero
+    effective = m / (1 - state.beta1**step)
+    if state.weight_decay != 0 and not getattr(state, "decoupled_weight_decay", False):
+        effective = effective - state.weight_decay * param.detach().to(effective.dtype)
+    return shard_like(-effective if state.maximize else effective, param).to(param.dtype)
 
 
 def registered() -> dict[type[torch.optim.Optimizer], type[OptimizerLinearization]]:

@@ -42,6 +42,7 @@ from ._base import (
     ParamState,
     UnsupportedOptimizerError,
     as_float,
+    first_moment_prediction,
     state_tensor,
     zeros_or,
 )
@@ -220,15 +221,7 @@ class _AdamFamily(OptimizerLinearization):
         return delta
 
     def predicted_gradient(self, param):
-        st = self._state_of(param)
-        if st.exp_avg is None or st.step == 0:
-            return torch.zeros_like(param.detach())  # no history yet: no prediction beyond zero
-        # m_t = Σ_k (1 − β1) β1^(t−k) g̃_k: an average of the past effective gradients g̃ = ±g + λθ
-        # (λ the L2 term, − when maximizing) whose weights sum to 1 − β1^t
-        effective = st.exp_avg / (1 - st.beta1**st.step)
-        if st.weight_decay != 0 and not st.decoupled_weight_decay:
-            effective = effective - st.weight_decay * param.detach().to(effective.dtype)
-        return shard_like(-effective if st.maximize else effective, param).to(param.dtype)
+        return first_moment_prediction(param, self._state_of(param))
 
     def chord_shift(self, param, J, grad, scale):
         st = self._state_of(param)

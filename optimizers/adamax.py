@@ -33,7 +33,7 @@ from typing import Any
 import sympy
 import torch
 
-from ._base import OptimizerLinearization, ParamState, as_float, state_tensor, zeros_or
+from ._base import OptimizerLinearization, ParamState, as_float, first_moment_prediction, state_tensor, zeros_or
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +83,9 @@ class AdamaxLinearization(OptimizerLinearization, optimizer=torch.optim.Adamax):
     """
 
     momentum_buffer = "exp_avg"
+
+    def predicted_gradient(self, param):
+        return first_moment_prediction(param, self._state_of(param))
 
     @classmethod
     def momentum_coefficients(cls, state):

@@ -29,7 +29,7 @@ import sympy
 import torch
 
 from ._algebra import ratio_chord
-from ._base import OptimizerLinearization, ParamState, as_float, state_tensor, zeros_or
+from ._base import OptimizerLinearization, ParamState, as_float, first_moment_prediction, state_tensor, zeros_or
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -95,6 +95,9 @@ class NAdamLinearization(OptimizerLinearization, optimizer=torch.optim.NAdam):
     """
 
     momentum_buffer = "exp_avg"
+
+    def predicted_gradient(self, param):
+        return first_moment_prediction(param, self._state_of(param))
 
     @classmethod
     def momentum_coefficients(cls, state):

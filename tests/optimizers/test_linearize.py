@@ -346,19 +346,26 @@ def test_adam_secant_where_the_squared_gradient_underflows_in_float32_matches_fl
 
 @settings(max_examples=40, deadline=None)
 @given(
-    kind=st.sampled_from(["adam", "adamw"]), steps=st.integers(0, 4), beta1=st.sampled_from([0.0, 0.5, 0.9]),
+    kind=st.sampled_from(["adam", "adamw", "nadam", "nadam-decoupled", "radam", "radam-decoupled", "adamax"]),
+    steps=st.integers(0, 4), beta1=st.sampled_from([0.0, 0.5, 0.9]),
     weight_decay=st.sampled_from([0.0, 0.1]), maximize=st.booleans(), amsgrad=st.booleans(), seed=st.integers(0, 2**16),
 )
-def test_adams_predicted_gradient_is_the_bias_corrected_average_of_past_gradients(kind, steps, beta1, weight_decay, maximize, amsgrad, seed):
+def test_the_predicted_gradient_is_the_bias_corrected_average_of_past_gradients(kind, steps, beta1, weight_decay, maximize, amsgrad, seed):
     """ĝ = Σ_k (1 − β1) β1^(t−k) g_k / (1 − β1^t) (effective gradients ±g + λθ with the L2 term taken off), 0 before any step."""
     import estimators
 
     gen = torch.Generator().manual_seed(seed)
     w = torch.nn.Parameter(torch.randn(5, dtype=torch.float64, generator=gen))
-    opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind](
-        [w], lr=1e-2, betas=(beta1, 0.99), weight_decay=weight_decay, maximize=maximize, amsgrad=amsgrad
-    )
-    l2 = weight_decay if kind == "adam" else 0.0
+    hyper = dict(lr=1e-2, betas=(beta1, 0.99), weight_decay=weight_decay, maximize=maximize)
+    base = kind.removesuffix("-decoupled")
+    if base in ("adam", "adamw"):
+        hyper["amsgrad"] = amsgrad
+    if kind.endswith("-decoupled"):
+        hyper["decoupled_weight_decay"] = True
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "nadam": torch.optim.NAdam, "radam": torch.optim.RAdam,
+           "adamax": torch.optim.Adamax}[base]
+    opt = cls([w], **hyper)
+    l2 = 0.0 if kind == "adamw" or kind.endswith("-decoupled") else weight_decay
     m = torch.zeros(5, dtype=torch.float64)
     for _ in range(steps):
         w.grad = torch.randn(5, dtype=torch.float64, generator=gen)
