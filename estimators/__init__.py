@@ -38,6 +38,7 @@ from ._completeness import CompletenessCheck, IncompleteGradientError
 from ._config import Factorization, GhostPath, LinearizationKind, PerSampleMethod, Reduction, ValPoint, parse_enum
 from ._exact import ExactValues, exact_update_values, update_nonlinearity
 from ._engine import GhostEngine, GhostEngineError, ParameterUseError, UncoveredParameterError
+from ._errors import NoGradientPredictionError
 from ._factorize import factored_error, rank_one
 from ._factors import Bilinear, DenseFactor, Factor, OneHotFactor, PerSample, Term
 from ._first_order import (
@@ -76,6 +77,7 @@ __all__ = [
     "SampleInteractionError",
     "Term",
     "UncoveredParameterError",
+    "NoGradientPredictionError",
     "ValPoint",
     "check_loss_additive",
     "check_samples_independent",

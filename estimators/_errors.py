@@ -13,3 +13,7 @@ class ParameterUseError(RuntimeError):
 
 class GhostEngineError(RuntimeError):
     """The captured passes cannot produce values (nothing captured, inconsistent batch sizes, ...)."""
+
+
+class NoGradientPredictionError(ValueError):
+    """``val_point="predicted"`` with an optimizer that keeps no prediction of the coming gradient (no first moment)."""

@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 from optimizers._preconditioner import Preconditioner, RowDiagonal, as_preconditioner
 
 from ._config import LinearizationKind, PerSampleMethod, Reduction, ValPoint, parse_enum
+from ._errors import NoGradientPredictionError
 from persample import PerSampleGrads, check_samples_independent, sample_contributions
 
 # The project's loss convention (as in a training loop): loss_fn(model(inputs), targets) -> scalar,
@@ -180,7 +181,7 @@ def _predicted_shift(lin: Any, params: Iterable[torch.Tensor], zero_updates: dic
     """½(Δ(ĝ) + Δ(0)) per parameter, ĝ = ``lin.predicted_gradient(p)``: no batch gradient needed.
 
     Raises:
-        ValueError: the optimizer of some parameter keeps no prediction of its gradient.
+        NoGradientPredictionError: the optimizer of some parameter keeps no prediction of its gradient.
     """
     shift = {}
     for p in params:
@@ -189,7 +190,7 @@ def _predicted_shift(lin: Any, params: Iterable[torch.Tensor], zero_updates: dic
         if g_hat is None:
             owner = lin.owner(p) if hasattr(lin, "owner") else lin
             name = getattr(getattr(owner, "optimizer_class", None), "__name__", type(owner).__name__)
-            raise ValueError(
+            raise NoGradientPredictionError(
                 f"val_point='predicted' needs the optimizer's prediction of the coming gradient (its first moment), "
                 f"which {name} does not keep for a parameter of shape {tuple(p.shape)}; use val_point='midpoint' "
                 "(stream=False) or 'current', or an optimizer that keeps one (Adam, AdamW, NAdam, RAdam, Adamax)"

@@ -162,12 +162,15 @@ ESTIMATOR_VAL_POINTS = {"auto": ("midpoint",), "exact": ("midpoint",)}
 #: its variant is ``twin/exact``.
 DIAGNOSTICS = ("exact-g", "twin")
 VAL_POINTS = ("current", "lookahead", "midpoint")
+#: Also accepted (the ``predicted`` grid): the midpoint with g_B replaced by the optimizer's
+#: prediction of it, known before the backward (refused, as a variant, for optimizers keeping none).
+ACCEPTED_VAL_POINTS = (*VAL_POINTS, "predicted")
 TRUTHS = ("loo", "shapley")
 #: Metrics copied from validation.fidelity into every row.
 METRICS = ("pearson", "spearman", "kendall", "top_k_overlap", "sign_agreement", "relative_l2_error", "relative_efficiency_gap")
-#: Variants shown in the per-cell markdown tables (all twelve are in cells.csv).
-KEY_VARIANTS = ("sgd/current", "tangent/current", "tangent/lookahead", "secant/current", "secant/midpoint", "auto/midpoint",
-                "exact/midpoint", "factored/lookahead", "exact-g/current", "twin/exact")
+#: Variants shown in the per-cell markdown tables, where the grid has them (every variant is in cells.csv).
+KEY_VARIANTS = ("sgd/current", "tangent/current", "tangent/lookahead", "secant/current", "secant/midpoint", "secant/predicted",
+                "auto/midpoint", "exact/midpoint", "factored/lookahead", "exact-g/current", "exact-g/predicted", "twin/exact")
 
 
 def _check_names(values, accepted, field: str) -> tuple:
@@ -236,7 +239,7 @@ class FidelityConfig(JsonConfig):
         set_("models", _check_names(self.models, MODELS, "models"))
         set_("optimizers", _check_names(self.optimizers, tuple(OPTIMIZERS), "optimizers"))
         set_("estimators", _check_names(self.estimators, (*ESTIMATORS, *DIAGNOSTICS), "estimators"))
-        set_("val_points", _check_names(self.val_points, VAL_POINTS, "val_points"))
+        set_("val_points", _check_names(self.val_points, ACCEPTED_VAL_POINTS, "val_points"))
         for est in self.estimators:
             if est in ESTIMATOR_VAL_POINTS and not set(ESTIMATOR_VAL_POINTS[est]) & set(self.val_points):
                 raise ValueError(
@@ -286,11 +289,19 @@ EARLY_GRID = FidelityConfig(
     estimators=("secant", "auto", "exact", "sgd", "exact-g"), truths=("shapley",),
     headline=("mlp", "adam", "step 1", "shapley"), thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
 )
+#: The streamable second-order point against the midpoint and the first-order point (issue: the
+#: default mode streamed): the Adam family, where the optimizer keeps a first moment to predict g_B.
+PREDICTED_GRID = FidelityConfig(
+    models=("mlp", "cnn", "lm"), optimizers=("adam", "adamw", "adam-lr1e-2"),
+    phases=(("early", 10), ("mid", 100), ("late", 400)), estimators=("secant", "exact-g"),
+    val_points=("current", "midpoint", "predicted"), truths=("shapley", "loo"), headline=("cnn", "adam", "mid", "shapley"),
+)
 #: ``--grid`` name -> (configuration, default output folder).
 GRIDS = {
     "default": (FidelityConfig(), "results/fidelity"),
     "optimizers": (OPTIMIZER_GRID, "results/fidelity_optimizers"),
     "early": (EARLY_GRID, "results/fidelity_early"),
+    "predicted": (PREDICTED_GRID, "results/fidelity_predicted"),
 }
 
 
@@ -481,7 +492,7 @@ def exact_in_g_values(model, opt, loss_fn, batch, val_batch, truth: str, val_poi
     Adafactor) are evaluated per coalition (:func:`coalition_updates`).
 
     Returns:
-        ``{val_point: float64 [n]}``.
+        ``{val_point: float64 [n]}``, without ``"predicted"`` for an optimizer that predicts no gradient.
     """
     contribs = validation.per_sample_grads(model, loss_fn, batch)
     n = next(iter(contribs.values())).shape[0]
@@ -490,11 +501,15 @@ def exact_in_g_values(model, opt, loss_fn, batch, val_batch, truth: str, val_poi
     try:
         params = {name: p for name, p in named.items() if p in lin}
         grads = {p: p.grad for p in params.values()}
+        shifts = {}
+        for vp in val_points:
+            try:
+                shifts[vp] = estimators.val_point_shift(lin, list(params.values()), grads, vp)
+            except estimators.NoGradientPredictionError:
+                continue  # left out of the result: the caller records the variant as refused
+        val_points = list(shifts)
         val_grads = {
-            vp: estimators.validation_gradients(
-                model, loss_fn, [val_batch], params=list(params.values()),
-                shift=estimators.val_point_shift(lin, list(params.values()), grads, vp),
-            )[0]
+            vp: estimators.validation_gradients(model, loss_fn, [val_batch], params=list(params.values()), shift=shifts[vp])[0]
             for vp in val_points
         }
         u = torch.zeros(len(masks), len(val_points), dtype=torch.float64)
@@ -650,7 +665,11 @@ def _cell(model, opt, loss_fn, batch, val_batch, truth: str, config: FidelityCon
             t0 = time.perf_counter()
             exact = exact_in_g_values(model, opt, loss_fn, batch, val_batch, truth, config.val_points)
             for vp in config.val_points:
-                estimates[f"{est_name}/{vp}"] = exact[vp]
+                if vp in exact:
+                    estimates[f"{est_name}/{vp}"] = exact[vp]
+                else:  # the predicted point of an optimizer that predicts no gradient
+                    estimates[f"{est_name}/{vp}"] = torch.full_like(target, float("nan"))
+                    refused[f"{est_name}/{vp}"] = "no gradient prediction"
                 seconds[f"{est_name}/{vp}"] = (time.perf_counter() - t0) / len(config.val_points)
             continue
         if est_name == "auto" and "midpoint" in config.val_points:
@@ -664,17 +683,20 @@ def _cell(model, opt, loss_fn, batch, val_batch, truth: str, config: FidelityCon
             seconds["twin/exact"] = time.perf_counter() - t0
             continue
         reason = None
-        for vp in [v for v in config.val_points if v in ESTIMATOR_VAL_POINTS.get(est_name, VAL_POINTS)]:
+        for vp in [v for v in config.val_points if v in ESTIMATOR_VAL_POINTS.get(est_name, ACCEPTED_VAL_POINTS)]:
             variant = f"{est_name}/{vp}"
             t0 = time.perf_counter()
+            point_reason = None
             if reason is None:
                 try:
                     estimates[variant] = step_values(model, opt, loss_fn, batch, val_batch, val_point=vp, **ESTIMATORS[est_name])
                 except optimizers.UpdateJumpError as error:
                     reason = _refusal(error)
-            if reason is not None:
+                except estimators.NoGradientPredictionError as error:
+                    point_reason = _refusal(error)  # this point only: the optimizer predicts no gradient
+            if reason is not None or point_reason is not None:
                 estimates[variant] = torch.full_like(target, float("nan"))
-                refused[variant] = reason
+                refused[variant] = reason or point_reason
             seconds[variant] = time.perf_counter() - t0
     rows = []
     nan_metrics = {m: float("nan") for m in METRICS}
@@ -1179,7 +1201,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"({', '.join(NEW_OPTIMIZERS)} and Adam as the reference, steps 1, 3, 10, 100, 400, MLP and LM, "
                              f"with the twin diagnostic) or 'early' ({', '.join(EARLY_OPTIMIZERS)} at steps 1, 2, 3, 5, 10 on the "
                              "MLP, CNN and LM: secant, the tracker's default route 'auto', the exact-update game 'exact') "
-                             "(default: %(default)s)")
+                             "or 'predicted' (Adam, AdamW, Adam lr 1e-2 on the MLP, CNN and LM: the secant at the current, "
+                             "midpoint and predicted validation points) (default: %(default)s)")
     parser.add_argument("--optimizers", type=_csv, default=None,
                         help=f"comma-separated optimizers from {', '.join(OPTIMIZERS)} (default: the grid's)")
     parser.add_argument("--models", type=_csv, default=None, help=f"comma-separated models from {', '.join(MODELS)} (default: the grid's)")
@@ -1188,7 +1211,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated steps to value, named 'step N', e.g. 1,3,10 (default: the grid's)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: results/fidelity, results/fidelity_optimizers with --grid optimizers, "
-                             "results/fidelity_early with --grid early, or results/fidelity-quick with --quick)")
+                             "results/fidelity_early with --grid early, results/fidelity_predicted with --grid predicted, or results/fidelity-quick with --quick)")
     parser.add_argument("--rewrite-report", metavar="DIR", default=None,
                         help="run nothing: write DIR/results.md again from the CSV files of the run in DIR (default: off)")
     return parser

@@ -363,3 +363,29 @@ def test_auto_values_are_what_step_values_gives():
         opt.zero_grad()
         loss(model(x), y).backward()
         opt.step()
+
+
+# ------------------------------------------------------------------ the predicted grid (the streamable second-order point)
+
+
+def test_the_predicted_point_in_the_study_is_valued_for_adam_and_refused_for_sgd():
+    """``val_point="predicted"`` cells: finite R for Adam (secant and exact-g), a recorded refusal for SGD, never dropped."""
+    grid = fidelity.PREDICTED_GRID
+    assert "predicted" in grid.val_points and FidelityConfig().val_points == fidelity.VAL_POINTS  # the default grid unchanged
+    config = FidelityConfig(
+        seeds=(0,), models=("mlp",), optimizers=("adam", "sgd-momentum"), phases=(("step 3", 3),), truths=("loo",),
+        estimators=("secant", "exact-g"), val_points=("midpoint", "predicted"), loo_batch=16, shapley_batch=4, val_size=16,
+    )
+    rows = []
+    for optimizer in config.optimizers:
+        rows += fidelity.run_one("mlp", optimizer, 0, config)[0]
+    cells = pd.DataFrame(rows)
+    assert len(cells) == 2 * 2 * 2  # optimizers × estimators × val points
+    adam, sgd = cells[cells.optimizer == "adam"], cells[cells.optimizer == "sgd-momentum"]
+    assert (adam.refused == "").all() and adam.pearson.notna().all()
+    refused = sgd[sgd.val_point == "predicted"]
+    assert len(refused) == 2 and refused.pearson.isna().all() and (refused.refused != "").all()
+    assert refused[refused.estimator == "secant"].refused.str.contains("NoGradientPredictionError").all()
+    assert (sgd[sgd.val_point == "midpoint"].refused == "").all()
+    config, out = fidelity.config_from_args(fidelity.build_parser().parse_args(["--grid", "predicted", "--models", "mlp"]))
+    assert out == "results/fidelity_predicted" and config.val_points == ("current", "midpoint", "predicted")
