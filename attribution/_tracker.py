@@ -15,7 +15,7 @@ from torch import nn
 
 import estimators
 import optimizers
-from estimators import IncompleteGradientError, ValPoint
+from estimators import IncompleteGradientError
 
 from estimators._sharded import reshard
 from optimizers._fused import fused_kernels
@@ -26,7 +26,7 @@ from ._distributed import attach_stream_hook, data_parallel, refuse_under_fsdp
 from ._audit import timed_audit
 from ._momentum import MomentumCredit
 from ._ledger import Ledger, atomic_save, check_same_validation, load_checked, normalize_ids, val_fingerprint
-from ._step import DEFAULT_NONLINEARITY_THRESHOLD, StepComputer, as_val_batches, warn_unstepped
+from ._step import _STREAMABLE_POINTS, DEFAULT_NONLINEARITY_THRESHOLD, StepComputer, as_val_batches, warn_unstepped
 
 
 #: optimizer -> ids of the step pre-hooks that belong to trackers (several trackers may share one
@@ -257,7 +257,7 @@ class InRunShapley:
         if val_mode not in ("eval", "train"):
             raise ValueError(f"val_mode={val_mode!r} is not accepted; use 'eval' (default) or 'train'")
         self.val_mode = val_mode
-        if self.stream and self.config.val_point not in (ValPoint.CURRENT, ValPoint.PREDICTED):
+        if self.stream and self.config.val_point not in _STREAMABLE_POINTS:
             raise ValueError(
                 f"stream=True contracts during the backward pass, before the step's update is known, so it needs "
                 f"val_point='current' or 'predicted' (got {self.config.val_point.value!r}); pass one of them or stream=False"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from optimizers._preconditioner import Preconditioner, RowDiagonal, as_preconditioner
+from optimizers._preconditioner import Preconditioner, RowDiagonal, alone_on_storage, as_preconditioner
 
 from ._config import LinearizationKind, PerSampleMethod, Reduction, ValPoint, parse_enum
 from ._errors import NoGradientPredictionError
@@ -139,8 +139,10 @@ def val_point_shift(
         """Δ(0), by the rule's shortcut where the linearization has one (a duck-typed one may not)."""
         return lin.zero_update(q) if hasattr(lin, "zero_update") else lin.update(q, torch.zeros_like(g))
 
+    params = list(params)
     if val_point is ValPoint.PREDICTED:
-        return _predicted_shift(lin, params, zero_updates)
+        # The midpoint with g_B replaced by ĝ; the secant slopes (at g_B) do not apply at ĝ
+        batch_grads, secant, val_point = {p: _predicted_gradient(lin, p) for p in params}, None, ValPoint.MIDPOINT
     for p in params:
         g = p.grad if batch_grads is None else batch_grads.get(p)
         if g is None:
@@ -177,29 +179,23 @@ def val_point_shift(
     return shift
 
 
-def _predicted_shift(lin: Any, params: Iterable[torch.Tensor], zero_updates: dict | None) -> dict[torch.Tensor, torch.Tensor]:
-    """½(Δ(ĝ) + Δ(0)) per parameter, ĝ = ``lin.predicted_gradient(p)``: no batch gradient needed.
+def _predicted_gradient(lin: Any, p: torch.Tensor) -> torch.Tensor:
+    """ĝ = ``lin.predicted_gradient(p)``, the optimizer's prediction of p's coming gradient.
 
     Raises:
-        NoGradientPredictionError: the optimizer of some parameter keeps no prediction of its gradient.
+        NoGradientPredictionError: the optimizer of ``p`` keeps no prediction of its gradient.
     """
-    shift = {}
-    for p in params:
-        predict = getattr(lin, "predicted_gradient", None)
-        g_hat = predict(p) if predict is not None else None
-        if g_hat is None:
-            owner = lin.owner(p) if hasattr(lin, "owner") else lin
-            name = getattr(getattr(owner, "optimizer_class", None), "__name__", type(owner).__name__)
-            raise NoGradientPredictionError(
-                f"val_point='predicted' needs the optimizer's prediction of the coming gradient (its first moment), "
-                f"which {name} does not keep for a parameter of shape {tuple(p.shape)}; use val_point='midpoint' "
-                "(stream=False) or 'current', or an optimizer that keeps one (Adam, AdamW, NAdam, RAdam, Adamax)"
-            )
-        zero = lin.zero_update(p) if hasattr(lin, "zero_update") else lin.update(p, torch.zeros_like(g_hat))
-        if zero_updates is not None:
-            zero_updates[p] = zero.detach()
-        shift[p] = torch.add(lin.update(p, g_hat), zero).mul_(0.5).detach()
-    return shift
+    predict = getattr(lin, "predicted_gradient", None)
+    g_hat = predict(p) if predict is not None else None
+    if g_hat is None:
+        owner = lin.owner(p) if hasattr(lin, "owner") else lin
+        name = getattr(getattr(owner, "optimizer_class", None), "__name__", type(owner).__name__)
+        raise NoGradientPredictionError(
+            f"val_point='predicted' needs the optimizer's prediction of the coming gradient (its first moment), "
+            f"which {name} does not keep for a parameter of shape {tuple(p.shape)}; use val_point='midpoint' "
+            "(stream=False) or 'current', or an optimizer that keeps one (Adam, AdamW, NAdam, RAdam, Adamax)"
+        )
+    return g_hat
 
 
 @contextlib.contextmanager
@@ -269,10 +265,8 @@ def _sole_owner(s: torch.Tensor, p: torch.Tensor) -> bool:
     ``getrefcount``'s own make three) and no other tensor on its storage (a view, a detached
     alias: the storage's use count is this tensor's and the temporary storage object's).
     """
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
     return (
-        use_count is not None
-        and type(s) is torch.Tensor
+        type(s) is torch.Tensor
         and not s.requires_grad
         and not s._is_view()
         and s.storage_offset() == 0
@@ -281,7 +275,7 @@ def _sole_owner(s: torch.Tensor, p: torch.Tensor) -> bool:
         and s.dtype == p.dtype
         and s.device == p.device
         and sys.getrefcount(s) <= 3
-        and use_count(s.untyped_storage()._cdata) == 2
+        and alone_on_storage(s)
     )
 
 
@@ -292,13 +286,10 @@ def _storage_swappable(params: list[torch.Tensor]) -> bool:
     a flat buffer the parameters are carved from). Such a view would keep reading θ after
     ``param.data`` points elsewhere; moved in place, it reads the shifted point as training would.
     """
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:
-        return False
     for p in params:
         if type(p.data) is not torch.Tensor or p.layout is not torch.strided:
             return False  # a DTensor shard, a sparse or other subclass tensor
-        if use_count(p.untyped_storage()._cdata) != 2:  # p's own and the temporary storage object's
+        if not alone_on_storage(p):
             return False
     return True
 

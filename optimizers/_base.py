@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import sympy
 import torch
 
-from ._preconditioner import Diagonal, Preconditioner, RowDiagonal, Scalar, shard_like, shards_of
+from ._preconditioner import Diagonal, Preconditioner, RowDiagonal, Scalar, alone_on_storage, shard_like, shards_of
 
 _REGISTRY: dict[type[torch.optim.Optimizer], type[OptimizerLinearization]] = {}
 _HALF = (torch.float16, torch.bfloat16)
@@ -1038,8 +1038,7 @@ class OptimizerLinearization(abc.ABC):
     @staticmethod
     def _add_chord_on_rows(zero: torch.Tensor, J: RowDiagonal, grad: torch.Tensor, scale: float) -> torch.Tensor:
         """``zero`` (Δ(0), overwritten where nothing else holds its memory) plus scale · J ⊙ grad on ``J.rows``."""
-        use_count = getattr(torch._C, "_storage_Use_Count", None)
-        if use_count is None or zero._is_view() or use_count(zero.untyped_storage()._cdata) != 2:
+        if zero._is_view() or not alone_on_storage(zero):
             zero = zero.clone()  # a rule's Δ(0) that aliases its state or a view: never written into
         rows = J.rows
         chord = J.values.to(zero.dtype) * grad.detach().index_select(0, rows).to(zero.dtype)

@@ -335,6 +335,16 @@ def shard_like(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     )
 
 
+def alone_on_storage(t: torch.Tensor) -> bool:
+    """Whether no other tensor (a view, a detached alias, another parameter) shares ``t``'s memory.
+
+    The storage's use count is ``t``'s own and the temporary storage object's; a torch without
+    the counter answers False (nothing is then written over or swapped on that assumption).
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count is not None and use_count(t.untyped_storage()._cdata) == 2
+
+
 def as_preconditioner(J: Any) -> Preconditioner:
     """A preconditioner from what callers used to pass as J: a float (scalar), a tensor (diagonal) or one already.
 

@@ -225,34 +225,38 @@ class _AdamFamily(OptimizerLinearization):
 
     def chord_shift(self, param, J, grad, scale):
         st = self._state_of(param)
-        if self._zero_is_momentum(st) and st.exp_avg is not None and st.exp_avg_sq is not None and J.shape == param.shape:
-            t = st.step + 1
-            b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
-            c = (st.beta1, st.beta2, b2, st.eps, -(st.lr / b1), -st.lr * st.weight_decay, scale)
+        if J.shape == param.shape:
             inputs = (param.detach(), st.exp_avg, st.exp_avg_sq, J, grad.detach())
             # On an FSDP2 parameter, this rank's shards (the kernel is elementwise), wrapped back.
-            local = shards_of(*inputs) or inputs
-            fused = _CHORD_SHIFT(*local, c)
-            if fused is None and len({t.dtype for t in local}) == 1 and local[0].dtype in (torch.float32, torch.float64):
-                fused = _eager_chord_shift(*local, c)  # (half precision: the promoting path below)
+            fused = self._fused_zero(st, _CHORD_SHIFT, _eager_chord_shift, shards_of(*inputs) or inputs, (scale,))
             if fused is not None:
                 return shard_like(fused, param)
         return super().chord_shift(param, J, grad, scale)
 
     def chord_shift_on_rows(self, param, J, grad, scale):
         st = self._state_of(param)
-        plain = type(param.data) is torch.Tensor  # (not an FSDP2 shard: rows are global indices)
-        if plain and self._zero_is_momentum(st) and st.exp_avg is not None and st.exp_avg_sq is not None:
-            t = st.step + 1
-            b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
-            c = (st.beta1, st.beta2, b2, st.eps, -(st.lr / b1), -st.lr * st.weight_decay)
-            inputs = (param.detach(), st.exp_avg, st.exp_avg_sq)
-            zero = _ZERO_SHIFT(*inputs, c)
-            if zero is None and len({t.dtype for t in inputs}) == 1 and inputs[0].dtype in (torch.float32, torch.float64):
-                zero = _eager_zero_shift(*inputs, c)
+        if type(param.data) is torch.Tensor:  # (not an FSDP2 shard: rows are global indices)
+            zero = self._fused_zero(st, _ZERO_SHIFT, _eager_zero_shift, (param.detach(), st.exp_avg, st.exp_avg_sq))
             if zero is not None:
                 return self._add_chord_on_rows(zero, J, grad, scale)
         return super().chord_shift_on_rows(param, J, grad, scale)
+
+    def _fused_zero(self, st: AdamState, kernel, eager, inputs, extra=()):
+        """A one-pass formula that starts from Δ(0) (``c`` = [β1, β2, b2, ε, −η/b1, −ηλ, *extra]).
+
+        The compiled ``kernel``, else its ``eager`` form on float32/float64 inputs of one dtype;
+        ``None`` where Δ(0) is not momentum and decoupled decay only, before the first step, or in
+        half precision (the caller's promoting path).
+        """
+        if not (self._zero_is_momentum(st) and st.exp_avg is not None and st.exp_avg_sq is not None):
+            return None
+        t = st.step + 1
+        b1, b2 = 1 - st.beta1**t, 1 - st.beta2**t
+        c = (st.beta1, st.beta2, b2, st.eps, -(st.lr / b1), -st.lr * st.weight_decay, *extra)
+        out = kernel(*inputs, c)
+        if out is None and len({x.dtype for x in inputs}) == 1 and inputs[0].dtype in (torch.float32, torch.float64):
+            out = eager(*inputs, c)
+        return out
 
     @classmethod
     def tangent_rule(cls, theta, grad, st: AdamState):
