@@ -295,6 +295,11 @@ def _refusal_worker(rank, init_file, out_dir, engine):
             LOSS(model(x[mine]), y[mine]).backward()
         opt.step()
         seen["values"] = len(tracker.values())
+        # No rank tears gloo down while the other may still hold work in flight (as in _values_worker:
+        # a CI run aborted here in teardown with "terminate called without an active exception").
+        del tracker, model
+        gc.collect()
+        dist.barrier()
     finally:
         torch.save(seen, f"{out_dir}/refusal{rank}.pt")
         dist.destroy_process_group()
@@ -396,6 +401,9 @@ def _ddp_stream_refusal_worker(rank, init_file, out_dir):
         seen["values"] = len(tracker.values())
         tracker.close()  # the hook stays on the DDP model; a new streamed tracker takes it over
         attempt("after_close", lambda: InRunShapley(model, opt, LOSS, val, **streamed).close())
+        tracker = model = None  # the teardown guard of _values_worker (closures above hold these names)
+        gc.collect()
+        dist.barrier()
     finally:
         torch.save(seen, f"{out_dir}/stream_refusal{rank}.pt")
         dist.destroy_process_group()
