@@ -76,7 +76,7 @@ def _select_samples(term: Term, rows: torch.Tensor) -> Term:
     """The samples ``rows`` (indices) of a per-pass term."""
     if isinstance(term, PerSample):
         return PerSample(term.c[rows])
-    return Bilinear(term.rows.select(rows), term.cols.select(rows))
+    return term.select(rows)
 
 
 class GhostEngine:

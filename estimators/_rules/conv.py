@@ -1,10 +1,13 @@
 """``nn.Conv1d`` and ``nn.Conv2d`` via unfold, the Linear form of a convolution.
 
-The padded input is unfolded into L patches a_t ∈ R^{C_in/G · k} (k = kernel elements) and
+The padded input is (in principle) unfolded into L patches a_t ∈ R^{C_in/G · k} (k = kernel elements) and
 the output gradient read as b_t ∈ R^{C_out} per output location, so on the view
 W ∈ R^{C_out × (C_in/G · k)}: c_z(W) = Σ_t b_t a_tᵀ, c_z(bias) = Σ_t b_t.
 Groups G > 1: group g's patches pair only with its own output channels, so each group is a
 separate set of positions whose output gradient is zero outside the group (T = G·L).
+The patches stay folded (:class:`~estimators._factors.UnfoldFactor`): the dense contraction
+⟨P, c_z⟩ is one convolution of x_z with P (:class:`~estimators._factors.ConvBilinear`), and only
+the pairwise and materializing contractions unfold them.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._factors import Bilinear, DenseFactor, PerSample
+from .._factors import ConvBilinear, DenseFactor, PerSample, UnfoldFactor
 from ._base import LayerRule, batch_first
 
 
@@ -31,24 +34,25 @@ def _conv_terms(module, x, grad_output, spatial: int):
         kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
     else:
         kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    patches = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # [n, C_in*k, L]
-    a = patches.transpose(1, 2)  # [n, L, C_in*k]
+    G = module.groups
+    # The patches are not unfolded here: the dense contraction convolves x with P instead
+    # (ConvBilinear); what needs the patches unfolds them on demand.
+    a = UnfoldFactor(x, tuple(kernel), tuple(stride), tuple(dilation), G)
     c_out = grad_output.shape[1]
-    b = grad_output.reshape(n, c_out, -1).transpose(1, 2)  # [n, L, C_out]
-    if a.shape[1] != b.shape[1]:
+    go = grad_output.reshape(n, c_out, -1)  # [n, C_out, L]
+    b = go.transpose(1, 2)  # [n, L, C_out]
+    if a.T != G * b.shape[1]:
         raise RuntimeError(
-            f"{type(module).__name__}: unfold produced {a.shape[1]} positions but the output has {b.shape[1]}; "
+            f"{type(module).__name__}: unfold produced {a.T // G} positions but the output has {b.shape[1]}; "
             "this configuration is not supported by the rule, allow the fallback for it"
         )
-    G = module.groups
     if G > 1:
-        per_in, per_out = a.shape[2] // G, c_out // G
-        a = torch.cat([a[:, :, g * per_in:(g + 1) * per_in] for g in range(G)], dim=1)
+        per_out = c_out // G
         mask = torch.zeros(G, 1, c_out, dtype=b.dtype, device=b.device)
         for g in range(G):
             mask[g, :, g * per_out:(g + 1) * per_out] = 1
         b = (b.unsqueeze(1) * mask.unsqueeze(0)).reshape(n, G * b.shape[1], c_out)
-    out = {"weight": Bilinear(DenseFactor(b), DenseFactor(a))}
+    out = {"weight": ConvBilinear(DenseFactor(b), a, go)}
     if module.bias is not None:
         out["bias"] = PerSample(grad_output.reshape(n, c_out, -1).sum(-1))
     return out

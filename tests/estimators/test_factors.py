@@ -65,3 +65,42 @@ def test_a_row_sparse_P_contracts_and_checks_as_its_dense_form(n, T, R, C, weigh
     grad = term.total(torch.Size((R, C)))
     a, b = check_operands(P, grad)
     assert torch.allclose(torch.dot(a.reshape(-1), b.reshape(-1)), torch.dot(dense.reshape(-1), grad.reshape(-1)), rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    two_d=st.booleans(), groups=st.sampled_from([1, 2]), k=st.integers(1, 3), stride=st.integers(1, 2),
+    dilation=st.integers(1, 2), padding=st.sampled_from([0, 1, "same"]), mode=st.sampled_from(["zeros", "reflect", "circular"]),
+    n=st.integers(1, 5), budget=st.sampled_from([1, 7, 1 << 20]), seed=st.integers(0, 2**16),
+)
+def test_conv_dense_values_by_convolution_equal_the_per_sample_gradients(two_d, groups, k, stride, dilation, padding, mode, n, budget, seed):
+    """⟨P, c_z⟩ of a Conv1d/Conv2d weight computed as ⟨conv(x_z, P), ∂L/∂y_z⟩ (ConvBilinear) equals
+    the contraction of autograd's per-sample weight gradient with P, for any sample chunk; the
+    unfolded patches (materialize) agree with autograd too."""
+    from torch import nn
+
+    from estimators._rules.conv import Conv1dRule, Conv2dRule
+
+    if padding == "same" and stride > 1:
+        stride = 1  # torch refuses padding="same" with a stride
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    c_in, c_out = 2 * groups, 3 * groups
+    cls, rule = (nn.Conv2d, Conv2dRule) if two_d else (nn.Conv1d, Conv1dRule)
+    conv = cls(c_in, c_out, k, stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=mode).to(DT)
+    spatial = (6, 7) if two_d else (9,)
+    x = torch.randn(n, c_in, *spatial, dtype=DT, generator=g)
+    b = torch.randn(conv(x).shape, dtype=DT, generator=g)
+    term = rule.terms(conv, x, b)["weight"]
+    assert isinstance(term, F.ConvBilinear)
+    per_sample = torch.stack([torch.autograd.grad(conv(x[z:z + 1]), conv.weight, b[z:z + 1])[0] for z in range(n)])
+    P = torch.randn(conv.weight.shape, dtype=DT, generator=g)
+    old = F._CONV_BUDGET
+    try:
+        F._CONV_BUDGET = budget
+        got = term.dense_values(P)
+    finally:
+        F._CONV_BUDGET = old
+    torch.testing.assert_close(got, (per_sample * P).flatten(1).sum(1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(term.materialize(conv.weight.shape), per_sample, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(term.select(torch.arange(n).flip(0)).dense_values(P), got.flip(0), rtol=1e-10, atol=1e-12)
