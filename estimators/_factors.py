@@ -256,8 +256,10 @@ class OneHotFactor(Factor):
 class UnfoldFactor(Factor):
     """A convolution's input patches a_t, unfolded only when asked: ``[n, G·L, C_in/G · k]``.
 
-    ``inputs`` is the padded input as a 2-D convolution sees it, ``[n, C_in, H, W]`` (a 1-D one with
-    H = 1); ``kernel``, ``stride``, ``dilation`` are pairs and ``groups`` is G. The L output
+    ``inputs`` is the input as a 2-D convolution sees it, ``[n, C_in, H, W]`` (a 1-D one with
+    H = 1), padded already except for ``padding``, a symmetric zero padding (pair) that the
+    unfolding and the convolution apply themselves (no padded copy of the input is made);
+    ``kernel``, ``stride``, ``dilation`` are pairs and ``groups`` is G. The L output
     locations follow from the geometry, so ``n``, ``T`` and ``size`` are known without
     unfolding; :meth:`dense` (and what needs it) runs ``F.unfold`` once per factor and keeps it.
     With G > 1 group g's patches occupy positions g·L … (g + 1)·L − 1.
@@ -273,6 +275,7 @@ class UnfoldFactor(Factor):
     stride: tuple[int, int]
     dilation: tuple[int, int]
     groups: int = 1
+    padding: tuple[int, int] = (0, 0)
 
     n = property(lambda self: int(self.inputs.shape[0]))
     T = property(lambda self: self.groups * self.locations[0] * self.locations[1])
@@ -283,11 +286,12 @@ class UnfoldFactor(Factor):
     def locations(self) -> tuple[int, int]:
         """Output locations ``(H', W')`` of the convolution on the padded input."""
         return tuple(
-            (int(self.inputs.shape[2 + i]) - self.dilation[i] * (self.kernel[i] - 1) - 1) // self.stride[i] + 1 for i in range(2)
+            (int(self.inputs.shape[2 + i]) + 2 * self.padding[i] - self.dilation[i] * (self.kernel[i] - 1) - 1) // self.stride[i] + 1
+            for i in range(2)
         )
 
     def _like(self, inputs):
-        return UnfoldFactor(inputs, self.kernel, self.stride, self.dilation, self.groups)
+        return UnfoldFactor(inputs, self.kernel, self.stride, self.dilation, self.groups, self.padding)
 
     def to(self, dtype):
         return self._like(self.inputs.to(dtype))
@@ -309,7 +313,7 @@ class UnfoldFactor(Factor):
 
     @functools.cached_property
     def _patches(self) -> torch.Tensor:
-        patches = F.unfold(self.inputs, self.kernel, dilation=self.dilation, padding=0, stride=self.stride)
+        patches = F.unfold(self.inputs, self.kernel, dilation=self.dilation, padding=self.padding, stride=self.stride)
         a = patches.transpose(1, 2)  # [n, L, C_in·k]
         G = self.groups
         if G == 1:
@@ -592,7 +596,7 @@ class ConvBilinear(Bilinear):
     """A convolution weight's term: :class:`Bilinear` on (output gradients, :class:`UnfoldFactor` patches).
 
     ``dense_values(P)`` = Σ_t b_tᵀ P a_t is computed as ⟨conv(x_z, P), ∂L/∂y_z⟩ per sample: one
-    convolution of the (padded) input with P as its weight, the arithmetic of the layer's own
+    convolution of the input with P as its weight, the arithmetic of the layer's own
     forward, instead of unfolding [n, L, C_in·k] patches and projecting them (the CNN bench's
     three convolutions: 91 → 29 ms per step). The other contractions (pairwise, materialize,
     total) unfold the patches as :class:`Bilinear` does.
@@ -624,7 +628,7 @@ class ConvBilinear(Bilinear):
         k = max(1, _CONV_BUDGET // max(1, b[0].numel()))  # samples whose convolution output stays in cache
         out = []
         for sl in _sample_chunks(self.n, k):
-            y = F.conv2d(f.inputs[sl], W, None, f.stride, 0, f.dilation, f.groups)
+            y = F.conv2d(f.inputs[sl], W, None, f.stride, f.padding, f.dilation, f.groups)
             out.append(torch.linalg.vecdot(y.reshape(len(y), -1), b[sl].reshape(len(y), -1)))
         return out[0] if len(out) == 1 else torch.cat(out)
 

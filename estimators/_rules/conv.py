@@ -26,9 +26,11 @@ def _conv_terms(module, x, grad_output, spatial: int):
     # _reversed_padding_repeated_twice is torch's own [left, right, top, bottom] padding,
     # which also encodes padding="same" (asymmetric for even kernels) and non-zero modes.
     pad = list(module._reversed_padding_repeated_twice)
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    if any(pad):
-        x = F.pad(x, pad, mode=mode)
+    zeros = module.padding_mode == "zeros" and all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2))
+    if any(pad) and not zeros:  # asymmetric or non-zero padding: a padded copy of the input
+        x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    # else symmetric zeros: the unfolding and the convolution pad the input themselves
+    padding = (pad[2], pad[0]) if zeros and spatial == 2 else ((0, pad[0]) if zeros else (0, 0))
     if spatial == 1:  # Conv1d as a Conv2d of height 1
         x = x.unsqueeze(2)
         kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
@@ -37,7 +39,7 @@ def _conv_terms(module, x, grad_output, spatial: int):
     G = module.groups
     # The patches are not unfolded here: the dense contraction convolves x with P instead
     # (ConvBilinear); what needs the patches unfolds them on demand.
-    a = UnfoldFactor(x, tuple(kernel), tuple(stride), tuple(dilation), G)
+    a = UnfoldFactor(x, tuple(kernel), tuple(stride), tuple(dilation), G, padding)
     c_out = grad_output.shape[1]
     go = grad_output.reshape(n, c_out, -1)  # [n, C_out, L]
     b = go.transpose(1, 2)  # [n, L, C_out]
@@ -54,7 +56,7 @@ def _conv_terms(module, x, grad_output, spatial: int):
         b = (b.unsqueeze(1) * mask.unsqueeze(0)).reshape(n, G * b.shape[1], c_out)
     out = {"weight": ConvBilinear(DenseFactor(b), a, go)}
     if module.bias is not None:
-        out["bias"] = PerSample(grad_output.reshape(n, c_out, -1).sum(-1))
+        out["bias"] = PerSample(go.sum(-1))
     return out
 
 
