@@ -597,8 +597,8 @@ class ConvBilinear(Bilinear):
 
     ``dense_values(P)`` = Σ_t b_tᵀ P a_t is computed as ⟨conv(x_z, P), ∂L/∂y_z⟩ per sample: one
     convolution of the input with P as its weight, the arithmetic of the layer's own
-    forward, instead of unfolding [n, L, C_in·k] patches and projecting them (the CNN bench's
-    three convolutions: 91 → 29 ms per step). The other contractions (pairwise, materialize,
+    forward, instead of unfolding [n, L, C_in·k] patches and projecting them (docs/performance.md,
+    finding 22, has the bench figures). The other contractions (pairwise, materialize,
     total) unfold the patches as :class:`Bilinear` does.
 
     ``grad_output`` is ``[n, C_out, L]`` (the output gradient over the L = H'·W' locations);

@@ -1,6 +1,6 @@
 """``nn.Conv1d`` and ``nn.Conv2d`` via unfold, the Linear form of a convolution.
 
-The padded input is (in principle) unfolded into L patches a_t ∈ R^{C_in/G · k} (k = kernel elements) and
+In the Linear form the padded input is unfolded into L patches a_t ∈ R^{C_in/G · k} (k = kernel elements) and
 the output gradient read as b_t ∈ R^{C_out} per output location, so on the view
 W ∈ R^{C_out × (C_in/G · k)}: c_z(W) = Σ_t b_t a_tᵀ, c_z(bias) = Σ_t b_t.
 Groups G > 1: group g's patches pair only with its own output channels, so each group is a
@@ -30,7 +30,7 @@ def _conv_terms(module, x, grad_output, spatial: int):
     if any(pad) and not zeros:  # asymmetric or non-zero padding: a padded copy of the input
         x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
     # else symmetric zeros: the unfolding and the convolution pad the input themselves
-    padding = (pad[2], pad[0]) if zeros and spatial == 2 else ((0, pad[0]) if zeros else (0, 0))
+    padding = (pad[2] if spatial == 2 else 0, pad[0]) if zeros else (0, 0)  # (height, width)
     if spatial == 1:  # Conv1d as a Conv2d of height 1
         x = x.unsqueeze(2)
         kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
