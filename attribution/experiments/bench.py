@@ -59,10 +59,15 @@ MODES = ("plain", "ghost-factored", "ghost", "materialized", "ghost-factored-str
 #: formulas unfused or fused, whatever ``compile="auto"`` picks for the model: what fusing saves and costs).
 #: ``ghost-predicted-streamed`` streams with the second-order ``val_point="predicted"`` (the midpoint
 #: with the batch gradient replaced by AdamW's bias-corrected first moment).
-EXTRA_MODES = ("ghost-audit", "ghost-eager", "ghost-compiled", "ghost-predicted-streamed", "opacus-ghost")
+#: ``lean-streamed`` (``--model mlp`` only) is ``attribution.experiments.lean``: the streamed estimator's
+#: arithmetic alone (∇L_val, AdamW's secant, the per-sample contraction), with none of the toolkit's
+#: checks, diagnostics or bookkeeping: what ``ghost-streamed`` would cost if it added nothing.
+EXTRA_MODES = ("ghost-audit", "ghost-eager", "ghost-compiled", "ghost-predicted-streamed", "opacus-ghost", "lean-streamed")
 #: A peer timed in the same interleaved run (``--peers``, when Opacus is installed): Opacus's ghost
 #: clipping (per-sample gradient norms from the same kind of layer hooks, max_grad_norm 1, no noise).
 PEER_MODES = ("opacus-ghost",)
+#: Re-implementations timed for reference, not the toolkit (no completeness check, no route).
+LEAN = "lean-streamed"
 AUDIT = "-audit"
 EAGER = "-eager"
 COMPILED = "-compiled"
@@ -169,6 +174,8 @@ class BenchConfig:
         unknown = [m for m in self.modes if m not in accepted]
         if unknown:
             raise ValueError(f"mode {unknown[0]!r} is not supported; accepted values: {', '.join(map(repr, accepted))}")
+        if LEAN in self.modes and self.model != "mlp":
+            raise ValueError(f"mode {LEAN!r} is implemented for --model mlp only (nn.Linear layers), not {self.model!r}")
         modes = (BASELINE, *(m for m in accepted if m in self.modes and m != BASELINE))
         object.__setattr__(self, "modes", modes)
         for name in ("batch", "val_batch", "val_targets", "rounds", "steps", "memory_steps", "width", "depth"):
@@ -197,8 +204,13 @@ class Workload:
         self.val_batches = val
         self.tracker = None
         self.peer_loss = None
+        self.lean = None
         if mode in PEER_MODES:
             self._opacus(cfg)
+        elif mode == LEAN:
+            from attribution.experiments.lean import LeanStreamed
+
+            self.lean = LeanStreamed(self.model, self.opt, self.loss_fn, val[0])
         elif mode != BASELINE:
             stream = mode.endswith(STREAMED)
             point = "predicted" if mode.removesuffix(STREAMED).endswith(PREDICTED) else "current"
@@ -242,7 +254,8 @@ class Workload:
             per_sample = getattr(wrapped, "loss_per_sample", None)
             loss = torch.tensor(float("nan")) if per_sample is None else per_sample.mean()
         else:
-            with self.tracker.batch(ids) if self.tracker is not None else contextlib.nullcontext():
+            block = self.tracker.batch(ids) if self.tracker is not None else self.lean.batch() if self.lean is not None else contextlib.nullcontext()
+            with block:
                 loss = self.loss_fn(self.model(x), y)
                 loss.backward()
         self.opt.step()

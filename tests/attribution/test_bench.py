@@ -95,6 +95,18 @@ def test_mlp_with_several_targets_and_a_subset_of_modes_without_memory():
     assert result["model"]["val_targets"] == 2
 
 
+def test_the_lean_reference_runs_beside_the_streamed_mode_on_the_mlp():
+    cfg = bench.BenchConfig(model="mlp", d_in=6, width=8, batch=5, val_batch=3, rounds=1, steps=2, warmup=1,
+                            modes=("ghost-streamed", "lean-streamed"), device="cpu", threads=1)
+    result = bench.run(cfg, memory=False, progress=False)
+    lean, streamed = result["modes"]["lean-streamed"], result["modes"]["ghost-streamed"]
+    assert lean["throughput_ratio"] > 0 and lean["efficiency"] > 0 and lean["completeness_fraction"] is None
+    for key in ("first_loss", "last_loss", "steps"):  # the same training
+        assert lean[key] == streamed[key] == result["modes"]["plain"][key], key
+    with pytest.raises(ValueError, match="lean-streamed.*mlp only"):
+        bench.BenchConfig(model="cnn", modes=("lean-streamed",))
+
+
 def test_every_mode_sees_the_same_batches_and_starts_from_the_same_weights():
     cfg = bench.BenchConfig(vocab=16, width=8, depth=1, heads=2, seq_len=4, batch=2, val_batch=1, rounds=1, steps=1)
     a, b = bench.Workload(cfg, "plain"), bench.Workload(cfg, "ghost")
