@@ -254,13 +254,18 @@ class Workload:
             per_sample = getattr(wrapped, "loss_per_sample", None)
             loss = torch.tensor(float("nan")) if per_sample is None else per_sample.mean()
         else:
-            block = self.tracker.batch(ids) if self.tracker is not None else self.lean.batch() if self.lean is not None else contextlib.nullcontext()
-            with block:
+            with self.block(ids):
                 loss = self.loss_fn(self.model(x), y)
                 loss.backward()
         self.opt.step()
         self.losses.append(loss.detach())
         self.step += 1
+
+    def block(self, ids: torch.Tensor):
+        """The context one training forward+backward runs in: the tracker's batch, the lean reference's, or none."""
+        if self.tracker is not None:
+            return self.tracker.batch(ids)
+        return self.lean.batch() if self.lean is not None else contextlib.nullcontext()
 
     def steady(self) -> bool:
         """Whether the tracker's last step kept the slope (no exact-update route); always for plain training."""
@@ -629,7 +634,7 @@ def _profile(cfg: BenchConfig, steps: int, top: int) -> dict[str, dict[str, floa
             w.opt.zero_grad(set_to_none=True)
             _sync(cfg)
             t0 = time.perf_counter()
-            with w.tracker.batch(torch.arange(len(y))) if w.tracker is not None else contextlib.nullcontext():
+            with w.block(torch.arange(len(y))):
                 w.loss_fn(w.model(x), y).backward()
             _sync(cfg)
             t1 = time.perf_counter()

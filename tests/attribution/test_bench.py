@@ -107,6 +107,25 @@ def test_the_lean_reference_runs_beside_the_streamed_mode_on_the_mlp():
         bench.BenchConfig(model="cnn", modes=("lean-streamed",))
 
 
+def test_the_profile_runs_each_mode_in_its_own_block(monkeypatch, capsys):
+    # --profile must time what the bench times: the lean reference inside its own batch context
+    from attribution.experiments import lean
+
+    entered = []
+    inner = lean.LeanStreamed.batch
+
+    def counting(self):
+        entered.append(1)
+        return inner(self)
+
+    monkeypatch.setattr(lean.LeanStreamed, "batch", counting)
+    cfg = bench.BenchConfig(model="mlp", d_in=6, width=8, batch=5, val_batch=3, modes=("plain", "lean-streamed"), device="cpu", threads=1)
+    phases = bench.profile(cfg, steps=2, top=3)
+    assert len(entered) == 1 + 2 + 1  # warm-up, the timed steps, the profiled step
+    assert set(phases) == {"plain", "lean-streamed"} and phases["lean-streamed"]["forward+backward"] > 0
+    assert "=== lean-streamed: one step, heaviest operators" in capsys.readouterr().out
+
+
 def test_every_mode_sees_the_same_batches_and_starts_from_the_same_weights():
     cfg = bench.BenchConfig(vocab=16, width=8, depth=1, heads=2, seq_len=4, batch=2, val_batch=1, rounds=1, steps=1)
     a, b = bench.Workload(cfg, "plain"), bench.Workload(cfg, "ghost")
