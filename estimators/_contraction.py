@@ -158,6 +158,18 @@ def contract(terms: Sequence[Term], P: PLike) -> torch.Tensor:
     return sum(t.dense_values(P) for t in terms)
 
 
+def contract_many(terms: Sequence[Term], Ps: Sequence[PLike]) -> torch.Tensor:
+    """Σ_terms ⟨P_k, c_z⟩ for every sample and target: ``[n, K]`` (:func:`contract` of each ``P_k``, work shared).
+
+    K plain tensors go through :meth:`Term.dense_values_many` (a sequence layer's per-sample
+    contributions are then built once for all targets); a :class:`RowSparse` or sharded P is
+    contracted one target at a time.
+    """
+    if len(Ps) == 1 or any(type(P) is not torch.Tensor for P in Ps):
+        return torch.stack([contract(terms, P) for P in Ps], dim=1)
+    return sum(t.dense_values_many(list(Ps)) for t in terms)
+
+
 def _contract_on_rows(t: Term, P: RowSparse) -> torch.Tensor:
     """⟨P, c_z⟩ of one term with its one-hot row index mapped onto P's rows (the whole P otherwise)."""
     r = P.rows.numel()

@@ -55,6 +55,7 @@ from ._contraction import (
     _term_magnitude,
     check_operands,
     contract,
+    contract_many,
     dense_of,
 )
 from ._errors import GhostEngineError, ParameterUseError, UncoveredParameterError
@@ -547,6 +548,7 @@ class GhostEngine:
                     and all(isinstance(t, Bilinear) for t in terms)
                 )
                 R, C = (terms[0].rows.size, terms[0].cols.size) if factored else (0, 0)
+                Ps = []
                 for k, G in enumerate(s.val_grads):
                     if p not in G:
                         raise ValueError(
@@ -555,14 +557,17 @@ class GhostEngine:
                         )
                     g = G[p].to(s.dtype)
                     if factored:  # P̃ = σ r sᵀ ⊙ ∇L_val, not kept: it is freed with this layer
-                        P = s.contraction.preconditioned(p, name, k, GhostPath.FACTORED, J, g, R, C, keep=False)
+                        Ps.append(s.contraction.preconditioned(p, name, k, GhostPath.FACTORED, J, g, R, C, keep=False))
                     else:
-                        P = _precondition(J, g, p.shape)
+                        Ps.append(_precondition(J, g, p.shape))
+                # Every target at once (shared per-sample work); FSDP2 gathers one P at a time.
+                values = None if sharded else contract_many(terms, Ps)
+                for k, P in enumerate(Ps):
                     if sharded:  # FSDP2: the layer's whole P for this rank's samples (the shard stays for the check)
                         v = contract(terms, full(P))
                         s.gathers += 1
                     else:
-                        v = contract(terms, P)
+                        v = values[:, k]
                     s.out[:, k] -= v
                     t0 = time.perf_counter()
                     s.check.add_samples(name, k, v, captured_dtype=_coarsest_dtype(raw))
@@ -1139,9 +1144,11 @@ class GhostEngine:
                 captured_dtype = _coarsest_dtype(ts) if check is not None else None
                 ts = [t.to(dtype) for t in ts]
                 path = paths[p]
+                # Every target's dense values at once (shared per-sample work: contract_many).
+                dense = contract_many(ts, [P[k][p] for k in range(K)]) if path is GhostPath.DENSE else None
                 for k in range(K):
                     if path is GhostPath.DENSE:
-                        v = contract(ts, P[k][p])
+                        v = dense[:, k]
                     elif path is GhostPath.MATERIALIZED:
                         c = materialized.get(p)
                         if c is None:

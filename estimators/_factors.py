@@ -43,6 +43,8 @@ _GRAM_BUDGET = 1 << 24
 _PROJECTION_BUDGET = 1 << 18
 #: Output entries of one chunk's convolution in :meth:`ConvBilinear.dense_values` (4 MiB of float32).
 _CONV_BUDGET = 1 << 20
+#: Entries of one chunk's [k, R, C] per-sample contributions in :meth:`Bilinear.dense_values_many` (4 MiB of float32).
+_MATERIALIZE_BUDGET = 1 << 20
 
 
 def _sample_chunks(n: int, size: int):
@@ -388,6 +390,19 @@ class Term(abc.ABC):
             [3.0, 5.0]
         """
 
+    def dense_values_many(self, Ps: list[torch.Tensor]) -> torch.Tensor:
+        """⟨P_k, c_z⟩ for each sample and each of K preconditioned gradients, ``[n, K]``.
+
+        One validation target per ``P_k`` (each of the parameter's shape). The default takes
+        :meth:`dense_values` once per target; :class:`Bilinear` shares the work between targets.
+
+        Example:
+            >>> c = torch.tensor([[1.0, 0.0], [2.0, -1.0]], dtype=torch.float64)
+            >>> PerSample(c).dense_values_many([torch.tensor([3.0, 1.0], dtype=torch.float64), torch.ones(2, dtype=torch.float64)]).tolist()
+            [[3.0, 1.0], [5.0, 1.0]]
+        """
+        return torch.stack([self.dense_values(P) for P in Ps], dim=1)
+
     @abc.abstractmethod
     def total(self, shape: torch.Size) -> torch.Tensor:
         """Σ_z c_z, in the parameter's ``shape`` (the gradient this term adds to ``param.grad``).
@@ -517,6 +532,44 @@ class Bilinear(Term):
         if k >= self.n:
             return outer.inner(projected.project(M))
         return torch.cat([outer.select(sl).inner(projected.select(sl).project(M)) for sl in _sample_chunks(self.n, k)])
+
+    def dense_values_many(self, Ps):
+        """⟨P_k, c_z⟩ for K targets, ``[n, K]``: by per-sample contributions when that is cheaper.
+
+        K dense contractions cost K·n·T·R·C multiply-adds; building each sample's c_z = U_zᵀ V_z
+        (a few samples at a time, never all n) and taking its K dot products costs
+        n·T·R·C + n·R·C·K (:meth:`dense_cost_many`): fewer once K·T > T + K, e.g. a sequence model
+        with two or more validation targets. The same numbers up to rounding (sums in another
+        order). One-hot factors (embeddings, n·T·D per target) and K = 1 keep :meth:`dense_values`.
+        """
+        K = len(Ps)
+        if not self._materializes(K):
+            return super().dense_values_many(Ps)
+        R, C = self.rows.size, self.cols.size
+        Pm = torch.stack([self.view(P).reshape(R * C) for P in Ps], dim=1)  # [R·C, K]
+        k = max(1, _MATERIALIZE_BUDGET // max(1, R * C))
+        out = []
+        for sl in _sample_chunks(self.n, k):
+            U, V = self.rows.select(sl).dense(), self.cols.select(sl).dense()  # [k, T, R], [k, T, C]
+            c = torch.bmm(U.transpose(1, 2), V)  # [k, R, C]: the chunk's per-sample contributions
+            out.append(c.reshape(len(c), R * C) @ Pm)
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _materializes(self, K: int) -> bool:
+        """Whether :meth:`dense_values_many` of K targets takes the per-sample route."""
+        return K > 1 and self.dense_cost_many(K) < K * self.dense_cost()
+
+    def dense_cost_many(self, K: int) -> int:
+        """Approximate flops of :meth:`dense_values_many` for K targets: min(K·n·T·R·C, n·R·C·(T + K)).
+
+        Example:
+            >>> t = Bilinear(DenseFactor(torch.ones(2, 8, 4)), DenseFactor(torch.ones(2, 8, 5)))
+            >>> t.dense_cost_many(1), t.dense_cost_many(4), 4 * t.dense_cost()
+            (320, 480, 1280)
+        """
+        if isinstance(self.rows, OneHotFactor) or isinstance(self.cols, OneHotFactor):
+            return K * self.dense_cost()
+        return min(K * self.dense_cost(), self.n * self.rows.size * self.cols.size * (self.rows.T + K))
 
     def total(self, shape):
         R, C = self.rows.size, self.cols.size

@@ -486,7 +486,9 @@ def flop_bound(cfg: BenchConfig) -> dict[str, float]:
     Counted with ``torch.utils.flop_counter`` (matrix products and convolutions, 2 flops per
     multiply-add): the plain step's forward+backward F_plain, the K validation forward+backwards
     F_val, and the dense contraction F_con = 2 Σ_terms n·T·R·C per target (what an exact
-    contraction with an elementwise J must do: ``Bilinear.dense_cost``, n·T·D for an embedding).
+    contraction with an elementwise J must do: ``Bilinear.dense_cost``, n·T·D for an embedding;
+    for K ≥ 2 targets the cheaper n·R·C·(T + K) of building each c_z once where that is less,
+    ``Bilinear.dense_cost_many``).
     Elementwise work (the optimizer's update, J, the shift) is not counted, for the plain step
     neither. ``bound = F_plain / (F_plain + F_val + F_con)``; a mode's efficiency is its measured
     ratio over this bound.
@@ -512,13 +514,14 @@ def flop_bound(cfg: BenchConfig) -> dict[str, float]:
     engine = w.tracker._computer.engine
     with engine.capture_train():
         w.loss_fn(w.model(x), y).backward()
-    per_target = 0
+    K = len(w.val_batches)
+    multiply_adds = 0
     for _, terms in engine.captured_terms():
         for p, ts in terms.items():
-            per_target += sum(t.dense_cost() if isinstance(t, Bilinear) else t.n * p.numel() for t in ts)
+            multiply_adds += sum(t.dense_cost_many(K) if isinstance(t, Bilinear) else K * t.n * p.numel() for t in ts)
     engine.clear()
     w.tracker.close()
-    contraction = 2.0 * per_target * len(w.val_batches)
+    contraction = 2.0 * multiply_adds
     return {"plain_flops": plain, "val_flops": val, "contraction_flops": contraction, "bound": plain / (plain + val + contraction)}
 
 

@@ -429,3 +429,14 @@ def test_predicted_point_experiment_quick():
     assert all(r["total_rel_error"] is None or r["total_rel_error"] < 0.05 for r in mid[1:])
     assert any(r["total_rel_error"] is not None for r in mid[1:])
     assert all(math.isfinite(r["rel_l2_vs_midpoint"]) and r["rel_l2_vs_midpoint"] > 0 for r in rows if r["val_point"] != "midpoint")
+
+
+def test_flop_bound_of_several_targets_counts_the_cheaper_contraction():
+    """K targets: an MLP (T = 1) pays K dense contractions; a decoder (T > 1) less, c_z being built once."""
+    mlp = dict(model="mlp", d_in=6, width=8, depth=1, classes=3, batch=5, val_batch=4, device="cpu", threads=1)
+    one, three = (bench.flop_bound(bench.BenchConfig(**mlp, val_targets=K)) for K in (1, 3))
+    assert three["contraction_flops"] == 3 * one["contraction_flops"]
+    assert three["val_flops"] == 3 * one["val_flops"]
+    gpt = dict(vocab=32, width=8, depth=1, heads=2, seq_len=8, batch=3, val_batch=2, device="cpu", threads=1)
+    one, three = (bench.flop_bound(bench.BenchConfig(**gpt, val_targets=K)) for K in (1, 3))
+    assert one["contraction_flops"] < three["contraction_flops"] < 3 * one["contraction_flops"]

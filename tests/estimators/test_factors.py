@@ -104,3 +104,41 @@ def test_conv_dense_values_by_convolution_equal_the_per_sample_gradients(two_d, 
     torch.testing.assert_close(got, (per_sample * P).flatten(1).sum(1), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(term.materialize(conv.weight.shape), per_sample, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(term.select(torch.arange(n).flip(0)).dense_values(P), got.flip(0), rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 7), T=st.integers(1, 6), R=st.integers(1, 9), C=st.integers(1, 9), K=st.integers(1, 4),
+    budget=st.sampled_from([1, 5, 1 << 20]), kind=st.sampled_from(["dense", "one-hot", "conv"]), seed=st.integers(0, 2**16),
+)
+def test_many_targets_at_once_equal_one_target_at_a_time(n, T, R, C, K, budget, kind, seed):
+    """``dense_values_many`` of K preconditioned gradients = K calls of ``dense_values`` (float64),
+    for any chunk of the per-sample route; that route is taken exactly when K·T > T + K (dense factors)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "conv":
+        from torch import nn
+
+        from estimators._rules.conv import Conv1dRule
+
+        conv = nn.Conv1d(2, R, 3, padding=1).to(DT)
+        x = torch.randn(n, 2, T + 2, dtype=DT, generator=g)
+        term = Conv1dRule.terms(conv, x, torch.randn(conv(x).shape, dtype=DT, generator=g))["weight"]
+        shape = conv.weight.shape
+    else:
+        rows = (
+            F.OneHotFactor(torch.randint(0, R, (n, T), generator=g), R, torch.randn(n, T, dtype=DT, generator=g))
+            if kind == "one-hot" else F.DenseFactor(torch.randn(n, T, R, dtype=DT, generator=g))
+        )
+        term = F.Bilinear(rows, F.DenseFactor(torch.randn(n, T, C, dtype=DT, generator=g)))
+        shape = torch.Size((R, C))
+    Ps = [torch.randn(shape, dtype=DT, generator=g) for _ in range(K)]
+    old = F._MATERIALIZE_BUDGET
+    try:
+        F._MATERIALIZE_BUDGET = budget  # chunks of budget // (R·C) samples, at least one
+        got = term.dense_values_many(Ps)
+    finally:
+        F._MATERIALIZE_BUDGET = old
+    assert got.shape == (n, K)
+    torch.testing.assert_close(got, torch.stack([term.dense_values(P) for P in Ps], 1), rtol=1e-10, atol=1e-12)
+    T_term = term.rows.T
+    assert term._materializes(K) == (kind != "one-hot" and K * T_term > T_term + K)
