@@ -45,6 +45,9 @@ _PROJECTION_BUDGET = 1 << 18
 _CONV_BUDGET = 1 << 20
 #: Entries of one chunk's [k, R, C] per-sample contributions in :meth:`Bilinear.dense_values_many` (4 MiB of float32).
 _MATERIALIZE_BUDGET = 1 << 20
+#: How many times slower per flop a convolution's per-sample route (unfold, then c_z per sample) ran
+#: than the convolution itself on the bench CNN's 32- and 64-channel layers (finding 24).
+_CONV_PER_SAMPLE_SLOWDOWN = 4
 
 
 def _sample_chunks(n: int, size: int):
@@ -683,6 +686,31 @@ class ConvBilinear(Bilinear):
         for sl in _sample_chunks(self.n, k):
             y = F.conv2d(f.inputs[sl], W, None, f.stride, f.padding, f.dilation, f.groups)
             out.append(torch.linalg.vecdot(y.reshape(len(y), -1), b[sl].reshape(len(y), -1)))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _materializes(self, K: int) -> bool:
+        # Unfolding the patches and building c_z runs about 4× slower per flop than the convolution
+        # on the bench CNN's wider layers (``python -m attribution.experiments.conv_many``,
+        # docs/performance.md, finding 24): the per-sample route pays off from about K = 5,
+        # a stacked convolution below.
+        R, C, T = self.rows.size, self.cols.size, self.rows.T
+        return K > 1 and _CONV_PER_SAMPLE_SLOWDOWN * self.n * R * C * (T + K) < K * self.dense_cost()
+
+    def dense_values_many(self, Ps):
+        """⟨P_k, c_z⟩ for K targets, ``[n, K]``: c_z built once (:class:`Bilinear`) for many targets,
+        else one convolution with the K weights stacked as output channels (G = 1)."""
+        f, b = self.cols, self.grad_output
+        K = len(Ps)
+        if K == 1 or f.groups != 1 or self._materializes(K):
+            return super().dense_values_many(Ps)
+        c_out = int(b.shape[1])
+        W = torch.cat([self.view(P).reshape(c_out, -1, *f.kernel) for P in Ps])  # [K·C_out, C_in, kh, kw]
+        k = max(1, _CONV_BUDGET // max(1, K * b[0].numel()))
+        out = []
+        for sl in _sample_chunks(self.n, k):
+            y = F.conv2d(f.inputs[sl], W, None, f.stride, f.padding, f.dilation)  # [k, K·C_out, H', W']
+            y = y.reshape(len(y), K, -1)
+            out.append(torch.linalg.vecdot(y, b[sl].reshape(len(y), 1, -1)))  # [k, K]
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def to(self, dtype):
