@@ -558,9 +558,12 @@ class Bilinear(Term):
             out.append(c.reshape(len(c), R * C) @ Pm)
         return out[0] if len(out) == 1 else torch.cat(out)
 
+    #: How many times slower per flop the per-sample route runs than :meth:`dense_values` here.
+    _per_sample_slowdown = 1
+
     def _materializes(self, K: int) -> bool:
         """Whether :meth:`dense_values_many` of K targets takes the per-sample route."""
-        return K > 1 and self.dense_cost_many(K) < K * self.dense_cost()
+        return K > 1 and self._per_sample_slowdown * self.dense_cost_many(K) < K * self.dense_cost()
 
     def dense_cost_many(self, K: int) -> int:
         """Approximate flops of :meth:`dense_values_many` for K targets: min(K·n·T·R·C, n·R·C·(T + K)).
@@ -678,39 +681,35 @@ class ConvBilinear(Bilinear):
         if not isinstance(self.cols, UnfoldFactor) or self.grad_output is None:
             raise ValueError("ConvBilinear needs UnfoldFactor columns and the output gradient")
 
-    def dense_values(self, P):
-        f, b = self.cols, self.grad_output
-        W = self.view(P).reshape(int(b.shape[1]), -1, *f.kernel)  # [C_out, C_in/G, kh, kw]
-        k = max(1, _CONV_BUDGET // max(1, b[0].numel()))  # samples whose convolution output stays in cache
-        out = []
-        for sl in _sample_chunks(self.n, k):
-            y = F.conv2d(f.inputs[sl], W, None, f.stride, f.padding, f.dilation, f.groups)
-            out.append(torch.linalg.vecdot(y.reshape(len(y), -1), b[sl].reshape(len(y), -1)))
-        return out[0] if len(out) == 1 else torch.cat(out)
+    # Unfolding the patches and building c_z runs about 4× slower per flop than the convolution
+    # on the bench CNN's wider layers (``python -m attribution.experiments.conv_many``,
+    # docs/performance.md, finding 24): the per-sample route pays off from about K = 5.
+    _per_sample_slowdown = _CONV_PER_SAMPLE_SLOWDOWN
 
-    def _materializes(self, K: int) -> bool:
-        # Unfolding the patches and building c_z runs about 4× slower per flop than the convolution
-        # on the bench CNN's wider layers (``python -m attribution.experiments.conv_many``,
-        # docs/performance.md, finding 24): the per-sample route pays off from about K = 5,
-        # a stacked convolution below.
-        R, C, T = self.rows.size, self.cols.size, self.rows.T
-        return K > 1 and _CONV_PER_SAMPLE_SLOWDOWN * self.n * R * C * (T + K) < K * self.dense_cost()
+    def dense_values(self, P):
+        return self._conv_values([P])[:, 0]
 
     def dense_values_many(self, Ps):
         """⟨P_k, c_z⟩ for K targets, ``[n, K]``: c_z built once (:class:`Bilinear`) for many targets,
         else one convolution with the K weights stacked as output channels (G = 1)."""
-        f, b = self.cols, self.grad_output
-        K = len(Ps)
-        if K == 1 or f.groups != 1 or self._materializes(K):
+        if len(Ps) == 1 or self.cols.groups != 1 or self._materializes(len(Ps)):
             return super().dense_values_many(Ps)
-        c_out = int(b.shape[1])
-        W = torch.cat([self.view(P).reshape(c_out, -1, *f.kernel) for P in Ps])  # [K·C_out, C_in, kh, kw]
-        k = max(1, _CONV_BUDGET // max(1, K * b[0].numel()))
+        return self._conv_values(Ps)
+
+    def _conv_values(self, Ps) -> torch.Tensor:
+        """⟨conv(x_z, P_k), ∂L/∂y_z⟩ ``[n, K]`` by one convolution whose weight stacks the K
+        ``[C_out, C_in/G, kh, kw]`` views as output channels, a few samples at a time."""
+        f, b = self.cols, self.grad_output
+        K, c_out = len(Ps), int(b.shape[1])
+        if K > 1 and f.groups != 1:  # the stacked channels would meet another group's inputs
+            raise ValueError(f"a grouped convolution (groups={f.groups}) takes one target at a time, got {K}")
+        Ws = [self.view(P).reshape(c_out, -1, *f.kernel) for P in Ps]
+        W = Ws[0] if K == 1 else torch.cat(Ws)  # [K·C_out, C_in/G, kh, kw] (one target: no copy)
+        k = max(1, _CONV_BUDGET // max(1, K * b[0].numel()))  # samples whose convolution output stays in cache
         out = []
         for sl in _sample_chunks(self.n, k):
-            y = F.conv2d(f.inputs[sl], W, None, f.stride, f.padding, f.dilation)  # [k, K·C_out, H', W']
-            y = y.reshape(len(y), K, -1)
-            out.append(torch.linalg.vecdot(y, b[sl].reshape(len(y), 1, -1)))  # [k, K]
+            y = F.conv2d(f.inputs[sl], W, None, f.stride, f.padding, f.dilation, f.groups)  # [k, K·C_out, H', W']
+            out.append(torch.linalg.vecdot(y.reshape(len(y), K, -1), b[sl].reshape(len(y), 1, -1)))  # [k, K]
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def to(self, dtype):

@@ -12,7 +12,7 @@
 
 Each time is the best of ``--reps`` calls after a warm-up; the ratio is per target / route (above
 1: the route is faster). It also prints the largest difference between the routes' values, which
-must be float32 rounding. These are the numbers behind ``ConvBilinear._materializes``
+must be float32 rounding. These are the numbers behind ``ConvBilinear._per_sample_slowdown``
 (docs/performance.md, finding 24).
 """
 

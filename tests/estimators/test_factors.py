@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -108,7 +109,7 @@ def test_conv_dense_values_by_convolution_equal_the_per_sample_gradients(two_d, 
 
 @settings(max_examples=40, deadline=None)
 @given(
-    n=st.integers(1, 7), T=st.integers(1, 6), R=st.integers(1, 9), C=st.integers(1, 9), K=st.integers(1, 4),
+    n=st.integers(1, 7), T=st.integers(1, 6), R=st.integers(1, 9), C=st.integers(1, 9), K=st.integers(1, 8),
     budget=st.sampled_from([1, 5, 1 << 20]), kind=st.sampled_from(["dense", "one-hot", "conv"]), seed=st.integers(0, 2**16),
 )
 def test_many_targets_at_once_equal_one_target_at_a_time(n, T, R, C, K, budget, kind, seed):
@@ -120,8 +121,9 @@ def test_many_targets_at_once_equal_one_target_at_a_time(n, T, R, C, K, budget, 
 
         from estimators._rules.conv import Conv1dRule
 
-        conv = nn.Conv1d(2, R, 3, padding=1).to(DT)
-        x = torch.randn(n, 2, T + 2, dtype=DT, generator=g)
+        # 3·T output locations, so that both routes occur (per-sample from K = 5); grouped when R is even.
+        conv = nn.Conv1d(2, R, 3, padding=1, groups=2 if R % 2 == 0 and seed % 2 else 1).to(DT)
+        x = torch.randn(n, 2, 3 * T, dtype=DT, generator=g)
         term = Conv1dRule.terms(conv, x, torch.randn(conv(x).shape, dtype=DT, generator=g))["weight"]
         shape = conv.weight.shape
     else:
@@ -132,12 +134,13 @@ def test_many_targets_at_once_equal_one_target_at_a_time(n, T, R, C, K, budget, 
         term = F.Bilinear(rows, F.DenseFactor(torch.randn(n, T, C, dtype=DT, generator=g)))
         shape = torch.Size((R, C))
     Ps = [torch.randn(shape, dtype=DT, generator=g) for _ in range(K)]
-    old = F._MATERIALIZE_BUDGET
+    old = F._MATERIALIZE_BUDGET, F._CONV_BUDGET
     try:
-        F._MATERIALIZE_BUDGET = budget  # chunks of budget // (R·C) samples, at least one
+        # chunks of budget // (R·C) samples on the per-sample route, of budget // (K·C_out·L) when stacked
+        F._MATERIALIZE_BUDGET = F._CONV_BUDGET = budget
         got = term.dense_values_many(Ps)
     finally:
-        F._MATERIALIZE_BUDGET = old
+        F._MATERIALIZE_BUDGET, F._CONV_BUDGET = old
     assert got.shape == (n, K)
     torch.testing.assert_close(got, torch.stack([term.dense_values(P) for P in Ps], 1), rtol=1e-10, atol=1e-12)
     T_term = term.rows.T  # a convolution's per-sample route is taken later: unfolding is slow per flop
@@ -145,3 +148,22 @@ def test_many_targets_at_once_equal_one_target_at_a_time(n, T, R, C, K, budget, 
         assert term._materializes(K) == (K > 1 and F._CONV_PER_SAMPLE_SLOWDOWN * (T_term + K) < K * T_term)
     else:
         assert term._materializes(K) == (kind == "dense" and K * T_term > T_term + K)
+
+
+def test_a_grouped_convolution_is_not_stacked():
+    """Stacking K targets as output channels of a grouped convolution would pair them with another
+    group's inputs: ``dense_values_many`` contracts one target at a time there, and the stacked
+    convolution refuses K > 1."""
+    from torch import nn
+
+    from estimators._rules.conv import Conv1dRule
+
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv1d(4, 6, 3, padding=1, groups=2).to(DT)
+    x = torch.randn(3, 4, 5, dtype=DT, generator=g)
+    term = Conv1dRule.terms(conv, x, torch.randn(conv(x).shape, dtype=DT, generator=g))["weight"]
+    Ps = [torch.randn(conv.weight.shape, dtype=DT, generator=g) for _ in range(2)]
+    assert not term._materializes(2)
+    torch.testing.assert_close(term.dense_values_many(Ps), torch.stack([term.dense_values(P) for P in Ps], 1), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="groups=2"):
+        term._conv_values(Ps)
